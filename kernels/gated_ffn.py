@@ -1,0 +1,5 @@
+"""Placeholder: being written."""
+
+
+def compile_specs(capability):
+    raise NotImplementedError

@@ -1,0 +1,5 @@
+"""Placeholder: being written."""
+
+
+def available() -> bool:
+    return False

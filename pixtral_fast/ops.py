@@ -1,0 +1,297 @@
+"""Public fast ops. Each validates its inputs once, at this boundary (ValueError naming the
+argument), then calls a torch.library custom op (`pixtral_fast::*`, with a fake impl so that
+torch.compile and CUDA-graph capture see through it) whose impl launches our kernels:
+the CUDA extension where it exists (decode attention), else the Triton kernel.
+
+These ops never fall back silently to slow code: on a CPU tensor they need Triton's interpreter
+(TRITON_INTERPRET=1); otherwise use `pixtral_fast.reference`, whose functions share these
+signatures (the model's backend="auto" makes that choice and says so).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from pixtral_fast import _cuda_decode, reference
+from pixtral_fast.kernels import decode_attention as _decode
+from pixtral_fast.kernels import gated_ffn as _ffn
+from pixtral_fast.kernels import rope_2d as _rope
+from pixtral_fast.kernels import varlen_attention as _attn
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HEAD_DIMS = (64, 128)
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+ACTIVATIONS = reference.ACTIVATIONS
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernels_can_run(device: torch.device | str) -> bool:
+    """True where our Triton kernels run: a CUDA device, or the CPU under the interpreter."""
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu" and interpreter_active())
+
+
+def decode_backend(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> str:
+    """Which implementation gqa_decode_attention launches: 'cuda' (the C++ extension, fp16/bf16 on
+    a GPU, when built) or 'triton' (the Triton twin: everything else)."""
+    on_gpu = torch.device(device).type == "cuda"
+    return "cuda" if on_gpu and dtype != torch.float32 and _cuda_decode.available() else "triton"
+
+
+# ---------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _tensor(name: str, t, *, ndim: int | None = None, dtypes=None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    return t
+
+
+def _same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, *, dtype: bool = True) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+    if dtype and t.dtype != ref.dtype:
+        raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+
+
+def _runnable(name: str, t: torch.Tensor) -> None:
+    if not kernels_can_run(t.device):
+        raise ValueError(f"{name} is on {t.device}: pixtral_fast kernels need a CUDA device, or "
+                         "TRITON_INTERPRET=1 on the CPU; pixtral_fast.reference has the same ops in plain PyTorch")
+
+
+def _head_dim(name: str, t: torch.Tensor) -> None:
+    if t.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"{name} has head_dim {t.shape[-1]}; supported: {HEAD_DIMS}")
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension (stride {t.stride(-1)})")
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _check_rope_pair(q, k, pos, pos_cols: int | None):
+    _tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
+    _tensor("k", k, ndim=3)
+    _same("k", k, "q", q)
+    _runnable("q", q)
+    _head_dim("q", q)
+    _head_dim("k", k)
+    if k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"k {tuple(k.shape)} must match q {tuple(q.shape)} in tokens and head_dim")
+    shape = (q.shape[0],) if pos_cols is None else (q.shape[0], pos_cols)
+    _tensor("pos", pos, dtypes=(torch.int32,))
+    _same("pos", pos, "q", q, dtype=False)
+    if tuple(pos.shape) != shape:
+        raise ValueError(f"pos must have shape {shape} (int32), got {tuple(pos.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE
+
+
+@torch.library.custom_op("pixtral_fast::rope_2d", mutates_args=())
+def _rope_2d_op(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rope.apply_rope(q, k, pos, theta, axes=2)
+
+
+@torch.library.custom_op("pixtral_fast::rope_1d", mutates_args=())
+def _rope_1d_op(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rope.apply_rope(q, k, pos, theta, axes=1)
+
+
+@_rope_2d_op.register_fake
+@_rope_1d_op.register_fake
+def _(q, k, pos, theta):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format)
+
+
+def rope_2d(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0):
+    """RoPE-2D on interleaved pairs; q [T, Hq, D], k [T, Hk, D], pos int32 [T, 2] = (row, col)."""
+    _check_rope_pair(q, k, pos, 2)
+    if q.shape[-1] % 4:
+        raise ValueError(f"q head_dim {q.shape[-1]} must be a multiple of 4 for RoPE-2D")
+    return _rope_2d_op(q, k, pos, float(theta))
+
+
+def rope_1d(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float = 1e9):
+    """RoPE on interleaved pairs for 1-D positions (the decoder); pos int32 [T]."""
+    _check_rope_pair(q, k, pos, None)
+    return _rope_1d_op(q, k, pos, float(theta))
+
+
+# ---------------------------------------------------------------------------------------------
+# Variable-length attention
+
+
+@torch.library.custom_op("pixtral_fast::varlen_attention", mutates_args=())
+def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                         max_seqlen: int, scale: float, causal: bool, pos: torch.Tensor | None,
+                         rope_theta: float) -> torch.Tensor:
+    return _attn.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, pos, rope_theta)
+
+
+@_varlen_attention_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, scale, causal, pos, rope_theta):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, causal=False, pos=None,
+                     rope_theta=10000.0):
+    """Attention inside each packed sequence (flash-attn varlen convention); GQA when k/v have
+    fewer heads; `pos` given: RoPE-2D applied to q and k inside the kernel."""
+    _tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
+    _runnable("q", q)
+    for name, t in (("k", k), ("v", v)):
+        _tensor(name, t, ndim=3)
+        _same(name, t, "q", q)
+        _head_dim(name, t)
+    _head_dim("q", q)
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"k {tuple(k.shape)} must match q {tuple(q.shape)} in tokens and head_dim")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
+    _tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
+    _same("cu_seqlens", cu_seqlens, "q", q, dtype=False)
+    if cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must hold at least [0, total_tokens]")
+    if not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
+    if not _capturing():
+        bounds = cu_seqlens.cpu()
+        lengths = bounds[1:] - bounds[:-1]
+        if bounds[0] != 0 or bounds[-1] != q.shape[0]:
+            raise ValueError(f"cu_seqlens must start at 0 and end at total_tokens={q.shape[0]}, "
+                             f"got {bounds[0].item()}..{bounds[-1].item()}")
+        if (lengths < 0).any():
+            raise ValueError("cu_seqlens must be non-decreasing")
+        if lengths.max().item() > max_seqlen:
+            raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence "
+                             f"({lengths.max().item()})")
+    if pos is not None:
+        _tensor("pos", pos, ndim=2, dtypes=(torch.int32,))
+        _same("pos", pos, "q", q, dtype=False)
+        if tuple(pos.shape) != (q.shape[0], 2):
+            raise ValueError(f"pos must have shape ({q.shape[0]}, 2), got {tuple(pos.shape)}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _varlen_attention_op(q, k, v, cu_seqlens, max_seqlen, scale, bool(causal), pos, float(rope_theta))
+
+
+# ---------------------------------------------------------------------------------------------
+# Gated FFN
+
+
+@torch.library.custom_op("pixtral_fast::gated_ffn", mutates_args=())
+def _gated_ffn_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                  activation: str) -> torch.Tensor:
+    return _ffn.gated_ffn(x, w_gate, w_up, w_down, activation)
+
+
+@_gated_ffn_op.register_fake
+def _(x, w_gate, w_up, w_down, activation):
+    return x.new_empty(x.shape[:-1] + (w_down.shape[0],))
+
+
+def gated_ffn(x, w_gate, w_up, w_down, activation="silu"):
+    """w_down(act(x @ w_gate.T) * (x @ w_up.T)); x [..., dim], weights [out, in]."""
+    _tensor("x", x, dtypes=FLOAT_DTYPES)
+    _runnable("x", x)
+    if x.dim() < 2:
+        raise ValueError(f"x must be [..., dim], got shape {tuple(x.shape)}")
+    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+        _tensor(name, w, ndim=2)
+        _same(name, w, "x", x)
+        if not w.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if w_gate.shape != w_up.shape or w_gate.shape[1] != x.shape[-1]:
+        raise ValueError(f"w_gate {tuple(w_gate.shape)} and w_up {tuple(w_up.shape)} must both be "
+                         f"[hidden, {x.shape[-1]}]")
+    if w_down.shape[1] != w_gate.shape[0]:
+        raise ValueError(f"w_down {tuple(w_down.shape)} must be [out, {w_gate.shape[0]}]")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if x.stride(-1) != 1:
+        raise ValueError("x must be contiguous in its last dimension")
+    return _gated_ffn_op(x, w_gate, w_up, w_down, activation)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged GQA decode attention
+
+
+@torch.library.custom_op("pixtral_fast::gqa_decode_attention", mutates_args=())
+def _gqa_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                   seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    if decode_backend(q.device, q.dtype) == "cuda":
+        return _cuda_decode.gqa_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale)
+    return _decode.gqa_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale)
+
+
+@_gqa_decode_op.register_fake
+def _(q, k_cache, v_cache, block_table, seq_lens, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def gqa_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale=None, *, validate_indices=True):
+    """One query token per sequence over a paged KV cache. q [B, Hq, D]; caches
+    [num_blocks, block_size, Hkv, D]; block_table int32 [B, max_blocks]; seq_lens int32 [B].
+    validate_indices=False skips the host-side check of seq_lens/block ids (it syncs), for
+    callers that validated them once per step; it is skipped anyway during graph capture."""
+    _tensor("q", q, ndim=3, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    _runnable("q", q)
+    _head_dim("q", q)
+    if not q.is_contiguous():
+        raise ValueError("q must be contiguous")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _tensor(name, c, ndim=4)
+        _same(name, c, "q", q)
+        if not c.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    num_blocks, block_size, kv_heads, head_dim = k_cache.shape
+    if head_dim != q.shape[2]:
+        raise ValueError(f"k_cache head_dim {head_dim} != q head_dim {q.shape[2]}")
+    if q.shape[1] % kv_heads:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k_cache heads ({kv_heads})")
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"k_cache block_size {block_size} must be one of {BLOCK_SIZES}")
+    batch = q.shape[0]
+    _tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,))
+    _tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,))
+    for name, t in (("block_table", block_table), ("seq_lens", seq_lens)):
+        _same(name, t, "q", q, dtype=False)
+        if t.shape[0] != batch:
+            raise ValueError(f"{name} has {t.shape[0]} rows but q has batch {batch}")
+    if not block_table.is_contiguous() or not seq_lens.is_contiguous():
+        raise ValueError("block_table and seq_lens must be contiguous")
+    if validate_indices and not _capturing():
+        _check_pages(block_table.cpu(), seq_lens.cpu(), num_blocks, block_size)
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    return _gqa_decode_op(q, k_cache, v_cache, block_table, seq_lens, scale)
+
+
+def _check_pages(block_table: torch.Tensor, seq_lens: torch.Tensor, num_blocks: int, block_size: int) -> None:
+    if seq_lens.numel() and seq_lens.min().item() < 1:
+        raise ValueError(f"seq_lens must be >= 1, got {seq_lens.min().item()}")
+    capacity = block_table.shape[1] * block_size
+    if seq_lens.numel() and seq_lens.max().item() > capacity:
+        raise ValueError(f"seq_lens has {seq_lens.max().item()} tokens but block_table holds at most "
+                         f"{block_table.shape[1]} blocks x {block_size} = {capacity}")
+    used = torch.arange(block_table.shape[1])[None, :] * block_size < seq_lens[:, None]
+    ids = block_table[used]
+    if ids.numel() and (ids.min().item() < 0 or ids.max().item() >= num_blocks):
+        raise ValueError(f"block_table references block ids outside [0, {num_blocks}) "
+                         f"(min {ids.min().item()}, max {ids.max().item()})")

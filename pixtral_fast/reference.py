@@ -1,0 +1,120 @@
+"""Plain-PyTorch oracles for every op in pixtral_fast.ops: same signatures, no tricks.
+
+Each computes in fp32 (fp64 when given fp64) and returns the input dtype, so that the same
+function is the test oracle (fed fp64 inputs) and the readable baseline of the benchmarks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def rope_frequencies(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """theta^(-2i/head_dim) for i = 0 .. head_dim/2 - 1, in fp32 (as Mistral and HF compute it)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+
+
+def rope_2d_angles(pos: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+    """Angle of every interleaved pair: [tokens, head_dim/2]. Pair i < head_dim/4 turns by
+    row * f[2i]; pair i >= head_dim/4 by col * f[2(i - head_dim/4) + 1]."""
+    f = rope_frequencies(head_dim, theta, pos.device)
+    row, col = pos[:, 0:1].float(), pos[:, 1:2].float()
+    return torch.cat([row * f[0::2], col * f[1::2]], dim=-1)
+
+
+def rope_1d_angles(pos: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+    """Angle of every interleaved pair for 1-D positions: [tokens, head_dim/2]."""
+    return pos.float()[:, None] * rope_frequencies(head_dim, theta, pos.device)[None, :]
+
+
+def rotate_pairs(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotates interleaved pairs (x[2i], x[2i+1]) of x [tokens, heads, D] by angles [tokens, D/2]."""
+    x_f = _wide(x).unflatten(-1, (-1, 2))
+    x0, x1 = x_f[..., 0], x_f[..., 1]
+    cos, sin = torch.cos(angles)[:, None, :], torch.sin(angles)[:, None, :]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+def rope_2d(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0):
+    angles = rope_2d_angles(pos, q.shape[-1], theta)
+    return rotate_pairs(q, angles), rotate_pairs(k, angles)
+
+
+def rope_1d(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float = 1e9):
+    angles = rope_1d_angles(pos, q.shape[-1], theta)
+    return rotate_pairs(q, angles), rotate_pairs(k, angles)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    """q [Lq, H, D], k/v [Lk, Hkv, D] -> [Lq, H, D], widened; GQA by repeating KV heads.
+    Causal masks are aligned bottom-right (the last query sees every key), as in flash-attn."""
+    group = q.shape[1] // k.shape[1]
+    k = _wide(k).repeat_interleave(group, dim=1)
+    v = _wide(v).repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", _wide(q), k) * scale
+    if causal:
+        lq, lk = q.shape[0], k.shape[0]
+        keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, causal=False, pos=None,
+                     rope_theta=10000.0):
+    """Attention within each packed sequence of q/k/v [total, heads, D], one sequence at a time."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if pos is not None:
+        q, k = rope_2d(q, k, pos, rope_theta)
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            out[start:end] = _attend(q[start:end], k[start:end], v[start:end], scale, causal).to(q.dtype)
+    return out
+
+
+def apply_activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "silu":
+        return F.silu(x)
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+
+
+def gated_ffn(x, w_gate, w_up, w_down, activation: str = "silu"):
+    """w_down(act(x @ w_gate.T) * (x @ w_up.T)); the intermediate is rounded to x.dtype, as the
+    fused kernel stores it."""
+    xf = _wide(x)
+    hidden = apply_activation(xf @ _wide(w_gate).T, activation) * (xf @ _wide(w_up).T)
+    return (_wide(hidden.to(x.dtype)) @ _wide(w_down).T).to(x.dtype)
+
+
+def gather_paged(cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The first seq_len tokens of one sequence from a paged cache [blocks, block_size, Hkv, D]."""
+    block_size = cache.shape[1]
+    n_blocks = -(-seq_len // block_size)
+    return cache[block_table_row[:n_blocks].long()].flatten(0, 1)[:seq_len]
+
+
+def gqa_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale=None):
+    """One query token per sequence, q [B, H, D], over its paged K/V history."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    out = torch.empty_like(q)
+    for b, n in enumerate(seq_lens.tolist()):
+        k = gather_paged(k_cache, block_table[b], n)
+        v = gather_paged(v_cache, block_table[b], n)
+        out[b] = _attend(q[b:b + 1], k, v, scale, causal=False)[0].to(q.dtype)
+    return out
