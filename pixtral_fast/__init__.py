@@ -1,0 +1,7 @@
+"""pixtral_fast: a custom-kernel inference engine for Pixtral-12B."""
+from pixtral_fast import ops, reference
+from pixtral_fast.config import ModelArgs, TextArgs, VisionArgs
+from pixtral_fast.model.load import load_model
+from pixtral_fast.model.pixtral import Pixtral, build_model
+
+__all__ = ["ops", "reference", "ModelArgs", "TextArgs", "VisionArgs", "Pixtral", "build_model", "load_model"]

@@ -1,0 +1,64 @@
+"""Mistral-NeMo decoder layer: GQA attention with 1-D RoPE on interleaved pairs, SiLU-gated FFN.
+
+One layer serves three passes, told apart by an explicit AttentionMetadata (no hidden state):
+full recomputation (no cache), prefill into a paged KV cache, and one decode step over it."""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pixtral_fast.config import TextArgs
+from pixtral_fast.model.common import AttentionProjections, FeedForward, RMSNorm
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # k, v: [num_blocks, block_size, kv_heads, head_dim]
+
+
+@dataclass
+class AttentionMetadata:
+    positions: torch.Tensor                    # int32 [T]: position of each token in its sequence
+    cu_seqlens: torch.Tensor | None = None     # int32 [n+1]: packed prompts (prefill / full pass)
+    max_seqlen: int = 0
+    slot_mapping: torch.Tensor | None = None   # int64 [T]: flat cache slot of each new token's K/V
+    block_table: torch.Tensor | None = None    # int32 [B, max_blocks]: decode only
+    seq_lens: torch.Tensor | None = None       # int32 [B]: decode only, the new token included
+
+    @property
+    def is_decode(self) -> bool:
+        return self.block_table is not None
+
+    @classmethod
+    def for_sequences(cls, lengths: list[int], device, slot_mapping: torch.Tensor | None = None):
+        """Prefill / full pass over sequences packed back to back, each starting at position 0."""
+        positions = torch.cat([torch.arange(n, dtype=torch.int32) for n in lengths])
+        cu = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
+        return cls(positions=positions.to(device), cu_seqlens=cu.to(device), max_seqlen=max(lengths),
+                   slot_mapping=slot_mapping)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: TextArgs, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.attention = AttentionProjections(args.dim, args.n_heads, args.n_kv_heads, args.head_dim, **kw)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim, **kw)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps, **kw)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, **kw)
+        self.rope_theta = args.rope_theta
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, kernels: types.ModuleType,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        q, k, v = self.attention.qkv(self.attention_norm(x))
+        q, k = kernels.rope_1d(q, k, meta.positions, self.rope_theta)
+        if kv_cache is not None:
+            k_cache, v_cache = kv_cache
+            k_cache.view(-1, *k.shape[1:]).index_copy_(0, meta.slot_mapping, k)
+            v_cache.view(-1, *v.shape[1:]).index_copy_(0, meta.slot_mapping, v)
+        if meta.is_decode:
+            o = kernels.gqa_decode_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens)
+        else:
+            o = kernels.varlen_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, causal=True)
+        h = x + self.attention.wo(o.flatten(1))
+        return h + self.feed_forward(self.ffn_norm(h), kernels)

@@ -1,0 +1,53 @@
+"""Tiny checkpoints in the real consolidated format, made from a seed: params.json,
+consolidated.safetensors (bf16) and tekken.json (the real Pixtral tokenizer that mistral_common
+ships). The vocabulary stays the real 131072 so that every Tekken id decodes."""
+from __future__ import annotations
+
+import math
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from pixtral_fast.config import ModelArgs, TextArgs, VisionArgs
+from pixtral_fast.weights import save_consolidated
+
+TINY_ARGS = ModelArgs(
+    text=TextArgs(dim=64, n_layers=2, head_dim=64, hidden_dim=128, n_heads=4, n_kv_heads=2,
+                  rope_theta=1e9, norm_eps=1e-5, vocab_size=131072),
+    vision=VisionArgs(hidden_size=128, num_channels=3, image_size=1024, patch_size=16, rope_theta=1e4,
+                      intermediate_size=256, num_hidden_layers=2, num_attention_heads=2),
+)
+
+
+def tekken_file() -> Path:
+    return Path(str(resources.files("mistral_common") / "data" / "tekken_240911.json"))
+
+
+def random_state_dict(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
+    """Weights scaled so that activations stay O(1) through the layers (1/sqrt(fan_in))."""
+    from pixtral_fast.model.pixtral import build_model
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, p in build_model(args, device="meta").state_dict().items():
+        shape = tuple(p.shape)
+        if name.endswith("norm.weight") or name.endswith("ln_pre.weight"):
+            t = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        elif name.endswith(".bias"):
+            t = 0.1 * torch.randn(shape, generator=g)
+        elif name == "tok_embeddings.weight":
+            t = torch.randn(shape, generator=g)
+        else:
+            fan_in = math.prod(shape[1:])
+            t = torch.randn(shape, generator=g) / math.sqrt(fan_in)
+        state[name] = t
+    return state
+
+
+def make_tiny(folder: str | Path, seed: int = 0, args: ModelArgs = TINY_ARGS) -> Path:
+    folder = Path(folder)
+    save_consolidated(random_state_dict(args, seed), args, folder)
+    shutil.copyfile(tekken_file(), folder / "tekken.json")
+    return folder

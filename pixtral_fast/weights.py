@@ -1,0 +1,182 @@
+"""Checkpoint I/O: Mistral's consolidated.safetensors and HF Llava/Pixtral folders.
+
+Every key and shape is checked against the model built from the config before a byte of tensor
+data is read; one CheckpointError lists everything that is missing, unexpected or mis-shaped.
+Tensors are read memory-mapped, converted to the target dtype and placed on the target device
+one at a time, so a 25 GB checkpoint never sits twice in host memory.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from pixtral_fast.config import ModelArgs
+
+CONSOLIDATED = "consolidated.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config, or that cannot be read."""
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    from pixtral_fast.model.pixtral import build_model
+
+    return {k: tuple(v.shape) for k, v in build_model(args, device="meta").state_dict().items()}
+
+
+def read_shapes(files: Iterable[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
+    """name -> (shape, file) from safetensors headers, without reading tensor data."""
+    found: dict[str, tuple[tuple[int, ...], Path]] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    if name in found:
+                        raise CheckpointError(f"{name} appears in both {found[name][1]} and {f}")
+                    found[name] = (tuple(st.get_slice(name).get_shape()), f)
+        except SafetensorError as e:
+            raise CheckpointError(f"{f}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    return found
+
+
+def check_keys(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], source: str) -> None:
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    misshaped = sorted(f"{k}: file {found[k]} vs model {expected[k]}"
+                       for k in expected.keys() & found.keys() if tuple(found[k]) != tuple(expected[k]))
+    if missing or unexpected or misshaped:
+        parts = [f"{source} does not match its config:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+            if items:
+                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+                parts.append(f"  {title} ({len(items)}): " + ", ".join(shown))
+        raise CheckpointError("\n".join(parts))
+
+
+# -- HF Llava/Pixtral -------------------------------------------------------------------------------
+
+_HF_PREFIXES = [  # transformers >= 4.52 saves the first forms; older releases the second
+    ("model.language_model.", "language_model.model."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("lm_head.", "language_model.lm_head."),
+]
+_HF_RULES = [(re.compile(p), r) for p, r in [
+    (r"^language_model\.model\.embed_tokens\.", "tok_embeddings."),
+    (r"^language_model\.model\.norm\.", "norm."),
+    (r"^language_model\.lm_head\.", "output."),
+    (r"^language_model\.model\.layers\.(\d+)\.", r"layers.\1."),
+    (r"^vision_tower\.", "vision_encoder."),
+    (r"^multi_modal_projector\.linear_1\.", "vision_language_adapter.w_in."),
+    (r"^multi_modal_projector\.linear_2\.", "vision_language_adapter.w_out."),
+    (r"\.self_attn\.", ".attention."),
+    (r"\.attention\.([qkvo])_proj\.", r".attention.w\1."),
+    (r"\.input_layernorm\.", ".attention_norm."),
+    (r"\.post_attention_layernorm\.", ".ffn_norm."),
+    (r"\.(mlp|feed_forward)\.gate_proj\.", ".feed_forward.w1."),
+    (r"\.(mlp|feed_forward)\.up_proj\.", ".feed_forward.w3."),
+    (r"\.(mlp|feed_forward)\.down_proj\.", ".feed_forward.w2."),
+]]
+
+
+def hf_to_consolidated_name(name: str) -> str:
+    for new, old in _HF_PREFIXES:
+        if name.startswith(new):
+            name = old + name[len(new):]
+            break
+    for pattern, repl in _HF_RULES:
+        name = pattern.sub(repl, name)
+    return name
+
+
+def undo_hf_rope_permutation(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF stores wq/wk rows ordered for rotate-half RoPE; back to interleaved pairs."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def apply_hf_rope_permutation(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse: interleaved pairs -> HF's rotate-half row order."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _rope_heads(name: str, args: ModelArgs) -> int | None:
+    if name.endswith(("attention.wq.weight", "attention.wk.weight")):
+        kv = name.endswith("wk.weight")
+        if name.startswith("vision_encoder."):
+            return args.vision.num_attention_heads
+        return args.text.n_kv_heads if kv else args.text.n_heads
+    return None
+
+
+def hf_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists shards that are not there: {missing}")
+        return [folder / s for s in shards]
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no model*.safetensors files")
+    return files
+
+
+# -- loading ----------------------------------------------------------------------------------------
+
+def load_state_dict(folder: str | Path, args: ModelArgs, device, dtype: torch.dtype,
+                    progress: bool = True) -> dict[str, torch.Tensor]:
+    """Reads a consolidated or HF folder into consolidated names, checked against `args`."""
+    folder = Path(folder)
+    hf = not (folder / CONSOLIDATED).is_file()
+    files = hf_files(folder) if hf else [folder / CONSOLIDATED]
+    found = read_shapes(files)
+    source_name = {(hf_to_consolidated_name(k) if hf else k): k for k in found}
+    shapes = {new: found[old][0] for new, old in source_name.items()}
+    check_keys(shapes, expected_shapes(args), str(folder))
+
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for new, old in source_name.items():
+        by_file.setdefault(found[old][1], []).append(new)
+    bar = tqdm(total=len(source_name), desc="loading weights", unit="tensor", disable=not progress)
+    for f, names in by_file.items():
+        with safe_open(str(f), framework="pt", device="cpu") as st:
+            for new in names:
+                t = st.get_tensor(source_name[new])
+                heads = _rope_heads(new, args) if hf else None
+                if heads is not None:
+                    t = undo_hf_rope_permutation(t, heads)
+                state[new] = t.to(device=device, dtype=dtype)
+                bar.update()
+    bar.close()
+    return state
+
+
+def save_consolidated(state: dict[str, torch.Tensor], args: ModelArgs, folder: str | Path,
+                      dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Writes params.json + consolidated.safetensors (the tokenizer file is the caller's)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    check_keys({k: tuple(v.shape) for k, v in state.items()}, expected_shapes(args), "state dict")
+    tensors = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in state.items()}
+    save_file(tensors, str(folder / CONSOLIDATED), metadata={"format": "pt"})
+    (folder / "params.json").write_text(json.dumps(args.to_params_json(), indent=4) + "\n")
+    return folder
+
+
+def convert_hf_to_consolidated(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """An HF Llava/Pixtral folder -> Mistral's consolidated format (wq/wk un-permuted)."""
+    args = ModelArgs.from_hf_config(src)
+    state = load_state_dict(src, args, "cpu", dtype, progress=False)
+    return save_consolidated(state, args, dst, dtype)

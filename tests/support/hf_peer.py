@@ -1,0 +1,67 @@
+"""HF transformers' Llava + Pixtral as the independent oracle: a tiny random model, its weights
+scaled so that activations are O(1) (HF's 0.02-std init would make every logit near zero and any
+comparison vacuous), saved with save_pretrained."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from pixtral_fast.config import IMG_BREAK_ID, IMG_END_ID, IMG_ID
+
+
+def tiny_hf_model(seed: int = 0, vocab: int = 512):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    vision = PixtralVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                 num_attention_heads=2, head_dim=64, image_size=1024, patch_size=16,
+                                 rope_theta=10000.0, hidden_act="silu")
+    text = MistralConfig(hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=64, vocab_size=vocab, rope_theta=1e9,
+                         rms_norm_eps=1e-5, max_position_embeddings=4096, sliding_window=None,
+                         tie_word_embeddings=False)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMG_ID,
+                         projector_hidden_act="gelu", vision_feature_layer=-1,
+                         vision_feature_select_strategy="full", multimodal_projector_bias=True)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 1:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(math.prod(p.shape[1:])))
+    return model
+
+
+def save_tiny_hf(folder: Path, seed: int = 0) -> Path:
+    tiny_hf_model(seed).save_pretrained(folder)
+    return folder
+
+
+def image_tokens(rows: int, cols: int) -> list[int]:
+    """DESIGN §1: [IMG] per patch, [IMG_BREAK] after each row, the last one replaced by [IMG_END]."""
+    out = []
+    for r in range(rows):
+        out += [IMG_ID] * cols + [IMG_BREAK_ID if r < rows - 1 else IMG_END_ID]
+    return out
+
+
+@torch.no_grad()
+def hf_logits(model, tokens: torch.Tensor, images: list[torch.Tensor]) -> torch.Tensor:
+    """HF's logits [seq, vocab]; images padded into one batch with their true sizes alongside."""
+    kwargs = {}
+    if images:
+        h = max(i.shape[1] for i in images)
+        w = max(i.shape[2] for i in images)
+        pixels = torch.zeros(len(images), 3, h, w)
+        for j, img in enumerate(images):
+            pixels[j, :, : img.shape[1], : img.shape[2]] = img
+        kwargs = dict(pixel_values=pixels, image_sizes=torch.tensor([list(i.shape[1:]) for i in images]))
+    return model(input_ids=tokens[None], **kwargs).logits[0].float()
