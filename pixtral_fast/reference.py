@@ -108,8 +108,9 @@ def gather_paged(cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: in
     return cache[block_table_row[:n_blocks].long()].flatten(0, 1)[:seq_len]
 
 
-def gqa_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale=None):
-    """One query token per sequence, q [B, H, D], over its paged K/V history."""
+def gqa_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale=None, *, validate_indices=True):
+    """One query token per sequence, q [B, H, D], over its paged K/V history. validate_indices is
+    accepted for signature parity with ops and ignored: the oracle trusts its inputs."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     out = torch.empty_like(q)

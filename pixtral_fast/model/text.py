@@ -24,6 +24,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor | None = None   # int64 [T]: flat cache slot of each new token's K/V
     block_table: torch.Tensor | None = None    # int32 [B, max_blocks]: decode only
     seq_lens: torch.Tensor | None = None       # int32 [B]: decode only, the new token included
+    pages_checked: bool = False                # the caller validated block_table/seq_lens already
 
     @property
     def is_decode(self) -> bool:
@@ -57,7 +58,8 @@ class DecoderLayer(nn.Module):
             k_cache.view(-1, *k.shape[1:]).index_copy_(0, meta.slot_mapping, k)
             v_cache.view(-1, *v.shape[1:]).index_copy_(0, meta.slot_mapping, v)
         if meta.is_decode:
-            o = kernels.gqa_decode_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens)
+            o = kernels.gqa_decode_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens,
+                                             validate_indices=not meta.pages_checked)
         else:
             o = kernels.varlen_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, causal=True)
         h = x + self.attention.wo(o.flatten(1))

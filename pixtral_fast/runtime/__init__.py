@@ -1,0 +1,1 @@
+"""The serving runtime: paged KV cache, scheduler, graph-captured decode, sampling, engine."""

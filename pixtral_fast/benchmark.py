@@ -1,0 +1,123 @@
+"""`pixtral-fast bench`: end-to-end speed of a full-size model with random weights made on the
+device (no checkpoint exists there): time to first token for one image, decode tokens/s per batch
+size, each next to its roofline (DESIGN §4: weights + KV bytes per step over HBM bandwidth)."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from pixtral_fast import ops
+from pixtral_fast.config import IMG_BREAK_ID, IMG_END_ID, IMG_ID, ModelArgs
+from pixtral_fast.model.pixtral import Pixtral, build_model
+from pixtral_fast.runtime.engine import Engine
+from pixtral_fast.tokenizer import Encoded
+
+HBM_BYTES_PER_S = 4.8e12  # H200
+BOS, INST, END_INST = 1, 3, 4
+
+
+@torch.no_grad()
+def random_model(args: ModelArgs, device, dtype, seed: int = 0) -> Pixtral:
+    """Weights drawn on the device (a 12B model in a few seconds); norms at 1 so activations stay sane."""
+    torch.manual_seed(seed)
+    model = build_model(args, device=device, dtype=dtype)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or name.endswith("ln_pre.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def image_prompt(size: int, patch: int) -> Encoded:
+    rows = cols = size // patch
+    tokens = [BOS, INST]
+    for r in range(rows):
+        tokens += [IMG_ID] * cols + [IMG_BREAK_ID if r < rows - 1 else IMG_END_ID]
+    tokens += [1000 + i for i in range(16)] + [END_INST]
+    return Encoded(tokens=tokens, images=[torch.randn(3, size, size)])
+
+
+def decode_bytes(model: Pixtral, batch: int, context: int) -> int:
+    """HBM bytes one decode step must read: every decoder weight once (embedding rows aside), and
+    each sequence's K and V for every layer."""
+    t = model.args.text
+    elem = model.dtype.itemsize
+    weights = sum(p.numel() for n, p in model.named_parameters()
+                  if not n.startswith(("vision_encoder.", "vision_language_adapter.", "tok_embeddings.")))
+    kv = 2 * t.n_layers * t.n_kv_heads * t.head_dim * elem * context * batch
+    return weights * elem + kv
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_to_first_token(engine: Engine, prompt: Encoded, reps: int) -> dict:
+    engine.generate(prompt, max_new_tokens=1)  # warm-up: kernel compilation, autotuning
+    ttft, vit = [], []
+    for _ in range(reps):
+        before = engine.stats.vit_seconds
+        _sync(engine.model.device)
+        t0 = time.perf_counter()
+        engine.generate(prompt, max_new_tokens=1)
+        ttft.append(time.perf_counter() - t0)
+        vit.append(engine.stats.vit_seconds - before)
+    return {"prompt_tokens": len(prompt.tokens), "ttft_ms": 1e3 * statistics.median(ttft),
+            "vit_ms": 1e3 * statistics.median(vit)}
+
+
+def decode_throughput(engine: Engine, batch: int, context: int, steps: int) -> dict:
+    vocab = engine.model.args.text.vocab_size
+    g = torch.Generator().manual_seed(batch)
+    prompts = [Encoded(tokens=[BOS] + torch.randint(1000, vocab, (context - 1,), generator=g).tolist(), images=[])
+               for _ in range(batch)]
+    seqs = [engine.add_request(p, engine_params(steps + 2)) for p in prompts]
+    while any(not s.generated for s in seqs):  # prefill everyone (and one warm decode step)
+        engine.step()
+    engine.step()
+    before = (engine.stats.decode_seconds, engine.stats.decode_steps, engine.stats.decode_tokens)
+    for _ in range(steps):
+        engine.step()
+    seconds = engine.stats.decode_seconds - before[0]
+    n_steps = engine.stats.decode_steps - before[1]
+    tokens = engine.stats.decode_tokens - before[2]
+    while engine.has_unfinished():
+        engine.step()
+    step_s = seconds / n_steps
+    ideal_s = decode_bytes(engine.model, batch, context) / HBM_BYTES_PER_S
+    return {"batch": batch, "context": context, "step_ms": 1e3 * step_s, "tok_per_s": tokens / seconds,
+            "roofline_tok_per_s": batch / ideal_s, "fraction_of_roofline": ideal_s / step_s,
+            "achieved_GB_per_s": decode_bytes(engine.model, batch, context) / step_s / 1e9}
+
+
+def engine_params(max_new_tokens: int):
+    from pixtral_fast.runtime.sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=(-1,))  # never stops early
+
+
+def run(params, batches=(1, 8, 32), image_size=1024, decode_steps=32, context=None, device=None,
+        dtype=torch.bfloat16, backend="auto", nvtx=False, reps: int = 3) -> dict:
+    args = ModelArgs.from_params_json(params)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = random_model(args, device, dtype).set_backend(backend)
+    prompt = image_prompt(image_size, args.vision.patch_size)
+    context = context or len(prompt.tokens)
+    blocks_needed = max(batches) * (-(-(context + decode_steps + 4) // 16)) + 64
+    engine = Engine.from_model(model, max_batch_size=max(batches), num_blocks=blocks_needed, nvtx=nvtx,
+                               max_model_len=max(context, len(prompt.tokens)) + decode_steps + 8)
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."), "backend": model.backend,
+        "decode_attention": ops.decode_backend(device, dtype) if model.backend == "fast" else "reference",
+        "cuda_graphs": engine.runner.use_cuda_graphs,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "hbm_bytes_per_s_assumed": HBM_BYTES_PER_S,
+        "time_to_first_token": {**time_to_first_token(engine, prompt, reps), "image": f"{image_size}x{image_size}"},
+        "decode": [decode_throughput(engine, b, context, decode_steps) for b in batches],
+    }
+    return report

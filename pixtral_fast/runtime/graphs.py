@@ -1,0 +1,148 @@
+"""The decode step (embedding -> all layers over the paged cache -> logits -> sampling) run on
+static buffers. On a GPU each batch-size bucket is captured once as a CUDA graph (largest first,
+one memory pool) and replayed; larger batches run eagerly. On the CPU the same buffers and the
+same step function run eagerly, so this code path is what the CPU tests exercise."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pixtral_fast.model.pixtral import Pixtral
+from pixtral_fast.model.text import AttentionMetadata
+from pixtral_fast.runtime.kv_cache import SCRATCH_BLOCK, PagedKVCache
+from pixtral_fast.runtime.sampling import sample
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass
+class DecodeRow:
+    """One running sequence's input to a decode step."""
+    token: int
+    position: int          # of `token`; the sequence then holds position + 1 tokens
+    slot: int              # flat cache slot where this token's K/V go
+    blocks: list[int]      # the sequence's block table
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    step: int              # tokens generated so far (the noise counter)
+
+
+class StaticBuffers:
+    def __init__(self, max_batch: int, max_blocks: int, device):
+        def z(*shape, dtype):
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.tokens = z(max_batch, dtype=torch.int64)
+        self.positions = z(max_batch, dtype=torch.int32)
+        self.slots = z(max_batch, dtype=torch.int64)
+        self.block_table = z(max_batch, max_blocks, dtype=torch.int32)
+        self.seq_lens = z(max_batch, dtype=torch.int32)
+        self.temperature = z(max_batch, dtype=torch.float32)
+        self.top_k = z(max_batch, dtype=torch.int64)
+        self.top_p = z(max_batch, dtype=torch.float32)
+        self.seed = z(max_batch, dtype=torch.int64)
+        self.step = z(max_batch, dtype=torch.int64)
+        self.next_tokens = z(max_batch, dtype=torch.int64)
+
+    def fill(self, rows: list[DecodeRow], padded: int, block_size: int) -> None:
+        """Copies rows in; rows past len(rows) up to `padded` point at the scratch block."""
+        n, width = len(rows), self.block_table.shape[1]
+        used = max(len(r.blocks) for r in rows)
+        if used > width:
+            raise ValueError(f"a sequence holds {used} blocks but the decode runner was built for {width}")
+        table = np.full((padded, used), SCRATCH_BLOCK, dtype=np.int32)
+        for i, r in enumerate(rows):
+            if r.position >= len(r.blocks) * block_size:
+                raise ValueError(f"row {i}: position {r.position} lies past its {len(r.blocks)} blocks")
+            table[i, : len(r.blocks)] = r.blocks
+        cols = {
+            "tokens": [r.token for r in rows], "positions": [r.position for r in rows],
+            "slots": [r.slot for r in rows], "seq_lens": [r.position + 1 for r in rows],
+            "temperature": [r.temperature for r in rows], "top_k": [r.top_k for r in rows],
+            "top_p": [r.top_p for r in rows], "seed": [r.seed for r in rows], "step": [r.step for r in rows],
+        }
+        pad = padded - n
+        fillers = {"slots": SCRATCH_BLOCK * block_size, "seq_lens": 1, "top_p": 1.0}
+        for name, values in cols.items():
+            buf = getattr(self, name)
+            host = torch.tensor(values + [fillers.get(name, 0)] * pad, dtype=buf.dtype)
+            buf[:padded].copy_(host, non_blocking=True)
+        self.block_table[:padded, :used].copy_(torch.from_numpy(table), non_blocking=True)
+
+
+class DecodeRunner:
+    def __init__(self, model: Pixtral, cache: PagedKVCache, max_batch: int, max_blocks_per_seq: int,
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, use_cuda_graphs: bool | None = None):
+        self.model, self.cache = model, cache
+        self.block_size = cache.shape.block_size
+        self.buckets = tuple(sorted(b for b in buckets if b <= max_batch))
+        self.max_batch = max_batch
+        self.buffers = StaticBuffers(max_batch, max_blocks_per_seq, model.device)
+        on_gpu = model.device.type == "cuda"
+        self.use_cuda_graphs = on_gpu if use_cuda_graphs is None else use_cuda_graphs
+        if self.use_cuda_graphs and not on_gpu:
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.pool = None
+
+    def _run(self, bs: int, greedy_only: bool) -> None:
+        b = self.buffers
+        meta = AttentionMetadata(positions=b.positions[:bs], slot_mapping=b.slots[:bs],
+                                 block_table=b.block_table[:bs], seq_lens=b.seq_lens[:bs], pages_checked=True)
+        model = self.model
+        h = model.decode_hidden(model.tok_embeddings(b.tokens[:bs]), meta, self.cache.layers)
+        logits = model.logits(h)
+        b.next_tokens[:bs] = sample(logits, b.temperature[:bs], b.top_k[:bs], b.top_p[:bs], b.seed[:bs],
+                                    b.step[:bs], greedy_only=greedy_only)
+
+    def bucket_for(self, n: int) -> int | None:
+        return next((b for b in self.buckets if b >= n), None)
+
+    @torch.inference_mode()
+    def capture(self, greedy_only: bool = True, progress: bool = True) -> None:
+        """Captures every bucket, largest first so that smaller graphs reuse its memory pool."""
+        if not self.use_cuda_graphs:
+            return
+        bar = tqdm(list(reversed(self.buckets)), desc="capturing decode graphs", unit="graph", disable=not progress)
+        for bs in bar:
+            self._capture_one(bs, greedy_only)
+
+    def _capture_one(self, bs: int, greedy_only: bool) -> None:
+        b = self.buffers
+        b.slots[:bs].fill_(SCRATCH_BLOCK * self.block_size)
+        b.block_table[:bs].fill_(SCRATCH_BLOCK)
+        b.seq_lens[:bs].fill_(1)
+        self._run(bs, greedy_only)  # warm-up: autotuning and lazy allocations happen outside capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._run(bs, greedy_only)
+        if self.pool is None:
+            self.pool = graph.pool()
+        self.graphs[(bs, greedy_only)] = graph
+
+    @torch.inference_mode()
+    def step(self, rows: list[DecodeRow]) -> list[int]:
+        """One decode step for these sequences; returns each one's next token."""
+        n = len(rows)
+        if n == 0:
+            return []
+        greedy_only = all(r.temperature == 0 for r in rows)
+        bucket = self.bucket_for(n)
+        padded = bucket or n  # padded eagerly too, so that the CPU runs the path the graphs take
+        if n > self.max_batch:
+            raise ValueError(f"{n} sequences exceed the runner's max_batch {self.max_batch}")
+        self.buffers.fill(rows, padded, self.block_size)
+        key = (padded, greedy_only)
+        if self.use_cuda_graphs and bucket is not None:
+            if key not in self.graphs:
+                self._capture_one(padded, greedy_only)
+            self.graphs[key].replay()
+        else:
+            self._run(padded, greedy_only)
+        return self.buffers.next_tokens[:n].tolist()

@@ -1,0 +1,111 @@
+"""Continuous batching: which sequences prefill and which decode at each engine step.
+
+Admission is FIFO and waits while the KV cache lacks blocks for a prompt. A running sequence that
+needs a new block when none is free preempts the most recently admitted one, whose blocks are freed
+and which later re-prefills its prompt and what it generated so far (recompute, as vLLM does).
+A request that could never fit fails alone, with a message; the others go on."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from pixtral_fast.runtime.kv_cache import BlockManager
+from pixtral_fast.runtime.sampling import SamplingParams
+
+
+@dataclass(eq=False)
+class Sequence:
+    id: int
+    prompt: list[int]
+    images: list[torch.Tensor]
+    params: SamplingParams
+    seed: int
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None   # "stop" | "length" | "error"
+    error: str | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.generated
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_batch: int, max_prefill_tokens: int, max_model_len: int):
+        self.blocks = blocks
+        self.max_batch = max_batch
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    @property
+    def capacity_tokens(self) -> int:
+        return (self.blocks.num_blocks - 1) * self.blocks.block_size
+
+    def add(self, seq: Sequence) -> None:
+        n = len(seq.prompt)
+        if n == 0:
+            self.fail(seq, "the prompt is empty")
+        elif n >= self.max_model_len:
+            self.fail(seq, f"the prompt has {n} tokens; max_model_len is {self.max_model_len} "
+                           "(the prompt and at least one new token must fit)")
+        elif n + 1 > self.capacity_tokens:
+            self.fail(seq, f"the prompt needs room for {n + 1} tokens but the whole KV cache holds "
+                           f"{self.capacity_tokens}; it can never run with this cache")
+        elif n > self.max_prefill_tokens:
+            self.fail(seq, f"the prompt has {n} tokens, more than max_prefill_tokens={self.max_prefill_tokens}")
+        else:
+            self.waiting.append(seq)
+
+    def fail(self, seq: Sequence, message: str) -> None:
+        seq.finish_reason, seq.error = "error", message
+        self._release(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.id in self.blocks.tables:
+            self.blocks.free(seq.id)
+        if seq in self.running:
+            self.running.remove(seq)
+
+    def admit(self) -> list[Sequence]:
+        """Waiting sequences that start now (FIFO, while the batch, the prefill budget and the cache allow)."""
+        admitted, budget = [], self.max_prefill_tokens
+        while self.waiting and len(self.running) < self.max_batch:
+            seq = self.waiting[0]
+            n = len(seq.tokens)
+            if n > budget or not self.blocks.can_allocate(n):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq.id, n)
+            self.running.append(seq)
+            admitted.append(seq)
+            budget -= n
+        return admitted
+
+    def reserve_decode(self) -> list[Sequence]:
+        """Makes sure every running sequence has room for one more token, preempting if needed."""
+        while True:
+            need = sum(self.blocks.needs_block(s.id) for s in self.running)
+            if need <= len(self.blocks.free_blocks):
+                return list(self.running)
+            victim = self.running[-1]
+            if len(self.running) == 1:
+                self.fail(victim, f"the sequence reached {len(victim.tokens)} tokens, the whole KV cache's "
+                                  f"capacity ({self.capacity_tokens})")
+                return []
+            self.running.pop()
+            self.blocks.free(victim.id)
+            self.waiting.appendleft(victim)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
