@@ -55,7 +55,7 @@ class EngineStats:
 class Engine:
     def __init__(self, model: Pixtral, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None):
         self.model = model
-        self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.default()
+        self._tokenizer = tokenizer
         self.config = config = config or EngineConfig()
         shape = plan_cache(model.args.text, model.dtype, model.device, config.block_size, config.num_blocks,
                            config.memory_bytes, config.gpu_memory_fraction)
@@ -71,6 +71,14 @@ class Engine:
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._detok: dict[int, IncrementalDetokenizer] = {}
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The checkpoint's tokenizer; Pixtral's Tekken from mistral_common when none was given
+        (loaded on first use, so token-level callers never need it)."""
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.default()
+        return self._tokenizer
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=torch.bfloat16, backend: str = "auto", **limits) -> "Engine":

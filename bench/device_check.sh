@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The whole GPU check as ONE command for a lent H200 (device tool), under 8 minutes:
+#   here, once:  bench/prepare_wheels.sh            (wheels the device lacks -> .whl/)
+#   device run:  bash bench/device_check.sh          (carry: [".whl"], timeout_s: 540)
+# Builds the CUDA extension, runs the GPU tests, the kernel benchmarks against their peers, the
+# end-to-end bench (random full-size weights) and its HF peer, and writes $OUT/report.json
+# (+ logs). Commit report.json under bench/results/. Each stage has its own time limit, so a
+# slow or failing stage leaves the others' results.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/local}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+PY=${PYTHON:-python3}
+for root in /usr/local/cuda /usr/local/cuda-13.0 /usr/local/cuda-12.8; do
+  [ -x "$root/bin/nvcc" ] && { export CUDA_HOME=$root; break; }
+done
+start=$(date +%s)
+stage() { echo "== [$(( $(date +%s) - start ))s] $*"; }
+
+stage "python packages"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+stage "environment"
+$PY - > "$OUT/env.json" <<'PYEOF'
+import json, subprocess, torch, triton
+p = torch.cuda.get_device_properties(0)
+print(json.dumps({"gpu": p.name, "sms": p.multi_processor_count, "torch": torch.__version__,
+                  "triton": triton.__version__, "cuda": torch.version.cuda,
+                  "driver": subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True).stdout.strip()}))
+PYEOF
+cat "$OUT/env.json"
+
+stage "install (builds the CUDA extension with this machine's nvcc and torch)"
+timeout 100 $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tee "$OUT/build.log" | tail -5
+$PY -c "from pixtral_fast import ops; print('decode attention backend:', ops.decode_backend('cuda'))" \
+  2>&1 | tee -a "$OUT/build.log"
+
+stage "GPU tests"
+timeout 100 $PY -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+
+stage "kernel benchmarks"
+timeout 120 $PY -m pytest bench -q -p no:cacheprovider --benchmark-only --benchmark-json="$OUT/bench.json" \
+  --benchmark-columns=median,rounds 2>&1 | tee "$OUT/bench.log" | tail -60
+
+stage "end-to-end bench (pixtral_fast)"
+timeout 90 $PY -m pixtral_fast.cli bench --params tests/data/params.json --random-weights --batch 1 8 32 \
+  --image-size 1024 --decode-steps 32 > "$OUT/e2e.json" 2> "$OUT/e2e.log"; cat "$OUT/e2e.json"
+
+stage "end-to-end peer (HF transformers)"
+timeout 60 $PY bench/hf_e2e.py --params tests/data/params.json --batch 1 8 --decode-steps 16 \
+  > "$OUT/hf_e2e.json" 2> "$OUT/hf_e2e.log"; cat "$OUT/hf_e2e.json"
+
+stage "report"
+$PY bench/report.py "$OUT"
+stage "done"
