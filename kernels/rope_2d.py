@@ -1,5 +1,191 @@
-"""Placeholder: being written."""
+"""Rotary position embedding on interleaved pairs, Triton: RoPE-2D (the ViT) and 1-D (the decoder).
+
+One launch rotates q and k: the grid's second axis walks q's head blocks, then k's, so GQA
+(Hq != Hk) and strided views into a fused QKV output need no extra copies. A program owns
+BLOCK_T tokens x BLOCK_H heads, computes each pair's angle once for its tokens and reuses it
+across heads.
+
+Angles: pos * inv_freq in fp32, with inv_freq made on the host by
+`reference.rope_frequencies` (so the fp32 angle is bit-identical to the oracle's), reordered so
+that pair i reads entry i. The decoder's angles reach 1.3e5 rad (position 131071, f[0] = 1), so
+cos/sin (computed here, no table) reduce them exactly, in fp64, before a polynomial (_sincos).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from pixtral_fast import reference
+
+# pi/2 = HI + LO with HI holding 31 significant bits: q * HI is exact in fp64 for q < 2^22
+# (angles up to ~6.5e6 rad, i.e. positions far past the decoder's 131072).
+_PIO2_HI = tl.constexpr(float.fromhex("0x1.921fb544p+0"))
+_PIO2_LO = tl.constexpr(math.pi / 2 - float.fromhex("0x1.921fb544p+0"))
+_TWO_OVER_PI = tl.constexpr(2 / math.pi)
 
 
-def compile_specs(capability):
-    raise NotImplementedError
+@triton.jit
+def _sincos(angle):
+    """(cos, sin) of fp32 angles of any size up to ~6e6 rad, to fp32 accuracy. The quadrant
+    reduction runs in fp64, where it is exact; then Taylor polynomials on |r| <= pi/4 (their
+    truncation error, < 2e-9, is below fp32's rounding). Written out rather than tl.cos /
+    tl.sin: those lower to libdevice, whose large-argument path keeps a local-memory array in
+    the binary (seen on sm_80) and whose accuracy at 1e5 rad depends on the Triton version."""
+    a = angle.to(tl.float64)
+    quad = tl.floor(a * tl.full([], _TWO_OVER_PI, tl.float64) + 0.5)
+    r = a - quad * tl.full([], _PIO2_HI, tl.float64) - quad * tl.full([], _PIO2_LO, tl.float64)
+    r = r.to(tl.float32)
+    r2 = r * r
+    s = r + r * r2 * (-1.0 / 6 + r2 * (1.0 / 120 + r2 * (-1.0 / 5040 + r2 * (1.0 / 362880))))
+    c = 1.0 + r2 * (-0.5 + r2 * (1.0 / 24 + r2 * (-1.0 / 720 + r2 * (1.0 / 40320 + r2 * (-1.0 / 3628800)))))
+    q = quad.to(tl.int32) & 3  # angle = quad * pi/2 + r: rotate (c, s) by quad quarter turns
+    cos = tl.where(q == 0, c, tl.where(q == 1, -s, tl.where(q == 2, -c, s)))
+    sin = tl.where(q == 0, s, tl.where(q == 1, c, tl.where(q == 2, -s, -c)))
+    return cos, sin
+
+
+@triton.jit
+def _rotate_block(x_ptr, o_ptr, stride_t, stride_h, n_heads, t0, head0, t_ok, cos, sin,
+                  HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    HALF: tl.constexpr = HEAD_DIM // 2
+    lt = tl.arange(0, BLOCK_T)
+    lh = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = t_ok[:, None, None] & (lh < n_heads - head0)[None, :, None]  # broadcast over D by tl.load
+    # 64-bit scalar bases (T x a fused-QKV row stride passes 2^31 in long prefills), 32-bit
+    # offsets inside the tile: 64-bit pointer tensors would double the address registers.
+    src = x_ptr + t0.to(tl.int64) * stride_t + head0.to(tl.int64) * stride_h
+    x = tl.load(src + (lt[:, None, None] * stride_t + lh[None, :, None] * stride_h + offs_d[None, None, :]),
+                mask=mask, other=0.0).to(tl.float32)
+    x0, x1 = tl.split(tl.reshape(x, [BLOCK_T, BLOCK_H, HALF, 2]))
+    c = cos[:, None, :]
+    s = sin[:, None, :]
+    y = tl.reshape(tl.join(x0 * c - x1 * s, x0 * s + x1 * c), [BLOCK_T, BLOCK_H, HEAD_DIM])
+    dst = o_ptr + (t0.to(tl.int64) * n_heads + head0) * HEAD_DIM
+    tl.store(dst + ((lt[:, None, None] * n_heads + lh[None, :, None]) * HEAD_DIM + offs_d[None, None, :]),
+             y.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, freq_ptr,
+    n_tokens, q_heads, k_heads, stride_qt, stride_qh, stride_kt, stride_kh, stride_pt, stride_pc,
+    n_q_blocks,
+    AXES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    HALF: tl.constexpr = HEAD_DIM // 2
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    t0 = pid_t * BLOCK_T
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    offs_p = tl.arange(0, HALF)
+    t_ok = offs_t < n_tokens
+
+    freq = tl.load(freq_ptr + offs_p)  # already in pair order (see _pair_frequencies)
+    if AXES == 2:
+        row = tl.load(pos_ptr + offs_t * stride_pt, mask=t_ok, other=0)
+        col = tl.load(pos_ptr + offs_t * stride_pt + stride_pc, mask=t_ok, other=0)
+        p = tl.where(offs_p[None, :] < HALF // 2, row[:, None], col[:, None])
+    else:
+        p = tl.load(pos_ptr + offs_t * stride_pt, mask=t_ok, other=0)[:, None]
+    angle = p.to(tl.float32) * freq[None, :]  # the oracle's fp32 product, bit for bit
+
+    cos, sin = _sincos(angle)
+
+    if pid_h < n_q_blocks:
+        _rotate_block(q_ptr, qo_ptr, stride_qt, stride_qh, q_heads, t0, pid_h * BLOCK_H, t_ok,
+                      cos, sin, HEAD_DIM, BLOCK_T, BLOCK_H)
+    else:
+        _rotate_block(k_ptr, ko_ptr, stride_kt, stride_kh, k_heads, t0, (pid_h - n_q_blocks) * BLOCK_H,
+                      t_ok, cos, sin, HEAD_DIM, BLOCK_T, BLOCK_H)
+
+
+# ---------------------------------------------------------------------------------------------
+# launcher
+
+_FREQ_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _pair_frequencies(head_dim: int, theta: float, axes: int, device: torch.device) -> torch.Tensor:
+    """The frequency of each pair i, in pair order: f for 1-D; for 2-D the rows' f[0::2] then
+    the columns' f[1::2] (DESIGN §1), so the kernel needs no index arithmetic."""
+    key = (head_dim, float(theta), axes, device)
+    freq = _FREQ_CACHE.get(key)
+    if freq is None:
+        f = reference.rope_frequencies(head_dim, theta, device)
+        freq = f if axes == 1 else torch.cat([f[0::2], f[1::2]])
+        freq = _FREQ_CACHE.setdefault(key, freq.contiguous())
+    return freq
+
+
+def _config(head_dim: int) -> dict:
+    """~4K elements per program: 8 heads (every model here has a multiple of 8) x 8 tokens at
+    D=64, x 4 tokens at D=128. Memory-bound, so 4 warps, one stage; Hopper and Ampere alike."""
+    return {"BLOCK_T": 4096 // (8 * head_dim), "BLOCK_H": 8, "num_warps": 4, "num_stages": 1}
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float, axes: int):
+    """q [T, Hq, D], k [T, Hk, D] (last dim contiguous, other strides free); pos int32 [T, 2]
+    (axes=2: row, col) or [T] (axes=1). Returns new contiguous (q_rot, k_rot). Inputs are
+    validated by pixtral_fast.ops."""
+    if axes not in (1, 2):
+        raise ValueError(f"axes must be 1 or 2, got {axes}")
+    n_tokens, q_heads, head_dim = q.shape
+    k_heads = k.shape[1]
+    q_out = torch.empty((n_tokens, q_heads, head_dim), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((n_tokens, k_heads, head_dim), dtype=k.dtype, device=k.device)
+    if n_tokens == 0:
+        return q_out, k_out
+    cfg = _config(head_dim)
+    freq = _pair_frequencies(head_dim, theta, axes, q.device)
+    n_q_blocks = triton.cdiv(q_heads, cfg["BLOCK_H"])
+    grid = (triton.cdiv(n_tokens, cfg["BLOCK_T"]), n_q_blocks + triton.cdiv(k_heads, cfg["BLOCK_H"]))
+    stride_pc = pos.stride(1) if axes == 2 else 0
+    _rope_kernel[grid](
+        q, k, q_out, k_out, pos, freq,
+        n_tokens, q_heads, k_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        pos.stride(0), stride_pc, n_q_blocks,
+        AXES=axes, HEAD_DIM=head_dim, BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return q_out, k_out
+
+
+# ---------------------------------------------------------------------------------------------
+# ahead-of-time compile specs
+
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# What the JIT specializes for the models' tensors (aligned, head and token strides multiples of
+# 16 elements): the variant that runs. Odd strides give an unhinted variant (scalar loads).
+_ALIGNED_ARGS = ("q_ptr", "k_ptr", "qo_ptr", "ko_ptr", "pos_ptr", "freq_ptr",
+                 "stride_qt", "stride_qh", "stride_kt", "stride_kh")
+
+
+def compile_specs(capability: int) -> list[dict]:
+    """Every shipped config: per dtype, 2-D RoPE at D=64 (the ViT) and D=128, 1-D RoPE at D=128
+    (the decoder) and D=64. The config does not depend on the arch."""
+    specs = []
+    for dtype, name in _TRITON_DTYPE.items():
+        ptr = f"*{name}"
+        for axes, head_dim in ((2, 64), (2, 128), (1, 64), (1, 128)):
+            cfg = _config(head_dim)
+            specs.append({
+                "name": f"rope{axes}d_{name}_d{head_dim}",
+                "fn": _rope_kernel,
+                "signature": {
+                    "q_ptr": ptr, "k_ptr": ptr, "qo_ptr": ptr, "ko_ptr": ptr, "pos_ptr": "*i32",
+                    "freq_ptr": "*fp32", "n_tokens": "i32", "q_heads": "i32", "k_heads": "i32",
+                    "stride_qt": "i32", "stride_qh": "i32", "stride_kt": "i32", "stride_kh": "i32",
+                    "stride_pt": "i32", "stride_pc": "i32", "n_q_blocks": "i32",
+                    "AXES": "constexpr", "HEAD_DIM": "constexpr", "BLOCK_T": "constexpr",
+                    "BLOCK_H": "constexpr",
+                },
+                "constexprs": {"AXES": axes, "HEAD_DIM": head_dim, "BLOCK_T": cfg["BLOCK_T"],
+                               "BLOCK_H": cfg["BLOCK_H"]},
+                "attrs": {arg: [["tt.divisibility", 16]] for arg in _ALIGNED_ARGS},
+                "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+            })
+    return specs
