@@ -1,5 +1,335 @@
-"""Placeholder: being written."""
+"""Variable-length (packed) attention forward, FlashAttention-2 style, Triton.
+
+q/k/v hold every sequence back to back ([T, H, D], flash-attn varlen convention). A program owns
+one query tile of one sequence for one query head: grid (query tiles of the longest sequence,
+sequence, head), so tiny images packed with a 4096-patch one cost only programs that exit at
+once. GQA: query head h reads KV head h // (Hq // Hkv); a group's programs run side by side and
+share K/V tiles through L2. Keys are walked in two phases: tiles needing no mask, then the
+masked ones (the causal diagonal, or the sequence's ragged end); causal tiles past the diagonal
+are never visited, and causal query tiles run longest first. Online softmax in fp32, log2
+domain; P is rounded to the input dtype before the PV dot (as flash-attn does); fp32 dots are
+IEEE.
+
+RoPE-2D (pos given) rotates the Q tile once and each K tile as it is loaded: the rotated q/k
+never go to HBM. Angles are pos * inv_freq in fp32, inv_freq from `reference.rope_frequencies`
+(the oracle's fp32 angles, bit for bit). Rotated tiles are rounded to the input dtype, so the
+result is `rope_2d` followed by attention. Each tile is kept as its pairs' even and odd halves
+(q.k = q0.k0 + q1.k1: two dots), because re-interleaving them (reshape/join) in front of a dot
+operand makes Triton redo the rotation in every warp, which spills on sm_80.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from pixtral_fast import reference
+
+LOG2E = 1.4426950408889634
 
 
-def compile_specs(capability):
-    raise NotImplementedError
+@triton.jit
+def _sincos(a):
+    """sin and cos of fp32 angles |a| < 1.2e4 rad, to ~1 ulp, in registers only: libdevice's
+    sinf/cosf carry a Payne-Hanek path whose local array costs stack in every inlined copy.
+    Cody-Waite reduction by pi/2 in three parts (n * part exact for n < 2^13), then Taylor
+    polynomials on |r| <= pi/4 (truncation below 2e-9)."""
+    n = tl.floor(a * 0.6366197723675814 + 0.5)
+    r = a - n * 1.5703125
+    r = r - n * 4.837512969970703e-4
+    r = r - n * 7.549790126404332e-8
+    r2 = r * r
+    s = r + r * r2 * (-0.16666666666666666 + r2 * (8.333333333333333e-3 + r2 * (
+        -1.984126984126984e-4 + r2 * 2.7557319223985893e-6)))
+    c = 1.0 + r2 * (-0.5 + r2 * (4.1666666666666664e-2 + r2 * (-1.388888888888889e-3 + r2 * (
+        2.48015873015873e-5 + r2 * -2.755731922398589e-7))))
+    quadrant = n.to(tl.int32) & 3
+    odd = (quadrant & 1) == 1
+    sin = tl.where(odd, c, s)
+    cos = tl.where(odd, s, c)
+    sin = tl.where(quadrant >= 2, -sin, sin)
+    cos = tl.where((quadrant == 1) | (quadrant == 2), -cos, cos)
+    return sin, cos
+
+
+@triton.jit
+def _rotated_pairs(ptr, tokens, tok_ok, stride_t, pos_ptr, stride_pt, stride_pc, freq,
+                   KEY_MAJOR: tl.constexpr, HALF: tl.constexpr, PAIR_WORDS: tl.constexpr):
+    """RoPE-2D of rows `tokens` of a [T, D] view: the rotated even and odd elements (x0', x1') of
+    every pair, fp32, laid out [tokens, D/2], or [D/2, tokens] for KEY_MAJOR (the B operand of
+    q @ k^T). PAIR_WORDS (even strides, aligned base): a pair is read as one integer word twice
+    the element's width, so loads stay contiguous (coalesced, vectorised, cp.async); otherwise
+    two strided element loads."""
+    pair = tl.arange(0, HALF)
+    row = tl.load(pos_ptr + tokens * stride_pt, mask=tok_ok, other=0)
+    col = tl.load(pos_ptr + tokens * stride_pt + stride_pc, mask=tok_ok, other=0)
+    if KEY_MAJOR:
+        tok, mask, idx, f = tokens[None, :], tok_ok[None, :], pair[:, None], freq[:, None]
+        p = tl.where(idx < HALF // 2, row[None, :], col[None, :])
+    else:
+        tok, mask, idx, f = tokens[:, None], tok_ok[:, None], pair[None, :], freq[None, :]
+        p = tl.where(idx < HALF // 2, row[:, None], col[:, None])
+    dtype = ptr.dtype.element_ty
+    if PAIR_WORDS:
+        bits: tl.constexpr = dtype.primitive_bitwidth
+        word_t = tl.int64 if bits == 32 else tl.int32
+        half_t = tl.int32 if bits == 32 else tl.int16
+        w = tl.load(ptr.to(tl.pointer_type(word_t)) + tok * (stride_t // 2) + idx, mask=mask, other=0)
+        x0 = w.to(half_t).to(dtype, bitcast=True)  # little-endian: element 2i is the low half
+        x1 = (w >> bits).to(half_t).to(dtype, bitcast=True)
+    else:
+        x0 = tl.load(ptr + tok * stride_t + 2 * idx, mask=mask, other=0.0)
+        x1 = tl.load(ptr + tok * stride_t + 2 * idx + 1, mask=mask, other=0.0)
+    x0 = x0.to(tl.float32)
+    x1 = x1.to(tl.float32)
+    sin, cos = _sincos(p.to(tl.float32) * f)
+    return x0 * cos - x1 * sin, x0 * sin + x1 * cos
+
+
+@triton.jit
+def _attend(acc, m_i, l_i, q0, q1, k_base, v_base, pos_base, freq, offs_m, seq_len, lo, hi,
+            stride_kt, stride_vt, stride_pt, stride_pc, qk_scale,
+            MASKED: tl.constexpr, CAUSAL: tl.constexpr, ROPE: tl.constexpr, PAIR_WORDS: tl.constexpr,
+            HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for n0 in range(lo, hi, BLOCK_N):
+        keys = n0 + offs_n
+        key_ok = keys < seq_len  # all true in the unmasked phase; only the row mask of the loads
+        v = tl.load(v_base + keys[:, None] * stride_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        if ROPE:
+            k0, k1 = _rotated_pairs(k_base, keys, key_ok, stride_kt, pos_base, stride_pt, stride_pc, freq,
+                                    True, HEAD_DIM // 2, PAIR_WORDS)
+            s = tl.dot(q0, k0.to(v.dtype), input_precision="ieee")
+            s = tl.dot(q1, k1.to(v.dtype), s, input_precision="ieee")
+        else:
+            k_t = tl.load(k_base + keys[None, :] * stride_kt + offs_d[:, None], mask=key_ok[None, :], other=0.0)
+            s = tl.dot(q0, k_t, input_precision="ieee")
+        s = s * qk_scale  # log2 domain
+        if MASKED:
+            visible = key_ok[None, :]
+            if CAUSAL:
+                visible = visible & (keys[None, :] <= offs_m[:, None])
+            # Every row keeps a finite max: row i >= tile start sees key `tile start` first.
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _varlen_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, cu_ptr, pos_ptr, freq_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_pt, stride_pc,
+    qk_scale, group,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, ROPE: tl.constexpr, PAIR_WORDS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    if CAUSAL:  # the last tiles of a causal sequence have the most keys: launch them first
+        tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    start = tl.load(cu_ptr + seq)
+    seq_len = tl.load(cu_ptr + seq + 1) - start
+    m0 = tile * BLOCK_M
+    if m0 >= seq_len:
+        return
+
+    # Only the sequence's first row needs 64-bit offsets (T x a fused-QKV stride can pass 2^31);
+    # offsets inside one sequence stay small.
+    row0 = start.to(tl.int64)
+    kv_head = head // group
+    q_base = q_ptr + row0 * stride_qt + head * stride_qh
+    k_base = k_ptr + row0 * stride_kt + kv_head * stride_kh
+    v_base = v_ptr + row0 * stride_vt + kv_head * stride_vh
+    pos_base = pos_ptr + row0 * stride_pt
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_len
+    if ROPE:
+        freq = tl.load(freq_ptr + tl.arange(0, HEAD_DIM // 2))
+        q0, q1 = _rotated_pairs(q_base, offs_m, row_ok, stride_qt, pos_base, stride_pt, stride_pc, freq,
+                                False, HEAD_DIM // 2, PAIR_WORDS)
+        q0 = q0.to(q_ptr.dtype.element_ty)
+        q1 = q1.to(q_ptr.dtype.element_ty)
+    else:
+        freq = 0.0
+        q0 = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        q1 = q0
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if CAUSAL:  # keys before the tile are all visible; the diagonal block is masked
+        free_end = m0
+        end = tl.minimum(m0 + BLOCK_M, seq_len)
+    else:  # every key visible; only the last, partial tile is masked
+        free_end = (seq_len // BLOCK_N) * BLOCK_N
+        end = seq_len
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q0, q1, k_base, v_base, pos_base, freq, offs_m, seq_len, 0,
+                            free_end, stride_kt, stride_vt, stride_pt, stride_pc, qk_scale,
+                            False, CAUSAL, ROPE, PAIR_WORDS, HEAD_DIM, BLOCK_N)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q0, q1, k_base, v_base, pos_base, freq, offs_m, seq_len, free_end,
+                            end, stride_kt, stride_vt, stride_pt, stride_pc, qk_scale,
+                            True, CAUSAL, ROPE, PAIR_WORDS, HEAD_DIM, BLOCK_N)
+
+    out = acc / l_i[:, None]  # every row (padding rows too) saw at least one key: l_i > 0
+    n_heads = tl.num_programs(2)
+    o_rows = (row0 + offs_m) * n_heads + head
+    tl.store(out_ptr + o_rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# configs
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (arch, 16-bit or fp32, head_dim, in-kernel RoPE),
+# each compiled causal (and with RoPE where keyed so): no spills, 126-251 registers. BLOCK_M is
+# a multiple of BLOCK_N (the causal diagonal starts on a key-tile boundary).
+# - Hopper: 128-query tiles over 8 warps (wgmma reads the rotated K tile from shared memory).
+#   The ViT (D=64, RoPE) and the decoder prefill (D=128, no RoPE) get two candidates each.
+# - Ampere: mma.sync takes the K tile from registers in every warp, so the rotation is repeated
+#   per warp and narrow key tiles keep it in registers.
+# - fp32 (IEEE dots run on FMA units, operands held whole per thread): small tiles; one config
+#   serves with and without RoPE.
+_CANDIDATES = {
+    (90, 16, 64, True): [(128, 64, 8, 3), (128, 32, 8, 3)],
+    (90, 16, 64, False): [(128, 64, 4, 3)],
+    (90, 16, 128, True): [(128, 32, 8, 2)],
+    (90, 16, 128, False): [(128, 64, 8, 3), (128, 128, 8, 2)],
+    (90, 32, 64, True): [(32, 16, 4, 2)],
+    (90, 32, 128, True): [(32, 16, 8, 2)],
+    (80, 16, 64, True): [(64, 16, 4, 2)],
+    (80, 16, 64, False): [(128, 64, 8, 3)],
+    (80, 16, 128, True): [(32, 32, 4, 2)],
+    (80, 16, 128, False): [(128, 64, 8, 2)],
+    (80, 32, 64, True): [(32, 16, 4, 2)],
+    (80, 32, 128, True): [(16, 16, 4, 2)],
+}
+_INTERPRETER_CONFIG = (64, 32, 4, 1)  # small enough that CPU tests cross several tiles
+
+
+def _candidates(capability: int, dtype: torch.dtype, head_dim: int, rope: bool) -> list[tuple]:
+    arch = 90 if capability >= 90 else 80
+    bits = 32 if dtype == torch.float32 else 16
+    return _CANDIDATES[(arch, bits, head_dim, rope or bits == 32)]
+
+
+def _as_config(c: tuple) -> triton.Config:
+    return triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1]}, num_warps=c[2], num_stages=c[3])
+
+
+def _prune(configs, named_args, **kwargs):
+    """The candidates for this GPU, dtype, head_dim and RoPE flag (the autotuner's key holds
+    HEAD_DIM, CAUSAL, ROPE and every tensor's dtype)."""
+    q = named_args["q_ptr"]
+    major, minor = torch.cuda.get_device_capability(q.device)
+    wanted = set(_candidates(major * 10 + minor, q.dtype, kwargs["HEAD_DIM"], kwargs["ROPE"]))
+    return [c for c in configs
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":  # its autotuner cannot time several configs
+    _kernel = triton.autotune([_as_config(_INTERPRETER_CONFIG)], key=[])(_varlen_fwd_kernel)
+else:
+    _ALL = sorted({c for cands in _CANDIDATES.values() for c in cands})
+    _kernel = triton.autotune([_as_config(c) for c in _ALL], key=["HEAD_DIM", "CAUSAL", "ROPE"],
+                              prune_configs_by={"early_config_prune": _prune})(_varlen_fwd_kernel)
+
+
+# ---------------------------------------------------------------------------------------------
+# launcher
+
+_FREQ_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _pair_frequencies(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """inv_freq in pair order: pair i < D/4 turns with f[2i] (rows), pair i >= D/4 with
+    f[2(i - D/4) + 1] (columns), so the kernel indexes it by pair directly."""
+    key = (head_dim, float(theta), device)
+    if key not in _FREQ_CACHE:
+        f = reference.rope_frequencies(head_dim, theta, device)
+        _FREQ_CACHE[key] = torch.cat([f[0::2], f[1::2]]).contiguous()
+    return _FREQ_CACHE[key]
+
+
+def _pairs_aligned(*views: torch.Tensor) -> bool:
+    """Whether every pair (x[2i], x[2i+1]) of these views can be read as one aligned word."""
+    word = 2 * views[0].element_size()
+    return all(t.data_ptr() % word == 0 and t.stride(0) % 2 == 0 and t.stride(1) % 2 == 0 for t in views)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, pos, rope_theta, config=None):
+    """q [T, Hq, D], k/v [T, Hkv, D] (last dim contiguous, other strides free), cu_seqlens int32
+    [n+1], pos None or int32 [T, 2]. Returns a new contiguous [T, Hq, D] in q's dtype. Inputs are
+    validated by pixtral_fast.ops. config=(BLOCK_M, BLOCK_N, num_warps, num_stages) bypasses the
+    autotuner (tests run every shipped candidate this way)."""
+    n_tokens, q_heads, head_dim = q.shape
+    out = torch.empty((n_tokens, q_heads, head_dim), dtype=q.dtype, device=q.device)
+    n_seqs = cu_seqlens.numel() - 1
+    if n_tokens == 0 or max_seqlen == 0 or n_seqs == 0:
+        return out
+    rope = pos is not None
+    freq = _pair_frequencies(head_dim, rope_theta, q.device) if rope else cu_seqlens  # unused if not
+    pos_arg, stride_pt, stride_pc = (pos, pos.stride(0), pos.stride(1)) if rope else (cu_seqlens, 0, 0)
+    args = (q, k, v, out, cu_seqlens, pos_arg, freq,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_pt, stride_pc,
+            float(scale) * LOG2E, q_heads // k.shape[1])
+    flags = {"HEAD_DIM": head_dim, "CAUSAL": bool(causal), "ROPE": rope,
+             "PAIR_WORDS": rope and _pairs_aligned(q, k)}
+
+    def grid(meta):
+        return (triton.cdiv(max_seqlen, meta["BLOCK_M"]), n_seqs, q_heads)
+
+    if config is None:
+        _kernel[grid](*args, **flags)
+    else:
+        block_m, block_n, warps, stages = config
+        _varlen_fwd_kernel[grid({"BLOCK_M": block_m})](*args, **flags, BLOCK_M=block_m, BLOCK_N=block_n,
+                                                        num_warps=warps, num_stages=stages)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# ahead-of-time compile specs
+
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def compile_specs(capability: int) -> list[dict]:
+    """Every candidate config of the arch, per (dtype, head_dim, RoPE), compiled causal (the
+    masked diagonal phase adds live registers) with RoPE as keyed."""
+    # What a launch specialises on at run time for the model's tensors (Triton marks 16-byte
+    # aligned pointers and ints divisible by 16): without it the loads compile to scalar
+    # accesses and the register count says nothing about the kernel that really runs. pos [T, 2]
+    # has token stride 2: no mark.
+    names = _varlen_fwd_kernel.arg_names
+    attrs = {a: [["tt.divisibility", 16]] for a in names[:13]}  # pointers, q/k/v strides
+    specs = []
+    for dtype, name in _TRITON_DTYPE.items():
+        signature = {a: ("*i32" if a in ("cu_ptr", "pos_ptr") else "*fp32" if a == "freq_ptr" else f"*{name}")
+                     for a in names[:7]}
+        signature.update({a: "i32" for a in names[7:15]})
+        signature.update({"qk_scale": "fp32", "group": "i32"})
+        signature.update({a: "constexpr" for a in names[17:]})
+        for head_dim in (64, 128):
+            for rope in ((True,) if dtype == torch.float32 else (True, False)):
+                for block_m, block_n, warps, stages in _candidates(capability, dtype, head_dim, rope):
+                    specs.append({
+                        "name": f"varlen_{name}_d{head_dim}{'_rope' if rope else ''}"
+                                f"_m{block_m}_n{block_n}_w{warps}_s{stages}",
+                        "fn": _varlen_fwd_kernel, "signature": dict(signature),
+                        "constexprs": {"HEAD_DIM": head_dim, "CAUSAL": True, "ROPE": rope, "PAIR_WORDS": True,
+                                       "BLOCK_M": block_m, "BLOCK_N": block_n},
+                        "attrs": attrs, "num_warps": warps, "num_stages": stages,
+                    })
+    return specs
