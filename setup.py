@@ -5,9 +5,7 @@ the installed torch (CPU or CUDA build alike) and links them with the static CUD
 Without nvcc nothing is built: the Triton twin of each kernel serves."""
 from __future__ import annotations
 
-import glob
-import os
-import shutil
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -23,18 +21,11 @@ NVCC_FLAGS = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xptxas", "-v", "--th
 
 
 def find_cuda_home() -> Path | None:
-    """A CUDA toolkit root holding bin/nvcc and include/cuda_runtime.h. The `nvcc` on PATH may be
-    a wrapper script (as on the dev machine), so its own folder is only one candidate."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(str(Path(nvcc).resolve().parent.parent))
-    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    for root in filter(None, candidates):
-        path = Path(root)
-        if (path / "bin" / "nvcc").is_file() and (path / "include" / "cuda_runtime.h").is_file():
-            return path
-    return None
+    """pixtral_fast/_cuda_home.py, loaded by path: the package itself needs torch and its kernels."""
+    spec = importlib.util.spec_from_file_location("_cuda_home", ROOT / "pixtral_fast" / "_cuda_home.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.cuda_home()
 
 
 def _cuda_extension(cuda: Path):

@@ -28,23 +28,40 @@ _TWO_OVER_PI = tl.constexpr(2 / math.pi)
 
 
 @triton.jit
-def _sincos(angle):
-    """(cos, sin) of fp32 angles of any size up to ~6e6 rad, to fp32 accuracy. The quadrant
-    reduction runs in fp64, where it is exact; then Taylor polynomials on |r| <= pi/4 (their
-    truncation error, < 2e-9, is below fp32's rounding). Written out rather than tl.cos /
-    tl.sin: those lower to libdevice, whose large-argument path keeps a local-memory array in
-    the binary (seen on sm_80) and whose accuracy at 1e5 rad depends on the Triton version."""
-    a = angle.to(tl.float64)
-    quad = tl.floor(a * tl.full([], _TWO_OVER_PI, tl.float64) + 0.5)
-    r = a - quad * tl.full([], _PIO2_HI, tl.float64) - quad * tl.full([], _PIO2_LO, tl.float64)
-    r = r.to(tl.float32)
+def _quarter_turns(r, quad):
+    """(cos, sin) of quad * pi/2 + r for |r| <= pi/4: Taylor polynomials (truncation < 2e-9,
+    below fp32 rounding), then (c, s) rotated by quad quarter turns. Written out rather than
+    tl.cos / tl.sin: those lower to libdevice, whose large-argument path keeps a local-memory
+    array in the binary (seen on sm_80) and whose accuracy at 1e5 rad depends on the version."""
     r2 = r * r
     s = r + r * r2 * (-1.0 / 6 + r2 * (1.0 / 120 + r2 * (-1.0 / 5040 + r2 * (1.0 / 362880))))
     c = 1.0 + r2 * (-0.5 + r2 * (1.0 / 24 + r2 * (-1.0 / 720 + r2 * (1.0 / 40320 + r2 * (-1.0 / 3628800)))))
-    q = quad.to(tl.int32) & 3  # angle = quad * pi/2 + r: rotate (c, s) by quad quarter turns
+    q = quad.to(tl.int32) & 3
     cos = tl.where(q == 0, c, tl.where(q == 1, -s, tl.where(q == 2, -c, s)))
     sin = tl.where(q == 0, s, tl.where(q == 1, c, tl.where(q == 2, -s, -c)))
     return cos, sin
+
+
+@triton.jit
+def _sincos(angle):
+    """(cos, sin) of fp32 angles up to ~6e6 rad (the decoder's reach 1.3e5): the reduction by
+    pi/2 runs in fp64, where it is exact."""
+    a = angle.to(tl.float64)
+    quad = tl.floor(a * tl.full([], _TWO_OVER_PI, tl.float64) + 0.5)
+    r = a - quad * tl.full([], _PIO2_HI, tl.float64) - quad * tl.full([], _PIO2_LO, tl.float64)
+    return _quarter_turns(r.to(tl.float32), quad)
+
+
+@triton.jit
+def sincos_small(a):
+    """(cos, sin) of fp32 angles |a| < 1.2e4 rad, all in fp32: cheaper where angles stay small
+    (the ViT's: row, col <= 63), e.g. in attention's inner loop. Cody-Waite reduction by pi/2 in
+    three parts (n * part exact for n < 2^13)."""
+    n = tl.floor(a * 0.6366197723675814 + 0.5)
+    r = a - n * 1.5703125
+    r = r - n * 4.837512969970703e-4
+    r = r - n * 7.549790126404332e-8
+    return _quarter_turns(r, n)
 
 
 @triton.jit

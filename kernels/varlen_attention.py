@@ -26,32 +26,9 @@ import triton
 import triton.language as tl
 
 from pixtral_fast import reference
+from pixtral_fast.kernels.rope_2d import sincos_small
 
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _sincos(a):
-    """sin and cos of fp32 angles |a| < 1.2e4 rad, to ~1 ulp, in registers only: libdevice's
-    sinf/cosf carry a Payne-Hanek path whose local array costs stack in every inlined copy.
-    Cody-Waite reduction by pi/2 in three parts (n * part exact for n < 2^13), then Taylor
-    polynomials on |r| <= pi/4 (truncation below 2e-9)."""
-    n = tl.floor(a * 0.6366197723675814 + 0.5)
-    r = a - n * 1.5703125
-    r = r - n * 4.837512969970703e-4
-    r = r - n * 7.549790126404332e-8
-    r2 = r * r
-    s = r + r * r2 * (-0.16666666666666666 + r2 * (8.333333333333333e-3 + r2 * (
-        -1.984126984126984e-4 + r2 * 2.7557319223985893e-6)))
-    c = 1.0 + r2 * (-0.5 + r2 * (4.1666666666666664e-2 + r2 * (-1.388888888888889e-3 + r2 * (
-        2.48015873015873e-5 + r2 * -2.755731922398589e-7))))
-    quadrant = n.to(tl.int32) & 3
-    odd = (quadrant & 1) == 1
-    sin = tl.where(odd, c, s)
-    cos = tl.where(odd, s, c)
-    sin = tl.where(quadrant >= 2, -sin, sin)
-    cos = tl.where((quadrant == 1) | (quadrant == 2), -cos, cos)
-    return sin, cos
 
 
 @triton.jit
@@ -84,7 +61,7 @@ def _rotated_pairs(ptr, tokens, tok_ok, stride_t, pos_ptr, stride_pt, stride_pc,
         x1 = tl.load(ptr + tok * stride_t + 2 * idx + 1, mask=mask, other=0.0)
     x0 = x0.to(tl.float32)
     x1 = x1.to(tl.float32)
-    sin, cos = _sincos(p.to(tl.float32) * f)
+    cos, sin = sincos_small(p.to(tl.float32) * f)
     return x0 * cos - x1 * sin, x0 * sin + x1 * cos
 
 

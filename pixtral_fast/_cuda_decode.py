@@ -9,13 +9,13 @@ warned about once, and `status()` returns its message.
 from __future__ import annotations
 
 import functools
-import glob
 import os
-import shutil
 import warnings
 from pathlib import Path
 
 import torch
+
+from pixtral_fast._cuda_home import cuda_home
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 MAX_SPLITS = 64  # PF_DECODE_MAX_SPLITS in csrc/decode_attention_api.h
@@ -23,21 +23,6 @@ MAX_HEADS_PER_CTA = 8  # kMaxHeadsPerCta in csrc/decode_plan.h
 MIN_KEYS_PER_SPLIT = 128  # below this a split's fixed cost (q load, merge) outweighs its keys
 
 _status = "not loaded yet"
-
-
-def cuda_home() -> Path | None:
-    """A CUDA toolkit root (bin/nvcc and include/cuda_runtime.h). Mirrors setup.py: the `nvcc` on
-    PATH may be a wrapper script, so its folder is only one of the candidates."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(str(Path(nvcc).resolve().parent.parent))
-    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    for root in filter(None, candidates):
-        path = Path(root)
-        if (path / "bin" / "nvcc").is_file() and (path / "include" / "cuda_runtime.h").is_file():
-            return path
-    return None
 
 
 def _op_registered() -> bool:

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pixtral_fast import _cuda_decode, reference
+from pixtral_fast import _cuda_decode
+from tests.support.paged_cases import make_case, oracle
 from tests.tolerances import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,32 +158,6 @@ def test_choose_num_splits():
 
 # ---------------------------------------------------------------------------------------------
 # shared case builder
-
-
-def make_case(head_dim, kv_heads, group, block_size, seq_lens, dtype, device="cpu", seed=0, garbage=-1):
-    """q, paged caches and a shuffled block table whose unused entries hold `garbage`; spare
-    blocks that no sequence owns and spare table columns make stray reads visible."""
-    gen = torch.Generator().manual_seed(seed)
-    blocks = [-(-n // block_size) for n in seq_lens]
-    num_blocks = sum(blocks) + 3
-    owner = torch.randperm(num_blocks, generator=gen)
-    table = torch.full((len(seq_lens), max(blocks) + 1), garbage, dtype=torch.int32)
-    start = 0
-    for row, n in enumerate(blocks):
-        table[row, :n] = owner[start:start + n].int()
-        start += n
-    shape = (num_blocks, block_size, kv_heads, head_dim)
-    k_cache = torch.randn(shape, generator=gen).to(dtype)
-    v_cache = torch.randn(shape, generator=gen).to(dtype)
-    # Peaky logits, so that the running max moves between steps, slots, warps and splits.
-    q = (2.0 * torch.randn(len(seq_lens), kv_heads * group, head_dim, generator=gen)).to(dtype)
-    lens = torch.tensor(seq_lens, dtype=torch.int32)
-    return [t.to(device) for t in (q, k_cache, v_cache, table, lens)]
-
-
-def oracle(q, k_cache, v_cache, table, lens, scale):
-    return reference.gqa_decode_attention(q.double(), k_cache.double(), v_cache.double(), table.cpu(),
-                                          lens.cpu(), scale).to(q.device)
 
 
 # (head_dim, kv_heads, group, block_size, seq_lens, num_splits): every kernel instantiation

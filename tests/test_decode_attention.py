@@ -7,9 +7,10 @@ and check CUDA-graph capture with block tables and lengths swapped between repla
 import pytest
 import torch
 
-from pixtral_fast import ops, reference
+from pixtral_fast import ops
 from pixtral_fast.kernels import decode_attention as kernel
-from tests.conftest import DEVICE, DTYPES
+from tests.conftest import DTYPES
+from tests.support.paged_cases import make_case, oracle
 from tests.tolerances import assert_close
 
 # (head_dim, kv_heads, group, block_size, seq_lens): every case mixes 1, block_size +- 1 and a
@@ -21,31 +22,6 @@ CASES = {
     "d128_g5_bs32": (128, 2, 5, 32, [31, 33, 1, 96]),
     "d128_nemo_bs256": (128, 8, 4, 256, [1, 255, 256, 257]),
 }
-
-
-def make_case(head_dim, kv_heads, group, block_size, seq_lens, dtype, device, seed=0, garbage=-1):
-    """q, paged caches and a shuffled block table whose unused entries hold `garbage`; a spare
-    column and a few spare blocks that no sequence owns make stray reads visible."""
-    gen = torch.Generator().manual_seed(seed)
-    blocks = [-(-n // block_size) for n in seq_lens]
-    num_blocks = sum(blocks) + 3
-    owner = torch.randperm(num_blocks, generator=gen)
-    table = torch.full((len(seq_lens), max(blocks) + 1), garbage, dtype=torch.int32)
-    start = 0
-    for row, n in enumerate(blocks):
-        table[row, :n] = owner[start:start + n].int()
-        start += n
-    shape = (num_blocks, block_size, kv_heads, head_dim)
-    k_cache = torch.randn(shape, generator=gen).to(dtype)
-    v_cache = torch.randn(shape, generator=gen).to(dtype)
-    # Peakier than unit logits, so the online max really moves between tiles and splits.
-    q = (2.0 * torch.randn(len(seq_lens), kv_heads * group, head_dim, generator=gen)).to(dtype)
-    lens = torch.tensor(seq_lens, dtype=torch.int32)
-    return [t.to(device) for t in (q, k_cache, v_cache, table, lens)]
-
-
-def oracle(q, k_cache, v_cache, table, lens, scale=None):
-    return reference.gqa_decode_attention(q.double(), k_cache.double(), v_cache.double(), table, lens, scale)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -4,7 +4,7 @@ import torch
 
 import pixtral_fast as pf
 from pixtral_fast.runtime.graphs import DecodeRow, DecodeRunner
-from pixtral_fast.runtime.kv_cache import BlockManager, PagedKVCache, plan_cache
+from pixtral_fast.runtime.kv_cache import PagedKVCache, plan_cache
 from pixtral_fast.tiny import make_tiny
 from pixtral_fast.tokenizer import Encoded
 from tests.conftest import DEVICE
