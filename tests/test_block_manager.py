@@ -22,7 +22,7 @@ ops = st.lists(st.tuples(st.sampled_from(["allocate", "append", "free"]), st.int
                min_size=1, max_size=60)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=2000, deadline=None)
 @given(num_blocks=st.integers(2, 24), block_size=st.sampled_from([1, 4, 16]), program=ops)
 def test_random_programs_keep_every_block_accounted_for(num_blocks, block_size, program):
     bm = BlockManager(num_blocks, block_size)

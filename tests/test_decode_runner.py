@@ -64,7 +64,7 @@ def test_cpu_refuses_cuda_graphs(model):
     if DEVICE == "cuda":
         pytest.skip("CPU-only check")
     shape = plan_cache(model.args.text, model.dtype, "cpu", num_blocks=4)
-    with pytest.raises(ValueError, match="CUDA graphs need"):
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
         DecodeRunner(model, PagedKVCache(shape, "cpu"), 4, 4, use_cuda_graphs=True)
 
 

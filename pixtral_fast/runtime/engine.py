@@ -9,7 +9,7 @@ import itertools
 import secrets
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -97,7 +97,8 @@ class Engine:
     def add_request(self, request: Any, params: SamplingParams) -> Sequence:
         """request: Encoded (token ids + images), a ChatCompletionRequest, or a message list."""
         encoded = request if isinstance(request, Encoded) else self.tokenizer.encode(request)
-        params.stop_token_ids = params.stop_token_ids or (self.tokenizer.eos_id,)
+        if not params.stop_token_ids:
+            params = replace(params, stop_token_ids=(self.tokenizer.eos_id,))
         seq = Sequence(id=next(self._ids), prompt=list(encoded.tokens),
                        images=[torch.as_tensor(img) for img in encoded.images], params=params,
                        seed=params.seed if params.seed is not None else secrets.randbits(62))

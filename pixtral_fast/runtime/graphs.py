@@ -83,10 +83,11 @@ class DecodeRunner:
         self.buckets = tuple(sorted(b for b in buckets if b <= max_batch))
         self.max_batch = max_batch
         self.buffers = StaticBuffers(max_batch, max_blocks_per_seq, model.device)
-        on_gpu = model.device.type == "cuda"
-        self.use_cuda_graphs = on_gpu if use_cuda_graphs is None else use_cuda_graphs
-        if self.use_cuda_graphs and not on_gpu:
-            raise ValueError("CUDA graphs need the model on a CUDA device")
+        # The reference backend reads seq_lens on the host, which graph capture forbids.
+        capturable = model.device.type == "cuda" and model.backend == "fast"
+        self.use_cuda_graphs = capturable if use_cuda_graphs is None else use_cuda_graphs
+        if self.use_cuda_graphs and not capturable:
+            raise ValueError("CUDA graphs need the model on a CUDA device with backend='fast'")
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.pool = None
 
@@ -137,12 +138,12 @@ class DecodeRunner:
         padded = bucket or n  # padded eagerly too, so that the CPU runs the path the graphs take
         if n > self.max_batch:
             raise ValueError(f"{n} sequences exceed the runner's max_batch {self.max_batch}")
+        graphed = self.use_cuda_graphs and bucket is not None
+        if graphed and (padded, greedy_only) not in self.graphs:
+            self._capture_one(padded, greedy_only)  # before fill(): capture runs on scratch rows
         self.buffers.fill(rows, padded, self.block_size)
-        key = (padded, greedy_only)
-        if self.use_cuda_graphs and bucket is not None:
-            if key not in self.graphs:
-                self._capture_one(padded, greedy_only)
-            self.graphs[key].replay()
+        if graphed:
+            self.graphs[(padded, greedy_only)].replay()
         else:
             self._run(padded, greedy_only)
         return self.buffers.next_tokens[:n].tolist()
