@@ -147,9 +147,11 @@ def _(q, k, v, cu_seqlens, max_seqlen, scale, causal, pos, rope_theta):
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, causal=False, pos=None,
-                     rope_theta=10000.0):
+                     rope_theta=10000.0, *, validate_indices=True):
     """Attention inside each packed sequence (flash-attn varlen convention); GQA when k/v have
-    fewer heads; `pos` given: RoPE-2D applied to q and k inside the kernel."""
+    fewer heads; `pos` given: RoPE-2D applied to q and k inside the kernel.
+    validate_indices=False skips the host-side check of cu_seqlens (it syncs), for callers that
+    built it on the host themselves; it is skipped anyway during graph capture."""
     _tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
     _runnable("q", q)
     for name, t in (("k", k), ("v", v)):
@@ -169,7 +171,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, causal=False, 
         raise ValueError("cu_seqlens must hold at least [0, total_tokens]")
     if not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
-    if not _capturing():
+    if validate_indices and not _capturing():
         bounds = cu_seqlens.cpu()
         lengths = bounds[1:] - bounds[:-1]
         if bounds[0] != 0 or bounds[-1] != q.shape[0]:

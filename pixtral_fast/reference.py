@@ -69,8 +69,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cau
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, causal=False, pos=None,
-                     rope_theta=10000.0):
-    """Attention within each packed sequence of q/k/v [total, heads, D], one sequence at a time."""
+                     rope_theta=10000.0, *, validate_indices=True):
+    """Attention within each packed sequence of q/k/v [total, heads, D], one sequence at a time.
+    validate_indices: accepted for signature parity with ops, and ignored."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if pos is not None:
