@@ -29,7 +29,10 @@ def hf_model(args: ModelArgs, device):
         image_token_index=v.image_token_id, projector_hidden_act="gelu", vision_feature_layer=-1,
         vision_feature_select_strategy="full", multimodal_projector_bias=True)
     with torch.device(device):  # HF's own initialisation, run on the GPU: seconds for 12B
-        model = LlavaForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+        try:
+            model = LlavaForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+        except TypeError:  # transformers < 4.56 calls it torch_dtype
+            model = LlavaForConditionalGeneration._from_config(config, torch_dtype=torch.bfloat16)
     return model.eval()
 
 

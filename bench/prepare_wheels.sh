@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 rm -rf .whl && mkdir -p .whl
 PY=${PYTHON:-python3}
-for pkg in mistral_common typing-extensions pydantic pydantic-core annotated-types typing-inspection pydantic-extra-types \
+for pkg in mistral_common pycountry typing-extensions pydantic pydantic-core annotated-types typing-inspection pydantic-extra-types \
            jsonschema jsonschema-specifications referencing rpds-py; do
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

@@ -1,4 +1,5 @@
-"""Vision-path kernels against their peers, same run: varlen attention (RoPE-2D fused), RoPE-2D
+"""Vision-path kernels against their peers, same run (our ops called as the model calls them:
+metadata checks that sync are off, since the model builds cu_seqlens on the host): varlen attention (RoPE-2D fused), RoPE-2D
 alone, the fused gated FFN, and decoder prefill attention. Real shapes on a GPU (the ViT on one
 1024x1024 image and on four mixed images; NeMo prefill at 4K tokens), tiny ones on the CPU."""
 import pytest
@@ -46,9 +47,9 @@ def test_vit_attention(benchmark, images, impl):
     q, k, v, pos, cu, max_len = packed(grids)
     lengths = [r * c for r, c in grids]
     if impl == OURS + "+rope":
-        fn = lambda: ops.varlen_attention(q, k, v, cu, max_len, pos=pos)  # noqa: E731
+        fn = lambda: ops.varlen_attention(q, k, v, cu, max_len, pos=pos, validate_indices=False)  # noqa: E731
     elif impl == OURS:
-        fn = lambda: ops.varlen_attention(q, k, v, cu, max_len)  # noqa: E731
+        fn = lambda: ops.varlen_attention(q, k, v, cu, max_len, validate_indices=False)  # noqa: E731
     elif impl == "reference+rope":
         fn = lambda: reference.varlen_attention(q, k, v, cu, max_len, pos=pos)  # noqa: E731
     elif impl == "sdpa_loop":
@@ -79,7 +80,7 @@ def test_decoder_prefill_attention(benchmark, impl):
     k, v = (torch.randn(n, hkv, 128, device=DEVICE, dtype=DTYPE, generator=g) for _ in range(2))
     cu = torch.tensor([0, n], device=DEVICE, dtype=torch.int32)
     if impl == OURS:
-        fn = lambda: ops.varlen_attention(q, k, v, cu, n, causal=True)  # noqa: E731
+        fn = lambda: ops.varlen_attention(q, k, v, cu, n, causal=True, validate_indices=False)  # noqa: E731
     elif impl == "reference":
         fn = lambda: reference.varlen_attention(q, k, v, cu, n, causal=True)  # noqa: E731
     elif impl == "sdpa_causal_gqa":

@@ -13,13 +13,12 @@ write neutral partials (max -inf, sum 0) that the merge weighs to zero.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from pixtral_fast.kernels import INTERPRETING, LOG2E, TRITON_DTYPE, arch, sm_count
+
 MAX_SPLITS = 32  # the merge loads every split of a head at once: [32, D] fp32 at most
 
 
@@ -114,10 +113,6 @@ def _decode_merge_kernel(
 # configs
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _config(capability: int | None, head_dim: int, dtype: torch.dtype) -> dict:
     """BLOCK_N, num_warps, num_stages. Decode is bandwidth-bound: 64-key tiles give long
     contiguous row loads; fp32 rows are twice as wide, so 32 keys. 8 warps keep the gathered
@@ -146,15 +141,14 @@ def gqa_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, num_
     batch, q_heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     group = q_heads // kv_heads
-    capability = None if _interpreting() else torch.cuda.get_device_capability(q.device)[0] * 10
+    capability = None if INTERPRETING else arch(q.device)
     cfg = _config(capability, head_dim, q.dtype)
     max_context = block_table.shape[1] * block_size
     if num_splits is None:
-        if _interpreting():  # a few splits, so that CPU tests exercise the merge
+        if INTERPRETING:  # a few splits, so that CPU tests exercise the merge
             num_splits = min(4, max(1, triton.cdiv(max_context, cfg["BLOCK_N"])))
         else:
-            sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count
-            num_splits = choose_num_splits(batch, kv_heads, max_context, cfg["BLOCK_N"], sm_count)
+            num_splits = choose_num_splits(batch, kv_heads, max_context, cfg["BLOCK_N"], sm_count(q.device))
     num_splits = int(num_splits)
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
@@ -187,7 +181,6 @@ def gqa_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, num_
 # ahead-of-time compile specs
 
 
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def compile_specs(capability: int) -> list[dict]:
@@ -195,7 +188,7 @@ def compile_specs(capability: int) -> list[dict]:
     form (split-K partials, NeMo's group of 4, block size 16 so tiles span several pages) and
     the merge at the largest split count."""
     specs = []
-    for dtype, name in _TRITON_DTYPE.items():
+    for dtype, name in TRITON_DTYPE.items():
         for head_dim in (64, 128):
             cfg = _config(capability, head_dim, dtype)
             ptr = f"*{name}"

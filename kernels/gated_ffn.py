@@ -13,11 +13,11 @@ tanh(z) = 2*sigmoid(2z) - 1 since libdevice's tanh is unavailable in the interpr
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from pixtral_fast.kernels import INTERPRETING, TRITON_DTYPE, arch
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
@@ -93,10 +93,6 @@ def _gated_kernel(
 # configs
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _cfg(bm, bn, bk, warps, stages, group=8) -> dict:
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group,
             "num_warps": warps, "num_stages": stages}
@@ -155,7 +151,7 @@ def gated_activation(x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor
     if M == 0 or N == 0:
         return hidden
     args = (x2d, w_gate, w_up, hidden, M, N, K, x2d.stride(0), w_gate.stride(0), _m_bucket(M))
-    if config is None and _interpreting():
+    if config is None and INTERPRETING:
         config = _INTERPRETER_CONFIG
     if config is not None:
         c = config
@@ -164,8 +160,7 @@ def gated_activation(x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor
                             BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"], num_warps=c["num_warps"],
                             num_stages=c["num_stages"])
         return hidden
-    major, _ = torch.cuda.get_device_capability(x2d.device)
-    kernel = _autotuned(90 if major >= 9 else 80, x2d.dtype)
+    kernel = _autotuned(arch(x2d.device), x2d.dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     kernel[grid](*args, ACTIVATION=activation)
     return hidden
@@ -189,7 +184,6 @@ def gated_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
 # ---------------------------------------------------------------------------------------------
 # ahead-of-time compile specs
 
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _ALIGNED_ARGS = ("x_ptr", "wg_ptr", "wu_ptr", "h_ptr", "N", "K", "stride_xm", "stride_wn")
 # The heaviest epilogue: erf's polynomial takes ~10 more registers than silu / gelu_tanh (checked).
 _SPEC_ACTIVATION = "gelu"
@@ -198,7 +192,7 @@ _SPEC_ACTIVATION = "gelu"
 def compile_specs(capability: int) -> list[dict]:
     """Every autotune candidate shipped for this arch, per dtype, with the gelu epilogue."""
     specs = []
-    for dtype, name in _TRITON_DTYPE.items():
+    for dtype, name in TRITON_DTYPE.items():
         ptr = f"*{name}"
         for c in configs(capability, dtype):
             specs.append({

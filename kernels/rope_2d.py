@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from pixtral_fast import reference
+from pixtral_fast.kernels import TRITON_DTYPE
 
 # pi/2 = HI + LO with HI holding 31 significant bits: q * HI is exact in fp64 for q < 2^22
 # (angles up to ~6.5e6 rad, i.e. positions far past the decoder's 131072).
@@ -101,7 +102,7 @@ def _rope_kernel(
     offs_p = tl.arange(0, HALF)
     t_ok = offs_t < n_tokens
 
-    freq = tl.load(freq_ptr + offs_p)  # already in pair order (see _pair_frequencies)
+    freq = tl.load(freq_ptr + offs_p)  # already in pair order (see pair_frequencies)
     if AXES == 2:
         row = tl.load(pos_ptr + offs_t * stride_pt, mask=t_ok, other=0)
         col = tl.load(pos_ptr + offs_t * stride_pt + stride_pc, mask=t_ok, other=0)
@@ -126,7 +127,7 @@ def _rope_kernel(
 _FREQ_CACHE: dict[tuple, torch.Tensor] = {}
 
 
-def _pair_frequencies(head_dim: int, theta: float, axes: int, device: torch.device) -> torch.Tensor:
+def pair_frequencies(head_dim: int, theta: float, axes: int, device: torch.device) -> torch.Tensor:
     """The frequency of each pair i, in pair order: f for 1-D; for 2-D the rows' f[0::2] then
     the columns' f[1::2] (DESIGN §1), so the kernel needs no index arithmetic."""
     key = (head_dim, float(theta), axes, device)
@@ -157,7 +158,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float
     if n_tokens == 0:
         return q_out, k_out
     cfg = _config(head_dim)
-    freq = _pair_frequencies(head_dim, theta, axes, q.device)
+    freq = pair_frequencies(head_dim, theta, axes, q.device)
     n_q_blocks = triton.cdiv(q_heads, cfg["BLOCK_H"])
     grid = (triton.cdiv(n_tokens, cfg["BLOCK_T"]), n_q_blocks + triton.cdiv(k_heads, cfg["BLOCK_H"]))
     stride_pc = pos.stride(1) if axes == 2 else 0
@@ -174,7 +175,6 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float
 # ---------------------------------------------------------------------------------------------
 # ahead-of-time compile specs
 
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # What the JIT specializes for the models' tensors (aligned, head and token strides multiples of
 # 16 elements): the variant that runs. Odd strides give an unhinted variant (scalar loads).
 _ALIGNED_ARGS = ("q_ptr", "k_ptr", "qo_ptr", "ko_ptr", "pos_ptr", "freq_ptr",
@@ -185,7 +185,7 @@ def compile_specs(capability: int) -> list[dict]:
     """Every shipped config: per dtype, 2-D RoPE at D=64 (the ViT) and D=128, 1-D RoPE at D=128
     (the decoder) and D=64. The config does not depend on the arch."""
     specs = []
-    for dtype, name in _TRITON_DTYPE.items():
+    for dtype, name in TRITON_DTYPE.items():
         ptr = f"*{name}"
         for axes, head_dim in ((2, 64), (2, 128), (1, 64), (1, 128)):
             cfg = _config(head_dim)

@@ -19,16 +19,12 @@ operand makes Triton redo the rotation in every warp, which spills on sm_80.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from pixtral_fast import reference
-from pixtral_fast.kernels.rope_2d import sincos_small
-
-LOG2E = 1.4426950408889634
+from pixtral_fast.kernels import INTERPRETING, LOG2E, TRITON_DTYPE, arch
+from pixtral_fast.kernels.rope_2d import pair_frequencies, sincos_small
 
 
 @triton.jit
@@ -209,13 +205,12 @@ def _prune(configs, named_args, **kwargs):
     """The candidates for this GPU, dtype, head_dim and RoPE flag (the autotuner's key holds
     HEAD_DIM, CAUSAL, ROPE and every tensor's dtype)."""
     q = named_args["q_ptr"]
-    major, minor = torch.cuda.get_device_capability(q.device)
-    wanted = set(_candidates(major * 10 + minor, q.dtype, kwargs["HEAD_DIM"], kwargs["ROPE"]))
+    wanted = set(_candidates(arch(q.device), q.dtype, kwargs["HEAD_DIM"], kwargs["ROPE"]))
     return [c for c in configs
             if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
 
-if os.environ.get("TRITON_INTERPRET") == "1":  # its autotuner cannot time several configs
+if INTERPRETING:  # its autotuner cannot time several configs
     _kernel = triton.autotune([_as_config(_INTERPRETER_CONFIG)], key=[])(_varlen_fwd_kernel)
 else:
     _ALL = sorted({c for cands in _CANDIDATES.values() for c in cands})
@@ -225,19 +220,6 @@ else:
 
 # ---------------------------------------------------------------------------------------------
 # launcher
-
-_FREQ_CACHE: dict[tuple, torch.Tensor] = {}
-
-
-def _pair_frequencies(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
-    """inv_freq in pair order: pair i < D/4 turns with f[2i] (rows), pair i >= D/4 with
-    f[2(i - D/4) + 1] (columns), so the kernel indexes it by pair directly."""
-    key = (head_dim, float(theta), device)
-    if key not in _FREQ_CACHE:
-        f = reference.rope_frequencies(head_dim, theta, device)
-        _FREQ_CACHE[key] = torch.cat([f[0::2], f[1::2]]).contiguous()
-    return _FREQ_CACHE[key]
-
 
 def _pairs_aligned(*views: torch.Tensor) -> bool:
     """Whether every pair (x[2i], x[2i+1]) of these views can be read as one aligned word."""
@@ -256,7 +238,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, pos, rope_t
     if n_tokens == 0 or max_seqlen == 0 or n_seqs == 0:
         return out
     rope = pos is not None
-    freq = _pair_frequencies(head_dim, rope_theta, q.device) if rope else cu_seqlens  # unused if not
+    freq = pair_frequencies(head_dim, rope_theta, 2, q.device) if rope else cu_seqlens  # unused if not
     pos_arg, stride_pt, stride_pc = (pos, pos.stride(0), pos.stride(1)) if rope else (cu_seqlens, 0, 0)
     args = (q, k, v, out, cu_seqlens, pos_arg, freq,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_pt, stride_pc,
@@ -279,7 +261,6 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, pos, rope_t
 # ---------------------------------------------------------------------------------------------
 # ahead-of-time compile specs
 
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def compile_specs(capability: int) -> list[dict]:
@@ -292,7 +273,7 @@ def compile_specs(capability: int) -> list[dict]:
     names = _varlen_fwd_kernel.arg_names
     attrs = {a: [["tt.divisibility", 16]] for a in names[:13]}  # pointers, q/k/v strides
     specs = []
-    for dtype, name in _TRITON_DTYPE.items():
+    for dtype, name in TRITON_DTYPE.items():
         signature = {a: ("*i32" if a in ("cu_ptr", "pos_ptr") else "*fp32" if a == "freq_ptr" else f"*{name}")
                      for a in names[:7]}
         signature.update({a: "i32" for a in names[7:15]})

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from pixtral_fast import kernels
 from pixtral_fast._cuda_home import cuda_home
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -108,11 +109,6 @@ def choose_num_splits(batch: int, kv_heads: int, group: int, max_context: int, s
     return max(1, min(want, by_length, MAX_SPLITS))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def gqa_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, num_splits=None):
     """The CUDA op on fp16/bf16 CUDA tensors validated by pixtral_fast.ops: q [B, Hq, D]; caches
     [num_blocks, block_size, Hkv, D]; block_table int32 [B, max_blocks]; seq_lens int32 [B] (on the
@@ -124,7 +120,7 @@ def gqa_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, num_
     if num_splits is None:
         max_context = block_table.shape[1] * block_size
         num_splits = choose_num_splits(batch, kv_heads, q_heads // kv_heads, max_context,
-                                       _sm_count(q.device.index))
+                                       kernels.sm_count(q.device))
     num_splits = int(num_splits)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     ws_size = batch * q_heads * num_splits * (head_dim + 1) if num_splits > 1 else 0

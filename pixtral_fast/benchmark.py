@@ -3,13 +3,15 @@ device (no checkpoint exists there): time to first token for one image, decode t
 size, each next to its roofline (DESIGN §4: weights + KV bytes per step over HBM bandwidth)."""
 from __future__ import annotations
 
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
-from pixtral_fast import ops
 from pixtral_fast.config import IMG_BREAK_ID, IMG_END_ID, IMG_ID, ModelArgs
+from pixtral_fast.model.load import default_device
 from pixtral_fast.model.pixtral import Pixtral, build_model
 from pixtral_fast.runtime.engine import Engine
 from pixtral_fast.tokenizer import Encoded
@@ -28,7 +30,7 @@ def random_model(args: ModelArgs, device, dtype, seed: int = 0) -> Pixtral:
             p.fill_(1.0)
         else:
             p.normal_(0.0, 0.02)
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def image_prompt(size: int, patch: int) -> Encoded:
@@ -101,23 +103,32 @@ def engine_params(max_new_tokens: int):
 
 
 def run(params, batches=(1, 8, 32), image_size=1024, decode_steps=32, context=None, device=None,
-        dtype=torch.bfloat16, backend="auto", nvtx=False, reps: int = 3) -> dict:
+        dtype=torch.bfloat16, backend="auto", nvtx=False, reps: int = 3, out: str | Path | None = None) -> dict:
+    """The report; with `out`, also written there after each section, so that a run cut short
+    still leaves what it measured."""
     args = ModelArgs.from_params_json(params)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device else default_device()
     model = random_model(args, device, dtype).set_backend(backend)
     prompt = image_prompt(image_size, args.vision.patch_size)
     context = context or len(prompt.tokens)
-    blocks_needed = max(batches) * (-(-(context + decode_steps + 4) // 16)) + 64
-    engine = Engine.from_model(model, max_batch_size=max(batches), num_blocks=blocks_needed, nvtx=nvtx,
-                               max_model_len=max(context, len(prompt.tokens)) + decode_steps + 8)
+    longest = max(context, len(prompt.tokens)) + decode_steps + 8
+    engine = Engine.from_model(model, max_batch_size=max(batches), nvtx=nvtx, max_model_len=longest,
+                               num_blocks=max(batches) * -(-longest // 16) + 64,
+                               max_prefill_tokens=max(batches) * context)  # every batch starts together
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": str(dtype).removeprefix("torch."), "backend": model.backend,
-        "decode_attention": ops.decode_backend(device, dtype) if model.backend == "fast" else "reference",
-        "cuda_graphs": engine.runner.use_cuda_graphs,
+        "engine": engine.describe(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "hbm_bytes_per_s_assumed": HBM_BYTES_PER_S,
-        "time_to_first_token": {**time_to_first_token(engine, prompt, reps), "image": f"{image_size}x{image_size}"},
-        "decode": [decode_throughput(engine, b, context, decode_steps) for b in batches],
     }
+
+    def emit(key, value):
+        report[key] = value
+        if out is not None:
+            Path(out).write_text(json.dumps(report, indent=2) + "\n")
+
+    emit("time_to_first_token", {**time_to_first_token(engine, prompt, reps), "image": f"{image_size}x{image_size}"})
+    emit("decode", [])
+    for b in batches:
+        emit("decode", report["decode"] + [decode_throughput(engine, b, context, decode_steps)])
     return report

@@ -35,7 +35,7 @@ def _bench(a) -> None:
 
     report = benchmark.run(a.params, batches=a.batch, image_size=a.image_size, decode_steps=a.decode_steps,
                            context=a.context, device=a.device, dtype=DTYPES[a.dtype], backend=a.backend,
-                           nvtx=a.nvtx)
+                           nvtx=a.nvtx, out=a.out)
     json.dump(report, sys.stdout, indent=2)
     print()
 
@@ -81,6 +81,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--image-size", type=int, default=1024)
     b.add_argument("--context", type=int, default=None, help="prompt tokens per sequence for decode (default: one image)")
     b.add_argument("--decode-steps", type=int, default=32)
+    b.add_argument("--out", default=None, help="also write the report here, refreshed after each section")
     b.set_defaults(func=_bench)
 
     for cmd in (g, d, b):

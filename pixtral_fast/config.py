@@ -151,7 +151,8 @@ class ModelArgs:
             n_heads=n_heads, n_kv_heads=tc.get("num_key_value_heads", n_heads),
             rope_theta=theta(tc, "text_config"), norm_eps=need(tc, "rms_norm_eps", "text_config"),
             vocab_size=need(tc, "vocab_size", "text_config"),
-            max_seq_len=tc.get("max_position_embeddings", TextArgs.max_seq_len))
+            # HF's Pixtral config claims 1,024,000 positions; NeMo was trained for 131,072.
+            max_seq_len=min(tc.get("max_position_embeddings", TextArgs.max_seq_len), TextArgs.max_seq_len))
         vision = VisionArgs(
             hidden_size=need(vc, "hidden_size", "vision_config"), num_channels=vc.get("num_channels", 3),
             image_size=need(vc, "image_size", "vision_config"), patch_size=need(vc, "patch_size", "vision_config"),

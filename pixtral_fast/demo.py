@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from pixtral_fast.config import IMG_BREAK_ID, IMG_END_ID, IMG_ID
-from pixtral_fast.model.load import load_model
+from pixtral_fast.model.load import default_device, load_model
 from pixtral_fast.runtime.engine import Engine
 from pixtral_fast.tiny import make_tiny
 from pixtral_fast.tokenizer import Tokenizer
@@ -45,7 +45,7 @@ def run(folder: Path | None = None, max_new_tokens: int = 24, device=None, backe
     if not (folder / "consolidated.safetensors").is_file():
         timed("make tiny checkpoint", lambda: make_tiny(folder, seed=0))
         print(f"made a tiny checkpoint (random weights, real format) in {folder}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device else default_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = timed("load weights", lambda: load_model(folder, device=device, dtype=dtype, backend=backend,
                                                          progress=False))

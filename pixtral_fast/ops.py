@@ -9,11 +9,10 @@ signatures (the model's backend="auto" makes that choice and says so).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
-from pixtral_fast import _cuda_decode, reference
+from pixtral_fast import _cuda_decode, kernels, reference
 from pixtral_fast.kernels import decode_attention as _decode
 from pixtral_fast.kernels import gated_ffn as _ffn
 from pixtral_fast.kernels import rope_2d as _rope
@@ -26,7 +25,8 @@ ACTIVATIONS = reference.ACTIVATIONS
 
 
 def interpreter_active() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """Triton's CPU interpreter is on (TRITON_INTERPRET=1 when the kernels were imported)."""
+    return kernels.INTERPRETING
 
 
 def kernels_can_run(device: torch.device | str) -> bool:

@@ -18,12 +18,14 @@ def model(tmp_path_factory):
                          progress=False)
 
 
-def prefilled_engine(model, n_seqs, use_cuda_graphs):
+def prefilled_engine(model, n_seqs, use_cuda_graphs, temperature=0.0):
     """An engine whose n_seqs sequences are prefilled, with a different prompt length each."""
     eng = pf.Engine.from_model(model, num_blocks=256, progress=False, use_cuda_graphs=use_cuda_graphs,
                                capture_on_start=False)
+    params = [pf.SamplingParams(max_new_tokens=64, temperature=temperature, top_p=0.9, top_k=40, seed=i,
+                                stop_token_ids=(2,)) for i in range(n_seqs)]
     seqs = [eng.add_request(Encoded(tokens=[1, 3] + [1000 + 7 * i + j for j in range(5 + 9 * i)] + [4], images=[]),
-                            pf.SamplingParams(max_new_tokens=64)) for i in range(n_seqs)]
+                            params[i]) for i in range(n_seqs)]
     for s in seqs:
         eng.blocks.allocate(s.id, len(s.tokens))
         eng.scheduler.waiting.remove(s)
@@ -69,10 +71,11 @@ def test_cpu_refuses_cuda_graphs(model):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n", [1, 2, 3, 4, 8, 13, 16, 32])
-def test_graph_replay_equals_eager_for_every_bucket(model, n):
-    eager_eng, eager_seqs = prefilled_engine(model, n, use_cuda_graphs=False)
-    graph_eng, graph_seqs = prefilled_engine(model, n, use_cuda_graphs=True)
+@pytest.mark.parametrize("temperature", [0.0, 0.8])  # greedy graphs, and those with the sort + noise
+@pytest.mark.parametrize("n", [1, 3, 13, 32])
+def test_graph_replay_equals_eager_for_every_bucket(model, n, temperature):
+    eager_eng, eager_seqs = prefilled_engine(model, n, use_cuda_graphs=False, temperature=temperature)
+    graph_eng, graph_seqs = prefilled_engine(model, n, use_cuda_graphs=True, temperature=temperature)
     graph_eng.runner.capture(progress=False)
     assert decode(graph_eng, graph_seqs, 8) == decode(eager_eng, eager_seqs, 8)
     for (kg, vg), (ke, ve) in zip(graph_eng.cache.layers, eager_eng.cache.layers):

@@ -97,15 +97,25 @@ def test_request_that_never_fits_fails_alone(model):
         eng.generate(big, max_new_tokens=2)
 
 
-def test_growth_beyond_the_whole_cache_fails_that_request(model):
+def test_growth_to_the_whole_cache_ends_with_length(model):
     eng = engine(model, num_blocks=3)  # 32 tokens of room
     seq = eng.add_request(Encoded(tokens=[1, 3, 1001, 4], images=[]),
                           pf.SamplingParams(max_new_tokens=100, stop_token_ids=(-1,)))
     while eng.has_unfinished():
         eng.step()
-    assert seq.finish_reason == "error" and "capacity (32)" in seq.error
-    # 32 tokens cached, and the 33rd (sampled from them) has nowhere to go
+    # 32 tokens cached, and the 33rd (sampled from them) has nowhere to go: kept, then it ends
+    assert seq.finish_reason == "length" and seq.error is None
     assert len(seq.tokens) == 33 and eng.blocks.usage()["used_blocks"] == 0
+
+
+def test_prompts_longer_than_the_prefill_budget_still_run(model):
+    """The budget caps what joins a prefill, never the first sequence: a long prompt, or one
+    that grew before being preempted, must not wait forever."""
+    alone = [engine(model).generate(Encoded(tokens=[1] + [1000 + i] * 17, images=[]), max_new_tokens=20).tokens
+             for i in range(2)]
+    eng = engine(model, num_blocks=5, max_prefill_tokens=20)  # preemption makes a 31-token prefill
+    got = eng.generate([Encoded(tokens=[1] + [1000 + i] * 17, images=[]) for i in range(2)], max_new_tokens=20)
+    assert [c.tokens for c in got] == alone
 
 
 def test_prompt_longer_than_max_context(model):
@@ -116,7 +126,7 @@ def test_prompt_longer_than_max_context(model):
     assert done.finish_reason == "length" and done.prompt_tokens + len(done.tokens) == 16
 
 
-def test_bad_requests_fail_with_a_message(model):
+def test_bad_requests_fail_with_a_message(model, tmp_path):
     eng = engine(model)
     with pytest.raises(pf.RequestError, match=r"holds 2 \[IMG\] tokens but its images give 0"):
         eng.generate(Encoded(tokens=[1, 10, 10, 4], images=[]))
@@ -124,6 +134,24 @@ def test_bad_requests_fail_with_a_message(model):
         eng.generate(Encoded(tokens=[1, 200000], images=[]))
     with pytest.raises(ValueError, match="top_p"):
         eng.generate(chat("hi"), top_p=0.0)
+    # in a batch, a bad request fails alone and the others are served
+    out = eng.generate([chat("fine"), chat("broken", tmp_path / "missing.png"), chat("fine")], max_new_tokens=3)
+    assert [c.finish_reason for c in out] == ["length", "error", "length"]
+    assert out[1].error.startswith("request 1: ") and "no such image file" in out[1].error
+    assert out[0].tokens == out[2].tokens
+    assert not eng.has_unfinished() and eng.blocks.usage()["used_blocks"] == 0
+
+
+def test_one_conversation_or_a_batch():
+    from mistral_common.protocol.instruct.messages import UserMessage
+
+    from pixtral_fast.runtime.engine import is_batch
+
+    assert not is_batch(chat("one conversation"))
+    assert not is_batch([UserMessage(content="hi"), UserMessage(content="again")])
+    assert is_batch([chat("a"), chat("b")]) and is_batch([Encoded(tokens=[1], images=[])])
+    with pytest.raises(ValueError, match="mixes requests"):
+        is_batch([chat("a"), {"role": "user", "content": "b"}])
 
 
 def test_seeded_sampling_is_reproducible(model):
@@ -140,3 +168,12 @@ def test_stream_concatenates_to_text(model):
     pieces = list(eng.stream(chat("Say something."), max_new_tokens=30))
     whole = engine(model).generate(chat("Say something."), max_new_tokens=30)
     assert "".join(pieces) == whole.text and len(pieces) > 1
+
+
+def test_closing_a_stream_ends_its_request(model):
+    eng = engine(model)
+    stream = eng.stream(chat("Say something long."), max_new_tokens=200)
+    next(stream)
+    assert eng.blocks.usage()["used_blocks"] > 0
+    stream.close()
+    assert not eng.has_unfinished() and eng.blocks.usage()["used_blocks"] == 0

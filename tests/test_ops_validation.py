@@ -133,7 +133,7 @@ def test_unused_block_table_entries_are_not_checked():
 # -- device -----------------------------------------------------------------------------------------
 
 def test_cpu_tensors_without_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr("pixtral_fast.kernels.INTERPRETING", False)
     cpu = dict(device="cpu")
     q = torch.randn(3, 2, 64, **cpu)
     with raises("q is on cpu: pixtral_fast kernels need a CUDA device, or TRITON_INTERPRET=1"):

@@ -207,16 +207,17 @@ def test_decoder_prefill(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("rope", [True, False])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # fp16 ships bf16's configs
 def test_every_shipped_config(dtype, head_dim, rope):
-    """Each autotune candidate of this GPU, forced, causal and not, on fused-QKV views."""
+    """Each autotune candidate of this GPU, forced, on fused-QKV views, in the mode the model
+    runs it: RoPE without causal masking (the ViT), causal without RoPE (decoder prefill)."""
     major, minor = torch.cuda.get_device_capability()
     cu, max_seqlen, pos = pack_grids([(20, 23), (1, 1), (0, 0), (3, 5), (9, 9)], "cuda")
     q, k, v = make_qkv(pos.shape[0], 8, 2, head_dim, dtype, "cuda", seed=9, fused=True)
     pos = pos if rope else None
     scale = head_dim ** -0.5
-    for causal in (False, True):
-        expected = oracle(q, k, v, cu, max_seqlen, causal, pos, scale)
-        for config in kernel._candidates(major * 10 + minor, dtype, head_dim, rope):
-            out = kernel.varlen_attention(q, k, v, cu, max_seqlen, scale, causal, pos, 10000.0, config=config)
-            assert_close(out, expected, dtype, msg=lambda m, c=config, z=causal: f"config {c} causal={z}\n{m}")
+    causal = not rope
+    expected = oracle(q, k, v, cu, max_seqlen, causal, pos, scale)
+    for config in kernel._candidates(major * 10 + minor, dtype, head_dim, rope):
+        out = kernel.varlen_attention(q, k, v, cu, max_seqlen, scale, causal, pos, 10000.0, config=config)
+        assert_close(out, expected, dtype, msg=lambda m, c=config: f"config {c} causal={causal}\n{m}")

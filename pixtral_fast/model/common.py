@@ -10,9 +10,10 @@ from torch import nn
 BACKENDS = ("auto", "fast", "reference")
 
 
-def resolve_backend(name: str, device: torch.device | str) -> types.ModuleType:
-    """The module whose functions implement the ops: `ops` (our kernels) or `reference`.
-    'auto' picks the kernels wherever they can run (CUDA, or the CPU under TRITON_INTERPRET=1)."""
+def resolve_backend(name: str, device: torch.device | str) -> tuple[str, types.ModuleType]:
+    """('fast', pixtral_fast.ops) or ('reference', pixtral_fast.reference): the module whose
+    functions implement the ops. 'auto' picks our kernels wherever they can run (CUDA, or the
+    CPU under TRITON_INTERPRET=1)."""
     from pixtral_fast import ops, reference
 
     if name not in BACKENDS:
@@ -22,8 +23,8 @@ def resolve_backend(name: str, device: torch.device | str) -> types.ModuleType:
         raise ValueError(f"backend='fast' needs a CUDA device (or TRITON_INTERPRET=1 on the CPU); "
                          f"the model is on {device}. Use backend='reference' or 'auto'.")
     if name == "reference" or (name == "auto" and not can_run):
-        return reference
-    return ops
+        return "reference", reference
+    return "fast", ops
 
 
 class RMSNorm(nn.Module):

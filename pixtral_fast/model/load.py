@@ -34,6 +34,6 @@ def load_model(path: str | Path, device=None, dtype: torch.dtype = torch.bfloat1
     state = load_state_dict(path, args, device, dtype, progress=progress)
     model = build_model(args, device="meta", dtype=dtype)
     model.load_state_dict(state, assign=True, strict=True)
-    model.set_backend(backend).eval()
+    model.set_backend(backend).eval().requires_grad_(False)  # inference only: no autograd graphs
     log.info("loaded %s on %s (%s), backend=%s", path, device, dtype, model.backend)
     return model

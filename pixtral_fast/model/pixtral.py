@@ -29,13 +29,11 @@ class Pixtral(nn.Module):
         if args.vision is not None:
             self.vision_encoder = VisionEncoder(args.vision, **kw)
             self.vision_language_adapter = VisionLanguageAdapter(args.vision.hidden_size, t.dim, **kw)
-        self.backend = "reference"
-        self.kernels = resolve_backend("reference", "cpu")
+        self.backend, self.kernels = resolve_backend("reference", "cpu")
 
     def set_backend(self, backend: str) -> "Pixtral":
         """'fast' (our kernels), 'reference' (plain PyTorch) or 'auto' (fast where it can run)."""
-        self.kernels = resolve_backend(backend, self.output.weight.device)
-        self.backend = "reference" if self.kernels.__name__.endswith("reference") else "fast"
+        self.backend, self.kernels = resolve_backend(backend, self.output.weight.device)
         return self
 
     @property
@@ -48,6 +46,7 @@ class Pixtral(nn.Module):
 
     # -- images -----------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def encode_images(self, images: Sequence[ImageLike]) -> torch.Tensor:
         """Adapter outputs for all patches of all images, packed in order: [n_patches, dim]."""
         if self.args.vision is None:
@@ -57,13 +56,15 @@ class Pixtral(nn.Module):
             return torch.empty(0, self.args.text.dim, device=self.device, dtype=self.dtype)
         return self.vision_language_adapter(self.vision_encoder(images, self.kernels))
 
-    def embed(self, tokens: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with adapter outputs written, in order, at the [IMG] positions."""
+    def embed(self, tokens: torch.Tensor, image_features: torch.Tensor | None, check: bool = True) -> torch.Tensor:
+        """Token embeddings with adapter outputs written, in order, at the [IMG] positions.
+        check=False skips counting the [IMG] tokens (a device sync) for callers that did."""
         h = self.tok_embeddings(tokens)
-        n_img = 0 if self.args.vision is None else int((tokens == self.args.vision.image_token_id).sum())
         n_feat = 0 if image_features is None else image_features.shape[0]
-        if n_img != n_feat:
-            raise ValueError(f"tokens hold {n_img} [IMG] tokens but the images give {n_feat} patches")
+        if check:
+            n_img = 0 if self.args.vision is None else int((tokens == self.args.vision.image_token_id).sum())
+            if n_img != n_feat:
+                raise ValueError(f"tokens hold {n_img} [IMG] tokens but the images give {n_feat} patches")
         if n_feat:
             h[tokens == self.args.vision.image_token_id] = image_features.to(h.dtype)
         return h

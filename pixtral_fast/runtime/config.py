@@ -30,8 +30,3 @@ class EngineConfig:
             raise ValueError("max_batch_size and max_prefill_tokens must be >= 1")
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
-        if self.num_blocks is None and self.memory_bytes is None:
-            import torch
-
-            if not torch.cuda.is_available():
-                self.memory_bytes = CPU_CACHE_BYTES

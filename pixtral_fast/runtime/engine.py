@@ -6,6 +6,7 @@ decode step for every running sequence through the (graph-captured) DecodeRunner
 from __future__ import annotations
 
 import itertools
+import logging
 import secrets
 import time
 from collections.abc import Iterator
@@ -14,9 +15,12 @@ from typing import Any
 
 import torch
 
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+from pixtral_fast import _cuda_decode, ops
 from pixtral_fast.model.pixtral import Pixtral
 from pixtral_fast.model.text import AttentionMetadata
-from pixtral_fast.runtime.config import EngineConfig
+from pixtral_fast.runtime.config import CPU_CACHE_BYTES, EngineConfig
 from pixtral_fast.runtime.detokenize import IncrementalDetokenizer
 from pixtral_fast.runtime.graphs import DecodeRow, DecodeRunner
 from pixtral_fast.runtime.kv_cache import BlockManager, PagedKVCache, plan_cache
@@ -24,6 +28,9 @@ from pixtral_fast.runtime.profiling import nvtx_range
 from pixtral_fast.runtime.sampling import SamplingParams, sample
 from pixtral_fast.runtime.scheduler import Scheduler, Sequence
 from pixtral_fast.tokenizer import Encoded, Tokenizer
+
+
+log = logging.getLogger("pixtral_fast")
 
 
 class RequestError(ValueError):
@@ -35,7 +42,7 @@ class Completion:
     text: str
     tokens: list[int]           # the new token ids (a final stop token included)
     prompt_tokens: int
-    finish_reason: str          # "stop" | "length" | "error"
+    finish_reason: str          # "stop" | "length" | "error" | "abort" (a stream closed early)
     error: str | None = None
 
 
@@ -57,8 +64,11 @@ class Engine:
         self.model = model
         self._tokenizer = tokenizer
         self.config = config = config or EngineConfig()
+        memory_bytes = config.memory_bytes
+        if model.device.type == "cpu" and config.num_blocks is None and memory_bytes is None:
+            memory_bytes = CPU_CACHE_BYTES  # no free-memory query on the CPU
         shape = plan_cache(model.args.text, model.dtype, model.device, config.block_size, config.num_blocks,
-                           config.memory_bytes, config.gpu_memory_fraction)
+                           memory_bytes, config.gpu_memory_fraction)
         self.cache = PagedKVCache(shape, model.device)
         self.blocks = BlockManager(shape.num_blocks, shape.block_size)
         self.max_model_len = min(config.max_model_len or model.args.text.max_seq_len, model.args.text.max_seq_len)
@@ -66,11 +76,21 @@ class Engine:
         max_blocks = -(-self.max_model_len // shape.block_size)
         self.runner = DecodeRunner(model, self.cache, config.max_batch_size, max_blocks, config.graph_buckets,
                                    config.use_cuda_graphs)
+        log.info("engine: %s", self.describe())
         if config.capture_on_start:
             self.runner.capture(greedy_only=True, progress=config.progress)
         self.stats = EngineStats()
         self._ids = itertools.count()
-        self._detok: dict[int, IncrementalDetokenizer] = {}
+
+    def describe(self) -> str:
+        """Which implementation runs what: said once, never silently chosen."""
+        model, shape = self.model, self.cache.shape
+        decode = ops.decode_backend(model.device, model.dtype) if model.backend == "fast" else "reference"
+        if decode == "triton" and model.device.type == "cuda":
+            decode += f" (CUDA extension unavailable: {_cuda_decode.status()})"
+        return (f"{model.device} {str(model.dtype).removeprefix('torch.')}, kernels={model.backend}, "
+                f"decode attention={decode}, cuda graphs={self.runner.use_cuda_graphs}, "
+                f"KV cache {shape.num_blocks} blocks x {shape.block_size} tokens, max_model_len={self.max_model_len}")
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -95,15 +115,16 @@ class Engine:
     # -- requests ---------------------------------------------------------------------------------
 
     def add_request(self, request: Any, params: SamplingParams) -> Sequence:
-        """request: Encoded (token ids + images), a ChatCompletionRequest, or a message list."""
-        encoded = request if isinstance(request, Encoded) else self.tokenizer.encode(request)
+        """request: Encoded (token ids + images), a ChatCompletionRequest, or a message list. A
+        request that cannot be served comes back already finished, with finish_reason 'error'."""
         if not params.stop_token_ids:
             params = replace(params, stop_token_ids=(self.tokenizer.eos_id,))
-        seq = Sequence(id=next(self._ids), prompt=list(encoded.tokens),
-                       images=[torch.as_tensor(img) for img in encoded.images], params=params,
+        seq = Sequence(id=next(self._ids), prompt=[], images=[], params=params,
                        seed=params.seed if params.seed is not None else secrets.randbits(62))
-        self._detok[seq.id] = IncrementalDetokenizer(self.tokenizer.decode)
         try:
+            encoded = request if isinstance(request, Encoded) else self.tokenizer.encode(request)
+            seq.prompt = list(encoded.tokens)
+            seq.images = [torch.as_tensor(img) for img in encoded.images]
             self._check_request(seq)
         except ValueError as e:
             self.scheduler.fail(seq, str(e))
@@ -126,38 +147,45 @@ class Engine:
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None):
         """One request -> Completion (RequestError if it cannot be served); a batch -> list of
         Completions in order (failed ones carry finish_reason 'error' and the message)."""
-        batch = _is_batch(request_or_batch)
-        requests = request_or_batch if batch else [request_or_batch]
-        seqs = [self.add_request(r, SamplingParams(max_new_tokens, temperature, top_p, top_k, seed))
-                for r in requests]
+        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed)
+        batch = is_batch(request_or_batch)
+        seqs = [self.add_request(r, params) for r in (request_or_batch if batch else [request_or_batch])]
         while not all(s.finished for s in seqs):
             self.step()
         out = [self._completion(s) for s in seqs]
         if not batch and out[0].finish_reason == "error":
             raise RequestError(out[0].error)
+        for i, c in enumerate(out):
+            if c.error:
+                c.error = f"request {i}: {c.error}"
         return out if batch else out[0]
 
     def stream(self, request: Any, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int | None = None) -> Iterator[str]:
-        """Text increments of one request as its tokens are decoded."""
+        """Text increments of one request as its tokens are decoded. Closing the iterator early
+        ends the request and frees its cache blocks."""
         seq = self.add_request(request, SamplingParams(max_new_tokens, temperature, top_p, top_k, seed))
-        detok, sent = self._detok[seq.id], 0
-        while True:
-            if seq.finished and seq.finish_reason == "error":
-                raise RequestError(seq.error)
-            for token in seq.generated[sent:]:
-                if token not in seq.params.stop_token_ids:
-                    piece = detok.push(token)
+        detok, sent = IncrementalDetokenizer(self.tokenizer.decode), 0
+        try:
+            while True:
+                if seq.finish_reason == "error":
+                    raise RequestError(seq.error)
+                for token in seq.generated[sent:]:
+                    piece = "" if token in seq.params.stop_token_ids else detok.push(token)
                     if piece:
                         yield piece
-            sent = len(seq.generated)
-            if seq.finished:
-                self._detok.pop(seq.id, None)
-                return
-            self.step()
+                sent = len(seq.generated)
+                if seq.finished:
+                    rest = detok.flush()
+                    if rest:
+                        yield rest
+                    return
+                self.step()
+        finally:
+            if not seq.finished:
+                self.scheduler.finish(seq, "abort")
 
     def _completion(self, seq: Sequence) -> Completion:
-        self._detok.pop(seq.id, None)
         text_ids = [t for t in seq.generated if t not in seq.params.stop_token_ids]
         return Completion(text=self.tokenizer.decode(text_ids) if text_ids else "", tokens=list(seq.generated),
                           prompt_tokens=len(seq.prompt), finish_reason=seq.finish_reason, error=seq.error)
@@ -198,7 +226,7 @@ class Engine:
                 torch.cuda.synchronize()  # only so that the ViT's share of prefill is measured
         self.stats.vit_seconds += time.perf_counter() - t0
         tokens = torch.tensor([t for s in seqs for t in s.tokens], dtype=torch.int64, device=device)
-        h = model.embed(tokens, features)
+        h = model.embed(tokens, features, check=False)  # _check_request matched [IMG] to patches
         lengths = [len(s.tokens) for s in seqs]
         slots = torch.tensor([x for s in seqs for x in self.blocks.slots(s.id)], dtype=torch.int64, device=device)
         meta = AttentionMetadata.for_sequences(lengths, device, slot_mapping=slots)
@@ -234,7 +262,13 @@ class Engine:
                 self.scheduler.finish(seq, "length")
 
 
-def _is_batch(request: Any) -> bool:
-    """A list of dicts is one conversation; a list of requests (message lists, ChatCompletionRequest
-    objects, Encoded) is a batch."""
-    return isinstance(request, list) and bool(request) and not all(isinstance(m, dict) for m in request)
+def is_batch(request: Any) -> bool:
+    """A list of messages (dicts or mistral_common message objects) is one conversation; a list
+    of requests (message lists, ChatCompletionRequest objects, Encoded) is a batch."""
+    if not isinstance(request, list) or not request:
+        return False
+    kinds = {isinstance(r, (list, ChatCompletionRequest, Encoded)) for r in request}
+    if kinds == {True, False}:
+        raise ValueError("a list mixes requests (message lists, ChatCompletionRequest, Encoded) with single "
+                         "messages: pass one conversation, or a list of requests")
+    return kinds == {True}

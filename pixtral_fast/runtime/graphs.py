@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -33,46 +32,54 @@ class DecodeRow:
 
 
 class StaticBuffers:
-    def __init__(self, max_batch: int, max_blocks: int, device):
-        def z(*shape, dtype):
-            return torch.zeros(shape, dtype=dtype, device=device)
+    """The device buffers the captured graphs read, with pinned host staging: one copy per dtype
+    per step rather than one per field. The staging is rewritten only after the previous step's
+    host read of next_tokens, so no copy from it can still be in flight."""
+    FIELDS = {torch.int64: ("tokens", "slots", "top_k", "seed", "step"),
+              torch.int32: ("positions", "seq_lens"),
+              torch.float32: ("temperature", "top_p")}
 
-        self.tokens = z(max_batch, dtype=torch.int64)
-        self.positions = z(max_batch, dtype=torch.int32)
-        self.slots = z(max_batch, dtype=torch.int64)
-        self.block_table = z(max_batch, max_blocks, dtype=torch.int32)
-        self.seq_lens = z(max_batch, dtype=torch.int32)
-        self.temperature = z(max_batch, dtype=torch.float32)
-        self.top_k = z(max_batch, dtype=torch.int64)
-        self.top_p = z(max_batch, dtype=torch.float32)
-        self.seed = z(max_batch, dtype=torch.int64)
-        self.step = z(max_batch, dtype=torch.int64)
-        self.next_tokens = z(max_batch, dtype=torch.int64)
+    def __init__(self, max_batch: int, max_blocks: int, device):
+        device = torch.device(device)
+        pin = device.type == "cuda"
+        self.groups = []
+        for dtype, names in self.FIELDS.items():
+            dev = torch.zeros(len(names), max_batch, dtype=dtype, device=device)
+            self.groups.append((names, dev, torch.zeros(len(names), max_batch, dtype=dtype, pin_memory=pin)))
+            for i, name in enumerate(names):
+                setattr(self, name, dev[i])
+        self.block_table = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
+        self._table_host = torch.zeros(max_batch * max_blocks, dtype=torch.int32, pin_memory=pin)
+        self._table_staging = torch.zeros(max_batch * max_blocks, dtype=torch.int32, device=device)
+        self.next_tokens = torch.zeros(max_batch, dtype=torch.int64, device=device)
 
     def fill(self, rows: list[DecodeRow], padded: int, block_size: int) -> None:
         """Copies rows in; rows past len(rows) up to `padded` point at the scratch block."""
-        n, width = len(rows), self.block_table.shape[1]
+        width = self.block_table.shape[1]
         used = max(len(r.blocks) for r in rows)
         if used > width:
             raise ValueError(f"a sequence holds {used} blocks but the decode runner was built for {width}")
-        table = np.full((padded, used), SCRATCH_BLOCK, dtype=np.int32)
         for i, r in enumerate(rows):
             if r.position >= len(r.blocks) * block_size:
                 raise ValueError(f"row {i}: position {r.position} lies past its {len(r.blocks)} blocks")
+        values = {"tokens": [r.token for r in rows], "slots": [r.slot for r in rows],
+                  "top_k": [r.top_k for r in rows], "seed": [r.seed for r in rows], "step": [r.step for r in rows],
+                  "positions": [r.position for r in rows], "seq_lens": [r.position + 1 for r in rows],
+                  "temperature": [r.temperature for r in rows], "top_p": [r.top_p for r in rows]}
+        pad = padded - len(rows)
+        fillers = {"slots": SCRATCH_BLOCK * block_size, "seq_lens": 1, "top_p": 1.0}  # one scratch token
+        for names, dev, host in self.groups:
+            staged = host.numpy()
+            for i, name in enumerate(names):
+                staged[i, :padded] = values[name] + [fillers.get(name, 0)] * pad
+            dev.copy_(host, non_blocking=True)
+        table = self._table_host[: padded * used].numpy().reshape(padded, used)
+        table.fill(SCRATCH_BLOCK)
+        for i, r in enumerate(rows):
             table[i, : len(r.blocks)] = r.blocks
-        cols = {
-            "tokens": [r.token for r in rows], "positions": [r.position for r in rows],
-            "slots": [r.slot for r in rows], "seq_lens": [r.position + 1 for r in rows],
-            "temperature": [r.temperature for r in rows], "top_k": [r.top_k for r in rows],
-            "top_p": [r.top_p for r in rows], "seed": [r.seed for r in rows], "step": [r.step for r in rows],
-        }
-        pad = padded - n
-        fillers = {"slots": SCRATCH_BLOCK * block_size, "seq_lens": 1, "top_p": 1.0}
-        for name, values in cols.items():
-            buf = getattr(self, name)
-            host = torch.tensor(values + [fillers.get(name, 0)] * pad, dtype=buf.dtype)
-            buf[:padded].copy_(host, non_blocking=True)
-        self.block_table[:padded, :used].copy_(torch.from_numpy(table), non_blocking=True)
+        staging = self._table_staging[: padded * used]
+        staging.copy_(self._table_host[: padded * used], non_blocking=True)
+        self.block_table[:padded, :used].copy_(staging.view(padded, used))
 
 
 class DecodeRunner:

@@ -32,11 +32,6 @@ class CacheShape:
         elem = torch.empty(0, dtype=self.dtype).element_size()
         return 2 * self.n_layers * self.block_size * self.kv_heads * self.head_dim * elem
 
-    @property
-    def capacity_tokens(self) -> int:
-        """Tokens a single sequence can hold: every block but the scratch one."""
-        return (self.num_blocks - 1) * self.block_size
-
 
 def plan_cache(args: TextArgs, dtype: torch.dtype, device, block_size: int = 16, num_blocks: int | None = None,
                memory_bytes: int | None = None, gpu_memory_fraction: float | None = None) -> CacheShape:
@@ -72,6 +67,11 @@ class BlockManager:
         self.free_blocks: deque[int] = deque(b for b in range(num_blocks) if b != SCRATCH_BLOCK)
         self.tables: dict[int, list[int]] = {}
         self.lengths: dict[int, int] = {}
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Tokens a single sequence can hold: every block but the scratch one."""
+        return (self.num_blocks - 1) * self.block_size
 
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)

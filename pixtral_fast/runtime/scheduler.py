@@ -3,7 +3,8 @@
 Admission is FIFO and waits while the KV cache lacks blocks for a prompt. A running sequence that
 needs a new block when none is free preempts the most recently admitted one, whose blocks are freed
 and which later re-prefills its prompt and what it generated so far (recompute, as vLLM does).
-A request that could never fit fails alone, with a message; the others go on."""
+A request that could never fit fails alone, with a message; the others go on. One that grows to
+fill the whole cache by itself ends with finish_reason "length", like one that hits max_model_len."""
 from __future__ import annotations
 
 from collections import deque
@@ -44,22 +45,16 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
-    @property
-    def capacity_tokens(self) -> int:
-        return (self.blocks.num_blocks - 1) * self.blocks.block_size
-
     def add(self, seq: Sequence) -> None:
-        n = len(seq.prompt)
+        n, capacity = len(seq.prompt), self.blocks.capacity_tokens
         if n == 0:
             self.fail(seq, "the prompt is empty")
         elif n >= self.max_model_len:
             self.fail(seq, f"the prompt has {n} tokens; max_model_len is {self.max_model_len} "
                            "(the prompt and at least one new token must fit)")
-        elif n + 1 > self.capacity_tokens:
+        elif n + 1 > capacity:
             self.fail(seq, f"the prompt needs room for {n + 1} tokens but the whole KV cache holds "
-                           f"{self.capacity_tokens}; it can never run with this cache")
-        elif n > self.max_prefill_tokens:
-            self.fail(seq, f"the prompt has {n} tokens, more than max_prefill_tokens={self.max_prefill_tokens}")
+                           f"{capacity}; it can never run with this cache")
         else:
             self.waiting.append(seq)
 
@@ -78,18 +73,22 @@ class Scheduler:
             self.running.remove(seq)
 
     def admit(self) -> list[Sequence]:
-        """Waiting sequences that start now (FIFO, while the batch, the prefill budget and the cache allow)."""
+        """Waiting sequences that start now: FIFO, while the batch and the cache allow. The prefill
+        budget caps what joins the first one, never the first itself (a long prompt, or one that
+        grew before it was preempted, must still run)."""
         admitted, budget = [], self.max_prefill_tokens
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
             n = len(seq.tokens)
-            if n > budget or not self.blocks.can_allocate(n):
+            if (admitted and n > budget) or not self.blocks.can_allocate(n):
                 break
             self.waiting.popleft()
             self.blocks.allocate(seq.id, n)
             self.running.append(seq)
             admitted.append(seq)
             budget -= n
+        if self.waiting and not self.running:  # add() guarantees a lone sequence fits
+            raise RuntimeError(f"scheduler stalled: sequence {self.waiting[0].id} cannot start in an empty cache")
         return admitted
 
     def reserve_decode(self) -> list[Sequence]:
@@ -99,9 +98,8 @@ class Scheduler:
             if need <= len(self.blocks.free_blocks):
                 return list(self.running)
             victim = self.running[-1]
-            if len(self.running) == 1:
-                self.fail(victim, f"the sequence reached {len(victim.tokens)} tokens, the whole KV cache's "
-                                  f"capacity ({self.capacity_tokens})")
+            if len(self.running) == 1:  # it alone fills the cache: it ends, keeping its tokens
+                self.finish(victim, "length")
                 return []
             self.running.pop()
             self.blocks.free(victim.id)
