@@ -13,6 +13,7 @@ write neutral partials (max -inf, sum 0) that the merge weighs to zero.
 """
 from __future__ import annotations
 
+import itertools
 import torch
 import triton
 import triton.language as tl
@@ -184,16 +185,16 @@ def gqa_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, num_
 
 
 def compile_specs(capability: int) -> list[dict]:
-    """Every shipped config for one arch: per (dtype, head_dim), the split kernel in its heavier
-    form (split-K partials, NeMo's group of 4, block size 16 so tiles span several pages) and
-    the merge at the largest split count."""
+    """Every shipped config for one arch: per (dtype, head_dim), the split kernel (NeMo's group
+    of 4, block size 16 so tiles span several pages) writing split-K partials or, with one
+    split, the output directly; and the merge at the largest split count."""
     specs = []
     for dtype, name in TRITON_DTYPE.items():
-        for head_dim in (64, 128):
+        for head_dim, direct in itertools.product((64, 128), (False, True)):
             cfg = _config(capability, head_dim, dtype)
             ptr = f"*{name}"
             specs.append({
-                "name": f"decode_split_{name}_d{head_dim}_n{cfg['BLOCK_N']}",
+                "name": f"decode_split_{name}_d{head_dim}_n{cfg['BLOCK_N']}{'_direct' if direct else ''}",
                 "fn": _decode_split_kernel,
                 "signature": {
                     "q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "block_table_ptr": "*i32",
@@ -204,9 +205,11 @@ def compile_specs(capability: int) -> list[dict]:
                     "BLOCK_N": "constexpr", "DIRECT": "constexpr",
                 },
                 "constexprs": {"GROUP": 4, "BLOCK_H": 16, "HEAD_DIM": head_dim, "BLOCK_SIZE": 16,
-                               "BLOCK_N": cfg["BLOCK_N"], "DIRECT": False},
+                               "BLOCK_N": cfg["BLOCK_N"], "DIRECT": direct},
                 "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
             })
+            if direct:
+                continue
             specs.append({
                 "name": f"decode_merge_{name}_d{head_dim}",
                 "fn": _decode_merge_kernel,

@@ -19,6 +19,7 @@ operand makes Triton redo the rotation in every warp, which spills on sm_80.
 """
 from __future__ import annotations
 
+import itertools
 import torch
 import triton
 import triton.language as tl
@@ -264,8 +265,9 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, pos, rope_t
 
 
 def compile_specs(capability: int) -> list[dict]:
-    """Every candidate config of the arch, per (dtype, head_dim, RoPE), compiled causal (the
-    masked diagonal phase adds live registers) with RoPE as keyed."""
+    """Every candidate config of the arch, per (dtype, head_dim, RoPE), in both masking modes:
+    non-causal is what the ViT launches, causal (its masked diagonal phase holds more live
+    registers) what decoder prefill launches."""
     # What a launch specialises on at run time for the model's tensors (Triton marks 16-byte
     # aligned pointers and ints divisible by 16): without it the loads compile to scalar
     # accesses and the register count says nothing about the kernel that really runs. pos [T, 2]
@@ -280,13 +282,13 @@ def compile_specs(capability: int) -> list[dict]:
         signature.update({"qk_scale": "fp32", "group": "i32"})
         signature.update({a: "constexpr" for a in names[17:]})
         for head_dim in (64, 128):
-            for rope in ((True,) if dtype == torch.float32 else (True, False)):
+            for rope, causal in itertools.product((True, False), (False, True)):
                 for block_m, block_n, warps, stages in _candidates(capability, dtype, head_dim, rope):
                     specs.append({
-                        "name": f"varlen_{name}_d{head_dim}{'_rope' if rope else ''}"
+                        "name": f"varlen_{name}_d{head_dim}{'_rope' if rope else ''}{'_causal' if causal else ''}"
                                 f"_m{block_m}_n{block_n}_w{warps}_s{stages}",
                         "fn": _varlen_fwd_kernel, "signature": dict(signature),
-                        "constexprs": {"HEAD_DIM": head_dim, "CAUSAL": True, "ROPE": rope, "PAIR_WORDS": True,
+                        "constexprs": {"HEAD_DIM": head_dim, "CAUSAL": causal, "ROPE": rope, "PAIR_WORDS": True,
                                        "BLOCK_M": block_m, "BLOCK_N": block_n},
                         "attrs": attrs, "num_warps": warps, "num_stages": stages,
                     })

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -38,6 +39,8 @@ def _jit_build(cuda: Path) -> None:
     cpp_extension.CUDA_HOME = str(cuda)  # read at import time; the env var may have come too late
     major, minor = torch.cuda.get_device_capability()
     arch = f"{major}{minor}" + ("a" if major == 9 else "")  # sm_90a on Hopper, as setup.py builds
+    print(f"pixtral_fast: building the CUDA decode extension for sm_{arch} (once, about a minute)",
+          file=sys.stderr, flush=True)
     # An explicit -gencode makes torch add no arch flags of its own (nor read TORCH_CUDA_ARCH_LIST).
     cpp_extension.load(
         name="pixtral_fast_cuda_decode",

@@ -103,7 +103,8 @@ def engine_params(max_new_tokens: int):
 
 
 def run(params, batches=(1, 8, 32), image_size=1024, decode_steps=32, context=None, device=None,
-        dtype=torch.bfloat16, backend="auto", nvtx=False, reps: int = 3, out: str | Path | None = None) -> dict:
+        dtype=torch.bfloat16, backend="auto", nvtx=False, reps: int = 3, out: str | Path | None = None,
+        cuda_graphs: bool = True) -> dict:
     """The report; with `out`, also written there after each section, so that a run cut short
     still leaves what it measured."""
     args = ModelArgs.from_params_json(params)
@@ -113,6 +114,7 @@ def run(params, batches=(1, 8, 32), image_size=1024, decode_steps=32, context=No
     context = context or len(prompt.tokens)
     longest = max(context, len(prompt.tokens)) + decode_steps + 8
     engine = Engine.from_model(model, max_batch_size=max(batches), nvtx=nvtx, max_model_len=longest,
+                               use_cuda_graphs=None if cuda_graphs else False,
                                num_blocks=max(batches) * -(-longest // 16) + 64,
                                max_prefill_tokens=max(batches) * context)  # every batch starts together
     report = {

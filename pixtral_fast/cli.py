@@ -14,7 +14,9 @@ def _generate(a) -> None:
     from pixtral_fast.runtime.engine import Engine
 
     engine = Engine.from_pretrained(a.model, device=a.device, dtype=DTYPES[a.dtype], backend=a.backend,
-                                    nvtx=a.nvtx, max_batch_size=a.max_batch_size)
+                                    nvtx=a.nvtx, max_batch_size=a.max_batch_size,
+                                    use_cuda_graphs=False if a.no_cuda_graphs else None)
+    print(f"pixtral-fast: {engine.describe()}", file=sys.stderr)
     content = [{"type": "image", "image": path} for path in a.image] + [{"type": "text", "text": a.prompt}]
     messages = [{"role": "user", "content": content}]
     sampling = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
@@ -35,7 +37,7 @@ def _bench(a) -> None:
 
     report = benchmark.run(a.params, batches=a.batch, image_size=a.image_size, decode_steps=a.decode_steps,
                            context=a.context, device=a.device, dtype=DTYPES[a.dtype], backend=a.backend,
-                           nvtx=a.nvtx, out=a.out)
+                           nvtx=a.nvtx, out=a.out, cuda_graphs=not a.no_cuda_graphs)
     json.dump(report, sys.stdout, indent=2)
     print()
 
@@ -87,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
     for cmd in (g, d, b):
         cmd.add_argument("--device", default=None)
         cmd.add_argument("--nvtx", action="store_true", help="emit NVTX ranges (for nsys)")
+    for cmd in (g, b):
+        cmd.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly (to profile each kernel)")
     for cmd in (g, b):
         cmd.add_argument("--dtype", choices=DTYPES, default="bf16")
     for cmd in (g, d, b):

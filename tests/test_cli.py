@@ -3,7 +3,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+import pixtral_fast as pf
 
 from pixtral_fast.cli import main
 from pixtral_fast.tiny import TINY_ARGS
@@ -16,7 +19,14 @@ def test_make_tiny_then_generate_with_an_image(tmp_path, capsys):
     capsys.readouterr()
     main(["generate", "--model", str(tmp_path / "ckpt"), "--image", str(tmp_path / "a.png"), "--prompt", "What?",
           "--max-new-tokens", "5", "--device", "cpu", "--dtype", "fp32", "--backend", "reference"])
-    assert capsys.readouterr().out.strip()
+    printed = capsys.readouterr()
+    engine = pf.Engine.from_pretrained(tmp_path / "ckpt", device="cpu", dtype=torch.float32, backend="reference",
+                                       progress=False)
+    messages = [{"role": "user", "content": [{"type": "image", "image": tmp_path / "a.png"},
+                                             {"type": "text", "text": "What?"}]}]
+    expected = engine.generate(messages, max_new_tokens=5).text
+    assert expected and printed.out == expected + "\n"
+    assert "kernels=reference" in printed.err  # says what runs
 
 
 def test_generate_reports_a_bad_image(tmp_path, capsys):
