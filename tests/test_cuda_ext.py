@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from pixtral_fast import _cuda_decode
-from tests.support.paged_cases import make_case, oracle
+from tests.support.paged_cases import check_graph_replay, make_case, oracle
 from tests.tolerances import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -291,40 +291,5 @@ def test_gpu_rejects_bad_arguments():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_gpu_cuda_graph_replay_with_new_tables(dtype):
-    head_dim, kv_heads, group, block_size = 128, 8, 4, 16
-    steps = [make_case(head_dim, kv_heads, group, block_size, lens, dtype, device="cuda", seed=seed)
-             for seed, lens in ((2, [1, 17, 300, 2000]), (3, [2000, 5, 16, 999]), (4, [4, 4, 4, 4]))]
-    num_blocks = max(s[1].shape[0] for s in steps)
-    width = max(s[3].shape[1] for s in steps)
-    q = torch.empty_like(steps[0][0])
-    k_cache = torch.zeros((num_blocks,) + steps[0][1].shape[1:], dtype=dtype, device="cuda")
-    v_cache = torch.zeros_like(k_cache)
-    table = torch.full((4, width), -1, dtype=torch.int32, device="cuda")
-    lens = torch.empty(4, dtype=torch.int32, device="cuda")
-
-    def load(step):
-        step_q, step_k, step_v, step_table, step_lens = step
-        q.copy_(step_q)
-        k_cache[:step_k.shape[0]].copy_(step_k)
-        v_cache[:step_v.shape[0]].copy_(step_v)
-        table.fill_(-1)
-        table[:, :step_table.shape[1]].copy_(step_table)
-        lens.copy_(step_lens)
-
-    scale = head_dim ** -0.5
-    load(steps[0])
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside capture: loads or builds the extension
-        _cuda_decode.gqa_decode_attention(q, k_cache, v_cache, table, lens, scale)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = _cuda_decode.gqa_decode_attention(q, k_cache, v_cache, table, lens, scale)
-    for step in (steps[1], steps[2], steps[0]):
-        load(step)
-        graph.replay()
-        torch.cuda.synchronize()
-        eager = _cuda_decode.gqa_decode_attention(q, k_cache, v_cache, table, lens, scale)
-        assert torch.equal(out, eager)
-        assert_close(out, oracle(q, k_cache, v_cache, table, lens, scale), dtype)
+    check_graph_replay(lambda *a: _cuda_decode.gqa_decode_attention(*a, 128 ** -0.5), dtype,
+                       [[1, 17, 300, 2000], [2000, 5, 16, 999], [4, 4, 4, 4]])

@@ -10,7 +10,7 @@ import torch
 from pixtral_fast import ops
 from pixtral_fast.kernels import decode_attention as kernel
 from tests.conftest import DTYPES
-from tests.support.paged_cases import make_case, oracle
+from tests.support.paged_cases import check_graph_replay, make_case, oracle
 from tests.tolerances import assert_close
 
 # (head_dim, kv_heads, group, block_size, seq_lens): every case mixes 1, block_size +- 1 and a
@@ -100,42 +100,4 @@ def test_triton_twin_wide_table_on_gpu(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_graph_replay_with_new_tables(dtype):
-    head_dim, kv_heads, group, block_size = 128, 8, 4, 16
-    lens_a, lens_b = [1, 17, 300, 2000], [2000, 5, 16, 999]
-    first = make_case(head_dim, kv_heads, group, block_size, lens_a, dtype, "cuda", seed=2)
-    second = make_case(head_dim, kv_heads, group, block_size, lens_b, dtype, "cuda", seed=3)
-    # Static buffers big enough for both steps: caches of the larger, tables of the wider.
-    q, k_cache, v_cache = (t.clone() for t in first[:3])
-    num_blocks = max(first[1].shape[0], second[1].shape[0])
-    k_cache = torch.zeros((num_blocks,) + k_cache.shape[1:], dtype=dtype, device="cuda")
-    v_cache = torch.zeros_like(k_cache)
-    width = max(first[3].shape[1], second[3].shape[1])
-    table = torch.full((4, width), -1, dtype=torch.int32, device="cuda")
-    lens = torch.empty(4, dtype=torch.int32, device="cuda")
-
-    def load(step):
-        step_q, step_k, step_v, step_table, step_lens = step
-        q.copy_(step_q)
-        k_cache[:step_k.shape[0]].copy_(step_k)
-        v_cache[:step_v.shape[0]].copy_(step_v)
-        table.fill_(-1)
-        table[:, :step_table.shape[1]].copy_(step_table)
-        lens.copy_(step_lens)
-
-    load(first)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        ops.gqa_decode_attention(q, k_cache, v_cache, table, lens)  # warm-up: compile outside capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = ops.gqa_decode_attention(q, k_cache, v_cache, table, lens)
-
-    for step in (second, first):
-        load(step)
-        graph.replay()
-        torch.cuda.synchronize()
-        eager = ops.gqa_decode_attention(q, k_cache, v_cache, table, lens)
-        assert torch.equal(out, eager)
-        assert_close(out, oracle(q, k_cache, v_cache, table, lens), dtype)
+    check_graph_replay(ops.gqa_decode_attention, dtype, [[1, 17, 300, 2000], [2000, 5, 16, 999]])

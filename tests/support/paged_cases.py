@@ -30,3 +30,43 @@ def oracle(q, k_cache, v_cache, table, lens, scale=None):
     out = reference.gqa_decode_attention(q.double().cpu(), k_cache.double().cpu(), v_cache.double().cpu(),
                                          table.cpu(), lens.cpu(), scale)
     return out.to(q.device)
+
+
+def check_graph_replay(decode, dtype, steps_lens, head_dim=128, kv_heads=8, group=4, block_size=16):
+    """Captures decode(q, k_cache, v_cache, table, lens) once on static buffers, then loads each
+    step's tables, lengths and caches into them and replays: the output must equal an eager call
+    bit for bit and the fp64 oracle within tolerance. The first step is also the capture's."""
+    from tests.tolerances import assert_close
+
+    steps = [make_case(head_dim, kv_heads, group, block_size, lens, dtype, "cuda", seed=seed)
+             for seed, lens in enumerate(steps_lens, start=2)]
+    q = torch.empty_like(steps[0][0])
+    k_cache = torch.zeros((max(s[1].shape[0] for s in steps),) + steps[0][1].shape[1:], dtype=dtype, device="cuda")
+    v_cache = torch.zeros_like(k_cache)
+    table = torch.full((len(steps_lens[0]), max(s[3].shape[1] for s in steps)), -1, dtype=torch.int32, device="cuda")
+    lens = torch.empty(len(steps_lens[0]), dtype=torch.int32, device="cuda")
+
+    def load(step):
+        step_q, step_k, step_v, step_table, step_lens = step
+        q.copy_(step_q)
+        k_cache[:step_k.shape[0]].copy_(step_k)
+        v_cache[:step_v.shape[0]].copy_(step_v)
+        table.fill_(-1)
+        table[:, :step_table.shape[1]].copy_(step_table)
+        lens.copy_(step_lens)
+
+    load(steps[0])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture: compiles, loads or builds what it needs
+        decode(q, k_cache, v_cache, table, lens)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode(q, k_cache, v_cache, table, lens)
+    for step in steps[1:] + steps[:1]:
+        load(step)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, decode(q, k_cache, v_cache, table, lens))
+        assert_close(out, oracle(q, k_cache, v_cache, table, lens), dtype)
