@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from pixtral_fast.kernels import INTERPRETING, LOG2E, TRITON_DTYPE, arch, sm_count
+from pixtral_fast.kernels.varlen_attention import softmax_update
 
 MAX_SPLITS = 32  # the merge loads every split of a head at once: [32, D] fp32 at most
 
@@ -69,12 +70,7 @@ def _decode_split_kernel(
 
         s = tl.dot(q, k_t, input_precision="ieee") * qk_scale  # log2 domain
         s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m_i = m_new
+        acc, m_i, l_i = softmax_update(s, v, acc, m_i, l_i)
 
     if DIRECT:
         # One split: it saw the whole sequence (seq_len >= 1), so l_i > 0 on real rows.

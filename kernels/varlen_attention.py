@@ -63,6 +63,19 @@ def _rotated_pairs(ptr, tokens, tok_ok, stride_t, pos_ptr, stride_pt, stride_pc,
 
 
 @triton.jit
+def softmax_update(s, v, acc, m_i, l_i):
+    """One online-softmax step (base 2): fold a tile of scores s [M, N] and its values v [N, D]
+    into the running max m_i, sum l_i and unnormalised output acc. P goes to v's dtype for the
+    second dot, as flash-attention does; fp32 stays IEEE (no TF32)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _attend(acc, m_i, l_i, q0, q1, k_base, v_base, pos_base, freq, offs_m, seq_len, lo, hi,
             stride_kt, stride_vt, stride_pt, stride_pc, qk_scale,
             MASKED: tl.constexpr, CAUSAL: tl.constexpr, ROPE: tl.constexpr, PAIR_WORDS: tl.constexpr,
@@ -88,12 +101,7 @@ def _attend(acc, m_i, l_i, q0, q1, k_base, v_base, pos_base, freq, offs_m, seq_l
                 visible = visible & (keys[None, :] <= offs_m[:, None])
             # Every row keeps a finite max: row i >= tile start sees key `tile start` first.
             s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m_i = m_new
+        acc, m_i, l_i = softmax_update(s, v, acc, m_i, l_i)
     return acc, m_i, l_i
 
 
