@@ -92,11 +92,7 @@ class ModelArgs:
     @classmethod
     def from_params_json(cls, path: str | Path) -> "ModelArgs":
         """Reads Mistral's params.json (a file, or the folder holding one)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "params.json"
-        raw = _read_json(path)
-        raw = dict(raw)
+        path, raw = _read_json(path, "params.json")
         vision_raw = raw.pop("vision_encoder", None)
         # Harmless bookkeeping keys seen in Mistral releases; none changes the math.
         text = _build(TextArgs, raw, str(path), ignored=frozenset({"max_batch_size", "model_type"}))
@@ -112,10 +108,7 @@ class ModelArgs:
     @classmethod
     def from_hf_config(cls, path: str | Path) -> "ModelArgs":
         """Reads an HF LlavaForConditionalGeneration (Pixtral vision tower) config.json."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        raw = _read_json(path)
+        path, raw = _read_json(path, "config.json")
         try:
             tc, vc = raw["text_config"], raw["vision_config"]
         except KeyError as e:
@@ -177,7 +170,11 @@ class ModelArgs:
         return out
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: str | Path, name: str) -> tuple[Path, dict[str, Any]]:
+    """(the file, its object): `path` is the file itself or the folder holding `name`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / name
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
     try:
@@ -186,4 +183,4 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")
-    return raw
+    return path, raw
