@@ -69,6 +69,25 @@ class Pixtral(nn.Module):
             h[tokens == self.args.vision.image_token_id] = image_features.to(h.dtype)
         return h
 
+    def check_request(self, tokens: Sequence[int], images: Sequence[ImageLike]) -> None:
+        """Everything prefill would trip over in one request, found on the host before it joins a
+        batch: ValueError naming the bad token or image. Each image must own, in order, one block
+        of [IMG] rows laid out as mistral_common writes them (DESIGN §1): its patch rows, each of
+        `cols` [IMG] tokens ended by [IMG_BREAK], the last ended by [IMG_END] instead."""
+        ids = _token_array(tokens)
+        vocab = self.args.text.vocab_size
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+            raise ValueError(f"token ids must lie in [0, {vocab}); got {bad}")
+        if isinstance(images, (torch.Tensor, np.ndarray)) or not isinstance(images, Sequence):
+            raise ValueError(f"images must be a list of [3, H, W] tensors, got {type(images).__name__}")
+        if self.args.vision is None:
+            if len(images):
+                raise ValueError("this checkpoint has no vision encoder; it cannot take images")
+            return
+        grids = [self.vision_encoder.check_image(i, _pixels(i, img)) for i, img in enumerate(images)]
+        check_image_layout(ids, grids, self.args.vision)
+
     def check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens.dim() != 1 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be a 1-D integer tensor, got {tuple(tokens.shape)} {tokens.dtype}")
@@ -98,6 +117,83 @@ class Pixtral(nn.Module):
         h = self.embed(tokens, features)
         meta = AttentionMetadata.for_sequences([tokens.numel()], self.device)
         return self.logits(self.decode_hidden(h, meta))
+
+
+def _token_array(tokens: Sequence[int]) -> np.ndarray:
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.cpu().numpy()
+    if isinstance(tokens, np.ndarray):
+        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+            raise ValueError(f"tokens must be a 1-D array of integer ids, got {tokens.shape} {tokens.dtype}")
+        return tokens.astype(np.int64)
+    if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
+        raise ValueError(f"tokens must be a list of token ids, got {type(tokens).__name__}")
+    # Every element an int (bools and floats refused: int64 conversion would truncate 1.5 to 1).
+    for i, t in enumerate(tokens):
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+            raise ValueError(f"tokens[{i}] must be an int token id, got {t!r} ({type(t).__name__})")
+        if not -2**63 <= t < 2**63:
+            raise ValueError(f"tokens[{i}] = {t} is not a token id")
+    return np.asarray(tokens, dtype=np.int64).reshape(-1)  # reshape: an empty list gives shape (0,)
+
+
+def _pixels(index: int, image: ImageLike) -> torch.Tensor:
+    """The image as a tensor, refused unless floating point and finite (NaN/inf pixels would turn
+    every patch feature, and then the whole prompt's attention, into NaN)."""
+    try:
+        t = torch.as_tensor(image)
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise ValueError(f"images[{index}] is not an array of pixels ({type(image).__name__}: {e})") from None
+    if not t.is_floating_point():
+        raise ValueError(f"images[{index}] must hold floating-point pixels (as mistral_common returns "
+                         f"them), got {t.dtype}")
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"images[{index}] holds non-finite pixels (NaN or inf)")
+    return t
+
+
+def check_image_layout(ids: np.ndarray, grids: list[tuple[int, int]], vision) -> None:
+    """ValueError unless the image markers in `ids` are exactly one block per grid, in order."""
+    img, brk, end = vision.image_token_id, vision.image_break_token_id, vision.image_end_token_id
+    markers = np.flatnonzero((ids == img) | (ids == brk) | (ids == end))
+    at = 0  # index into markers
+    for i, (rows, cols) in enumerate(grids):
+        if at == len(markers):
+            raise ValueError(f"images[{i}] has a {rows}x{cols} patch grid but the tokens hold no [IMG] block "
+                             f"for it ({len(grids)} images, {i} [IMG] blocks)")
+        start = int(markers[at])
+        expected = np.full(rows * (cols + 1), img, dtype=np.int64)
+        expected[cols::cols + 1] = brk
+        expected[-1] = end
+        found = ids[start:start + expected.size]
+        if found.size != expected.size or not np.array_equal(found, expected):
+            raise ValueError(f"images[{i}] has a {rows}x{cols} patch grid ({rows * cols} [IMG] tokens) but its "
+                             f"[IMG] block at token {start} is {_describe_block(ids, start, img, brk, end)}")
+        at += expected.size
+    if at < len(markers):
+        start = int(markers[at])
+        raise ValueError(f"the tokens hold image tokens at position {start} beyond the [IMG] blocks of the "
+                         f"{len(grids)} images given ({_describe_block(ids, start, img, brk, end)})")
+
+
+def _describe_block(ids: np.ndarray, start: int, img: int, brk: int, end: int) -> str:
+    """The rows of [IMG] tokens found from `start`, for an error message."""
+    rows, count, pos = [], 0, start
+    while pos < len(ids):
+        t = int(ids[pos])
+        if t == img:
+            count += 1
+        elif t in (brk, end):
+            rows.append(count)
+            count = 0
+            if t == end:
+                return f"{len(rows)} rows of {rows} [IMG] tokens ({sum(rows)} in all)"
+        else:
+            break
+        pos += 1
+    rows.append(count)
+    return (f"rows of {rows} [IMG] tokens ({sum(rows)} in all) not ended by [IMG_END] "
+            f"(token {pos} is {int(ids[pos]) if pos < len(ids) else 'the end of the prompt'})")
 
 
 def build_model(args: ModelArgs, device="meta", dtype=torch.bfloat16) -> Pixtral:
