@@ -1,7 +1,11 @@
 """The decode step (embedding -> all layers over the paged cache -> logits -> sampling) run on
 static buffers. On a GPU each batch-size bucket is captured once as a CUDA graph (largest first,
 one memory pool) and replayed; larger batches run eagerly. On the CPU the same buffers and the
-same step function run eagerly, so this code path is what the CPU tests exercise."""
+same step function run eagerly, so this code path is what the CPU tests exercise.
+
+A graph is keyed by (bucket, greedy_only, logprobs): the greedy graph captured at start does only
+the argmax and the finite flag; a step where some row samples, or asks for logprobs, replays (and
+on first use captures) the variant that does that work, so steps that ask for none pay nothing."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,9 +16,10 @@ from tqdm.auto import tqdm
 from pixtral_fast.model.pixtral import Pixtral
 from pixtral_fast.model.text import AttentionMetadata
 from pixtral_fast.runtime.kv_cache import SCRATCH_BLOCK, PagedKVCache
-from pixtral_fast.runtime.sampling import sample
+from pixtral_fast.runtime.sampling import StepOutput, logprob_width, pack_with_logprobs, read_step, sample
 
-DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
+# vLLM's ladder: 1, 2, 4, then every 8 up to 512; a batch replays the smallest bucket that holds it.
+DEFAULT_BUCKETS = (1, 2, 4) + tuple(range(8, 513, 8))
 
 
 @dataclass
@@ -29,6 +34,7 @@ class DecodeRow:
     top_p: float
     seed: int
     step: int              # tokens generated so far (the noise counter)
+    logprobs: int | None = None  # None: none; n: the chosen token's logprob and the n most likely
 
 
 class StaticBuffers:
@@ -39,7 +45,7 @@ class StaticBuffers:
               torch.int32: ("positions", "seq_lens"),
               torch.float32: ("temperature", "top_p")}
 
-    def __init__(self, max_batch: int, max_blocks: int, device):
+    def __init__(self, max_batch: int, max_blocks: int, vocab: int, device):
         device = torch.device(device)
         pin = device.type == "cuda"
         self.groups = []
@@ -51,7 +57,10 @@ class StaticBuffers:
         self.block_table = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
         self._table_host = torch.zeros(max_batch * max_blocks, dtype=torch.int32, pin_memory=pin)
         self._table_staging = torch.zeros(max_batch * max_blocks, dtype=torch.int32, device=device)
-        self.next_tokens = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        # The static outputs, read on the host in one copy: tokens and finite flags (int64 [2, B]);
+        # or, in a logprobs step, those with the logprobs (float64 [B, 3 + 2n], see pack_with_logprobs).
+        self.plain = torch.zeros(2, max_batch, dtype=torch.int64, device=device)
+        self.packed = torch.zeros(max_batch, 3 + 2 * logprob_width(vocab), dtype=torch.float64, device=device)
 
     def fill(self, rows: list[DecodeRow], padded: int, block_size: int) -> None:
         """Copies rows in; rows past len(rows) up to `padded` point at the scratch block."""
@@ -82,75 +91,89 @@ class StaticBuffers:
         self.block_table[:padded, :used].copy_(staging.view(padded, used))
 
 
+GraphKey = tuple[int, bool, bool]  # (bucket, greedy_only, logprobs)
+
+
 class DecodeRunner:
     def __init__(self, model: Pixtral, cache: PagedKVCache, max_batch: int, max_blocks_per_seq: int,
                  buckets: tuple[int, ...] = DEFAULT_BUCKETS, use_cuda_graphs: bool | None = None):
         self.model, self.cache = model, cache
         self.block_size = cache.shape.block_size
-        self.buckets = tuple(sorted(b for b in buckets if b <= max_batch))
+        self.buckets = tuple(sorted(set(b for b in buckets if 1 <= b <= max_batch)))
         self.max_batch = max_batch
-        self.buffers = StaticBuffers(max_batch, max_blocks_per_seq, model.device)
+        self.buffers = StaticBuffers(max_batch, max_blocks_per_seq, model.args.text.vocab_size, model.device)
         # The reference backend reads seq_lens on the host, which graph capture forbids.
         capturable = model.device.type == "cuda" and model.backend == "fast"
         self.use_cuda_graphs = capturable if use_cuda_graphs is None else use_cuda_graphs
         if self.use_cuda_graphs and not capturable:
             raise ValueError("CUDA graphs need the model on a CUDA device with backend='fast'")
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
         self.pool = None
 
-    def _run(self, bs: int, greedy_only: bool) -> None:
+    def _run(self, key: GraphKey) -> None:
+        """The step for the first bs rows of the buffers; writes only the static outputs."""
+        bs, greedy_only, logprobs = key
         b = self.buffers
         meta = AttentionMetadata(positions=b.positions[:bs], slot_mapping=b.slots[:bs],
                                  block_table=b.block_table[:bs], seq_lens=b.seq_lens[:bs], pages_checked=True)
         model = self.model
         h = model.decode_hidden(model.tok_embeddings(b.tokens[:bs]), meta, self.cache.layers)
         logits = model.logits(h)
-        b.next_tokens[:bs] = sample(logits, b.temperature[:bs], b.top_k[:bs], b.top_p[:bs], b.seed[:bs],
-                                    b.step[:bs], greedy_only=greedy_only)
+        tokens, finite = sample(logits, b.temperature[:bs], b.top_k[:bs], b.top_p[:bs], b.seed[:bs], b.step[:bs],
+                                greedy_only=greedy_only)
+        if logprobs:
+            b.packed[:bs] = pack_with_logprobs(logits, tokens, finite)
+        else:
+            b.plain[0, :bs] = tokens
+            b.plain[1, :bs] = finite
 
     def bucket_for(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
 
     @torch.inference_mode()
-    def capture(self, greedy_only: bool = True, progress: bool = True) -> None:
+    def capture(self, greedy_only: bool = True, progress: bool = True, logprobs: bool = False) -> None:
         """Captures every bucket, largest first so that smaller graphs reuse its memory pool."""
         if not self.use_cuda_graphs:
             return
         bar = tqdm(list(reversed(self.buckets)), desc="capturing decode graphs", unit="graph", disable=not progress)
         for bs in bar:
-            self._capture_one(bs, greedy_only)
+            self._capture_one((bs, greedy_only, logprobs))
 
-    def _capture_one(self, bs: int, greedy_only: bool) -> None:
+    def _capture_one(self, key: GraphKey) -> None:
+        bs = key[0]
         b = self.buffers
         b.slots[:bs].fill_(SCRATCH_BLOCK * self.block_size)
         b.block_table[:bs].fill_(SCRATCH_BLOCK)
         b.seq_lens[:bs].fill_(1)
-        self._run(bs, greedy_only)  # warm-up: autotuning and lazy allocations happen outside capture
+        self._run(key)  # warm-up: autotuning and lazy allocations happen outside capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self._run(bs, greedy_only)
+            self._run(key)
         if self.pool is None:
             self.pool = graph.pool()
-        self.graphs[(bs, greedy_only)] = graph
+        self.graphs[key] = graph
 
     @torch.inference_mode()
-    def step(self, rows: list[DecodeRow]) -> list[int]:
-        """One decode step for these sequences; returns each one's next token."""
+    def step(self, rows: list[DecodeRow]) -> StepOutput:
+        """One decode step for these sequences: each one's next token, whether its logits were
+        finite, and its logprobs where it asked for them; one host read."""
         n = len(rows)
         if n == 0:
-            return []
-        greedy_only = all(r.temperature == 0 for r in rows)
-        bucket = self.bucket_for(n)
-        padded = bucket or n  # padded eagerly too, so that the CPU runs the path the graphs take
+            return StepOutput([], [], [])
         if n > self.max_batch:
             raise ValueError(f"{n} sequences exceed the runner's max_batch {self.max_batch}")
+        wanted = [r.logprobs for r in rows]
+        bucket = self.bucket_for(n)
+        padded = bucket or n  # padded eagerly too, so that the CPU runs the path the graphs take
+        key = (padded, all(r.temperature == 0 for r in rows), any(w is not None for w in wanted))
         graphed = self.use_cuda_graphs and bucket is not None
-        if graphed and (padded, greedy_only) not in self.graphs:
-            self._capture_one(padded, greedy_only)  # before fill(): capture runs on scratch rows
+        if graphed and key not in self.graphs:
+            self._capture_one(key)  # before fill(): capture runs on scratch rows
         self.buffers.fill(rows, padded, self.block_size)
         if graphed:
-            self.graphs[(padded, greedy_only)].replay()
+            self.graphs[key].replay()
         else:
-            self._run(padded, greedy_only)
-        return self.buffers.next_tokens[:n].tolist()
+            self._run(key)
+        b = self.buffers
+        return read_step(b.packed[:n] if key[2] else b.plain[:, :n], wanted)

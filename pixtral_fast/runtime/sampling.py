@@ -2,39 +2,124 @@
 
 Per-row parameters come in tensors (temperature, top_k, top_p, seed, step). Randomness is a
 counter-based hash of (seed, step, token id) turned into Gumbel noise: the same seed gives the same
-tokens on any device, in any batch, captured or eager — no generator state to carry."""
+tokens on any device, in any batch, captured or eager — no generator state to carry.
+
+Every step also yields a per-row finite flag (the row's logits held no NaN/inf) and, for steps
+where some row asks for them, log-probabilities; both travel with the sampled tokens in one tensor,
+so that a step costs one host read (read_step)."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
 
-_MASK64 = (1 << 64) - 1
+MAX_LOGPROBS = 20                  # the most alternatives a row may ask for (OpenAI's cap)
+MAX_TEMPERATURE = 3.4028234663852886e38  # the largest float32: the device holds temperatures in fp32
+_INT64_MIN, _UINT64 = -(1 << 63), 1 << 64
 
 
-@dataclass
+def _integer(name: str, value, low: int | None = None, high: int | None = None) -> int:
+    """value as a Python int; bools and floats (even 3.0) are refused: they are never what was meant."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+    return value
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be finite, got an integer too large for a float") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def reduce_seed(seed: int) -> int:
+    """Any Python int -> the int64 with the same value modulo 2**64 (two's complement). Seeds that
+    already fit an int64 are unchanged; larger ones wrap, so seed and seed + 2**64 sample alike."""
+    return (seed - _INT64_MIN) % _UINT64 + _INT64_MIN
+
+
+@dataclass(frozen=True)
 class SamplingParams:
+    """How one request samples. Every field is checked here, with a ValueError naming it:
+    max_new_tokens int >= 1; temperature finite in [0, MAX_TEMPERATURE] (0: greedy); top_p finite in
+    (0, 1] (the smallest set of most likely tokens whose mass reaches top_p is kept, the token that
+    crosses top_p included); top_k int >= 0 (0: no limit); seed None or any int (stored reduced to
+    int64 by reduce_seed); stop_token_ids a tuple/list of ints (empty: the engine stops at EOS);
+    logprobs None (off) or n in 0..MAX_LOGPROBS: the chosen token's logprob plus the n most likely.
+    Bounds that depend on the model (top_k, stop ids, logprobs vs the vocabulary) are check_vocab's."""
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    logprobs: int | None = None
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0: no limit), got {self.top_k}")
+        fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
+        fix("max_new_tokens", _integer("max_new_tokens", self.max_new_tokens, low=1))
+        temperature = _real("temperature", self.temperature)
+        if not 0.0 <= temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:.4g}] (0: greedy), got {temperature}")
+        fix("temperature", temperature)
+        top_p = _real("top_p", self.top_p)
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        fix("top_p", top_p)
+        fix("top_k", _integer("top_k", self.top_k, low=0))
+        if self.seed is not None:
+            fix("seed", reduce_seed(_integer("seed", self.seed)))
+        stops = self.stop_token_ids
+        if isinstance(stops, (str, bytes)) or not isinstance(stops, (tuple, list)):
+            raise ValueError(f"stop_token_ids must be a tuple or list of token ids, got {stops!r}")
+        fix("stop_token_ids", tuple(_integer("stop_token_ids", t) for t in stops))
+        if self.logprobs is not None:
+            fix("logprobs", _integer("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """The bounds that depend on the model: ValueError naming the parameter."""
+        if self.top_k > vocab_size:
+            raise ValueError(f"top_k must be at most the vocabulary size {vocab_size} (0: no limit), got {self.top_k}")
+        bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids must lie in [0, {vocab_size}), got {bad[0]}")
+        if self.logprobs is not None and self.logprobs > vocab_size:
+            raise ValueError(f"logprobs must be at most the vocabulary size {vocab_size}, got {self.logprobs}")
+
+
+@dataclass
+class TokenLogprobs:
+    """log_softmax of the row's raw fp32 logits (before temperature, top-k or top-p)."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]   # the n most likely (id, logprob), by descending logprob
+
+
+@dataclass
+class StepOutput:
+    """One step's result per row. finite[i] False: row i's logits held NaN/inf, and its token
+    (and logprobs) mean nothing."""
+    tokens: list[int]
+    finite: list[bool]
+    logprobs: list[TokenLogprobs | None]
+
+
+# -- the noise ----------------------------------------------------------------------------------
 
 def _signed(c: int) -> int:
     """A 64-bit constant as the int64 torch stores it (torch multiplies int64 with wraparound)."""
@@ -59,13 +144,17 @@ def uniform_noise(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.T
     return (_shr(x, 40).float() + 0.5) * (1.0 / (1 << 24))
 
 
+# -- sampling (device side, capturable) ----------------------------------------------------------
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           seed: torch.Tensor, step: torch.Tensor, greedy_only: bool = False) -> torch.Tensor:
-    """Next token per row of logits [B, V] (fp32). Rows with temperature 0 take the argmax.
-    greedy_only: the caller knows every row is greedy and skips the sort."""
+           seed: torch.Tensor, step: torch.Tensor, greedy_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next token int64 [B], finite bool [B]) per row of logits [B, V] (fp32). Rows with
+    temperature 0 take the argmax. greedy_only: the caller knows every row is greedy and skips
+    the sort. finite: the row's logits are all finite (else its token means nothing)."""
+    finite = torch.isfinite(logits).all(dim=-1)
     best = logits.argmax(dim=-1)
     if greedy_only:
-        return best
+        return best, finite
     vocab = logits.shape[-1]
     scaled = logits / temperature.clamp_min(1e-6)[:, None]
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
@@ -77,4 +166,67 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     gumbel = -torch.log(-torch.log(uniform_noise(seed, step, vocab).gather(1, order)))
     choice = torch.where(keep, sorted_logits + gumbel, float("-inf")).argmax(dim=-1)
     sampled = order.gather(1, choice[:, None])[:, 0]
-    return torch.where(temperature > 0, sampled, best)
+    return torch.where(temperature > 0, sampled, best), finite
+
+
+def logprob_width(vocab: int) -> int:
+    """How many alternatives a logprobs step computes: every row's request fits in it."""
+    return min(MAX_LOGPROBS, vocab)
+
+
+def pack_plain(tokens: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """int64 [2, B]: tokens, finite — what read_step reads when no row wants logprobs."""
+    return torch.stack([tokens, finite.to(torch.int64)])
+
+
+def pack_with_logprobs(logits: torch.Tensor, tokens: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """float64 [B, 3 + 2n] (n = logprob_width): token, finite, the token's logprob, the n most
+    likely ids, their logprobs. Ids fit float64 exactly; fp32 logprobs convert exactly."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None])
+    top_values, top_ids = logprobs.topk(logprob_width(logits.shape[-1]), dim=-1)
+    columns = [tokens[:, None], finite[:, None], chosen, top_ids, top_values]
+    return torch.cat([c.to(torch.float64) for c in columns], dim=1)
+
+
+def read_step(packed: torch.Tensor, logprobs: list[int | None]) -> StepOutput:
+    """The one host read of a step: packed from pack_plain or pack_with_logprobs, for len(logprobs)
+    rows; row i gets TokenLogprobs with its logprobs[i] alternatives when that is not None."""
+    if packed.dtype == torch.int64:
+        tokens, finite = packed.tolist()
+        return StepOutput(tokens, [bool(f) for f in finite], [None] * len(tokens))
+    rows = packed.tolist()
+    width = (packed.shape[1] - 3) // 2
+    out = StepOutput([int(r[0]) for r in rows], [bool(r[1]) for r in rows], [])
+    for r, n in zip(rows, logprobs):
+        if n is None:
+            out.logprobs.append(None)
+            continue
+        top = [(int(i), v) for i, v in zip(r[3:3 + n], r[3 + width:3 + width + n])]
+        out.logprobs.append(TokenLogprobs(int(r[0]), r[2], top))
+    return out
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
+                steps: list[int]) -> StepOutput:
+    """Host helper (prefill): one row of logits [B, V] per params; seeds are the sequences' noise
+    seeds (int64), steps their noise counters (tokens generated so far). One host read."""
+    if logits.ndim != 2 or logits.shape[0] != len(params) or len(seeds) != len(params) or len(steps) != len(params):
+        raise ValueError(f"sample_rows: logits {tuple(logits.shape)} need one row per params ({len(params)}), "
+                         f"seeds ({len(seeds)}) and steps ({len(steps)})")
+    for p in params:
+        p.check_vocab(logits.shape[1])
+
+    def column(values, dtype):
+        return torch.tensor(values, dtype=dtype, device=logits.device)
+
+    logits = logits.float()
+    tokens, finite = sample(logits, column([p.temperature for p in params], torch.float32),
+                            column([p.top_k for p in params], torch.int64),
+                            column([p.top_p for p in params], torch.float32),
+                            column([reduce_seed(s) for s in seeds], torch.int64), column(steps, torch.int64),
+                            greedy_only=all(p.greedy for p in params))
+    wanted = [p.logprobs for p in params]
+    if any(n is not None for n in wanted):
+        return read_step(pack_with_logprobs(logits, tokens, finite), wanted)
+    return read_step(pack_plain(tokens, finite), wanted)
