@@ -1,11 +1,19 @@
 """Build script. The package metadata lives in pyproject.toml; this file only adds the CUDA
-extension pixtral_fast._C when nvcc is available (DESIGN §5): nvcc compiles the pure-CUDA csrc/*.cu
-files for sm_80 and sm_90a into objects, and the host compiler builds csrc/bindings.cpp against
-the installed torch (CPU or CUDA build alike) and links them with the static CUDA runtime.
-Without nvcc nothing is built: the Triton twin of each kernel serves."""
+extension pixtral_fast._C when nvcc is available AND torch is importable here (DESIGN §5): nvcc
+compiles the pure-CUDA csrc/*.cu files for sm_80 and sm_90a into objects, and the host compiler
+builds csrc/bindings.cpp against that torch (CPU or CUDA build alike) and links them with the
+static CUDA runtime.
+
+torch is importable at build time with `pip install --no-build-isolation` (what `make` does).
+With build isolation (pip's default) the build runs in a fresh environment without torch, so
+nothing is compiled: pixtral_fast._cuda_decode builds the same sources just in time on the first
+CUDA use, into a cache folder (the sources ship in the wheel as pixtral_fast/csrc). Without nvcc
+nothing is built either way, and decode attention uses its Triton kernel.
+PIXTRAL_FAST_BUILD_CUDA=0 skips the extension even where it could be built."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,10 +75,19 @@ def _cuda_extension(cuda: Path):
 
 
 def _extensions():
+    if os.environ.get("PIXTRAL_FAST_BUILD_CUDA", "1") == "0":
+        print("pixtral_fast: PIXTRAL_FAST_BUILD_CUDA=0: building without the CUDA extension.", file=sys.stderr)
+        return [], {}
     cuda = find_cuda_home()
     if cuda is None:
         print("pixtral_fast: nvcc not found (set CUDA_HOME to a CUDA toolkit root): building without "
               "the CUDA extension pixtral_fast._C; decode attention uses its Triton kernel.", file=sys.stderr)
+        return [], {}
+    if importlib.util.find_spec("torch") is None:
+        print("pixtral_fast: torch is not importable in this build environment (pip's build isolation): "
+              "building without pixtral_fast._C. On the first CUDA use the extension is built just in "
+              "time into ~/.cache/pixtral_fast (PIXTRAL_FAST_CACHE); to build it now instead, install with "
+              "`pip install --no-build-isolation .` into an environment that has torch.", file=sys.stderr)
         return [], {}
     return _cuda_extension(cuda)
 

@@ -293,3 +293,123 @@ def test_gpu_rejects_bad_arguments():
 def test_gpu_cuda_graph_replay_with_new_tables(dtype):
     check_graph_replay(lambda *a: _cuda_decode.gqa_decode_attention(*a, 128 ** -0.5), dtype,
                        [[1, 17, 300, 2000], [2000, 5, 16, 999], [4, 4, 4, 4]])
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The self-check on first use (CPU: the launch is faked, the Triton twin runs interpreted)
+
+
+@pytest.fixture
+def fake_extension(monkeypatch):
+    """The op counts as loaded on CUDA devices 0 and 1 (indices faked), the check's tensors live
+    on this machine's device, and `launches` records each faked launch's device."""
+    from tests.conftest import DEVICE
+
+    _cuda_decode._forget_verdicts()
+    monkeypatch.setattr(_cuda_decode, "loaded", lambda: True)
+    monkeypatch.setattr(_cuda_decode, "_CHECKED_DEVICE_TYPE", DEVICE)
+
+    def fake_index(device):
+        device = torch.device(device if device is not None else "cuda:0")
+        return None if device.type != "cuda" else (device.index or 0)
+
+    monkeypatch.setattr(_cuda_decode, "_cuda_index", fake_index)
+    launches = []
+
+    def install(result):
+        def launch(q, k_cache, v_cache, table, lens, scale, num_splits=None):
+            launches.append((q.device, q.dtype, num_splits))
+            return result(q, k_cache, v_cache, table, lens, scale)
+
+        monkeypatch.setattr(_cuda_decode, "_launch", launch)
+        return launches
+
+    yield install
+    _cuda_decode._forget_verdicts()
+
+
+def exact(q, k_cache, v_cache, table, lens, scale):
+    """A correct launch: the fp64 oracle rounded to q's dtype."""
+    return oracle(q, k_cache, v_cache, table, lens, scale).to(q.dtype)
+
+
+def check_fails_once(message: str):
+    from pixtral_fast import ops
+
+    with pytest.warns(RuntimeWarning, match="failed its self-check") as seen:
+        assert not _cuda_decode.available("cuda:0")
+        assert not _cuda_decode.available("cuda:0")  # the verdict is final: no second check
+        assert ops.decode_backend("cuda:0", torch.bfloat16) == "triton"
+    assert len([w for w in seen if "self-check" in str(w.message)]) == 1
+    status = _cuda_decode.status()
+    assert message in status and "cuda:0 uses the Triton kernel" in status, status
+
+
+def test_self_check_passes_a_correct_launch(fake_extension, recwarn):
+    launches = fake_extension(exact)
+    assert _cuda_decode.available("cuda:0") and _cuda_decode.available()
+    # both dtypes, two context splits (split and merge kernels), once per device
+    assert [(dtype, splits) for _, dtype, splits in launches] == [(torch.float16, 2), (torch.bfloat16, 2)]
+    assert "self-check on" in _cuda_decode.status() and "passed" in _cuda_decode.status()
+    assert not [w for w in recwarn if "self-check" in str(w.message)]
+
+
+def test_self_check_launch_error_falls_back_to_triton(fake_extension):
+    def driver_too_old(*args):
+        raise RuntimeError("gqa_decode_attention_cuda: launch failed: CUDA driver version is insufficient "
+                           "for CUDA runtime version")
+
+    launches = fake_extension(driver_too_old)
+    check_fails_once("CUDA driver version is insufficient")
+    assert len(launches) == 1  # stopped at the first failing launch
+
+
+@pytest.mark.parametrize("fault", ["zeros", "one_element_off", "nan", "swapped_sequences"])
+def test_self_check_wrong_values_fall_back_to_triton(fake_extension, fault):
+    def wrong(q, k_cache, v_cache, table, lens, scale):
+        out = exact(q, k_cache, v_cache, table, lens, scale)
+        if fault == "zeros":
+            return torch.zeros_like(out)
+        if fault == "nan":
+            out[1, 3, 7] = float("nan")
+        elif fault == "one_element_off":  # just past the bound, in one element only
+            atol, rtol = _cuda_decode.SELF_CHECK_TOLERANCE[q.dtype]
+            out[0, 5, 100] += 2 * (atol + rtol * out[0, 5, 100].abs()) + 0.01
+        else:
+            out = out.flip(0)
+        return out
+
+    fake_extension(wrong)
+    check_fails_once("non-finite" if fault == "nan" else "wrong result")
+
+
+def test_self_check_accepts_differences_within_tolerance(fake_extension):
+    """Two correct kernels differ by rounding: half the bound everywhere must still pass."""
+    def rounded_differently(q, k_cache, v_cache, table, lens, scale):
+        out = exact(q, k_cache, v_cache, table, lens, scale).float()
+        atol, _ = _cuda_decode.SELF_CHECK_TOLERANCE[q.dtype]
+        return (out + 0.4 * atol).to(q.dtype)
+
+    fake_extension(rounded_differently)
+    assert _cuda_decode.available("cuda:0"), _cuda_decode.status()
+
+
+def test_self_check_is_per_device(fake_extension):
+    launches = fake_extension(exact)
+    assert _cuda_decode.available("cuda:0")
+    n0 = len(launches)
+
+    def raise_launch(*args):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    fake_extension(raise_launch)
+    with pytest.warns(RuntimeWarning, match="cuda:1 uses the Triton kernel"):
+        assert not _cuda_decode.available("cuda:1")
+    assert _cuda_decode.available("cuda:0") and len(launches) == n0 + 1  # device 0 kept its verdict
+    status = _cuda_decode.status()
+    assert "passed" in status and "no kernel image" in status and "cuda:1 uses the Triton kernel" in status
+
+
+def test_no_cuda_device_needs_no_check(fake_extension):
+    launches = fake_extension(exact)
+    assert _cuda_decode.available("cpu") and not launches
