@@ -1,0 +1,248 @@
+"""POST /v1/chat/completions: request -> encoded prompt -> n sequences on the AsyncEngine ->
+one JSON answer, or an SSE stream of chat.completion.chunk objects ending in `data: [DONE]`."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from mistral_common.exceptions import MistralCommonException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+
+from pixtral_fast.runtime.async_engine import Delta, EngineClosed, EngineFault, QueueFull, RequestStream
+from pixtral_fast.runtime.engine import RequestError
+from pixtral_fast.runtime.sampling import SamplingParams
+from pixtral_fast.serve import protocol as wire
+from pixtral_fast.serve.media import fetch_remote, load_images, parse_messages, with_images
+from pixtral_fast.serve.metrics import ChoiceTimer
+from pixtral_fast.serve.protocol import APIError, ChatRequest
+
+log = logging.getLogger("pixtral_fast.serve")
+RETRY_AFTER_S = 1
+SAMPLING_PARAM_NAMES = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p",
+                        "top_k": "top_k", "seed": "seed", "logprobs": "top_logprobs"}
+
+
+async def read_body(request: Request, cap: int) -> bytes:
+    """The body, refused with 413 past `cap` bytes (declared or actually sent)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > cap:
+        raise APIError(413, f"the request body is {declared} bytes; the limit is {cap} (--max-request-bytes)",
+                       code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise APIError(413, f"the request body is over the limit of {cap} bytes (--max-request-bytes)",
+                           code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def sampling_params(req: ChatRequest, prompt_tokens: int, max_model_len: int, index: int) -> SamplingParams:
+    """Choice `index` of the request. Seeded requests give choice i the seed + i, so that the n
+    choices differ and each is reproducible alone."""
+    max_new = req.max_completion_tokens or req.max_tokens or max(1, max_model_len - prompt_tokens)
+    extra = {"logprobs": req.top_logprobs or 0} if req.logprobs else {}
+    try:
+        return SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p,
+                              top_k=max(req.top_k, 0), seed=None if req.seed is None else req.seed + index, **extra)
+    except ValueError as e:
+        name = str(e).split()[0]
+        raise APIError(400, str(e), SAMPLING_PARAM_NAMES.get(name)) from None
+
+
+class ChatHandler:
+    def __init__(self, server):
+        self.server = server   # serve.app.ServerState: engine, settings, metrics, http client
+
+    async def __call__(self, request: Request):
+        s = self.server
+        arrival = time.perf_counter()
+        body = await read_body(request, s.settings.max_request_bytes)
+        try:
+            payload = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON ({e})") from None
+        req = wire.parse_request(payload)
+        if req.model is not None and req.model != s.settings.model_name:
+            raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
+                                f"{s.settings.model_name!r}", "model", "model_not_found")
+        stops = req.stop_strings()
+        encoded = await self._encode(req)
+        params = [sampling_params(req, len(encoded.tokens), s.engine.engine.max_model_len, i) for i in range(req.n)]
+        streams = await self._submit(encoded, params, stops)
+        s.metrics.prompt_tokens.inc(sum(st.prompt_tokens for st in streams))
+        timers = [ChoiceTimer(s.metrics, arrival) for _ in streams]
+        if req.stream:
+            return _SSEResponse(self._sse(req, streams, timers), streams)
+        return await self._complete(request, req, streams, timers)
+
+    async def _encode(self, req: ChatRequest):
+        s = self.server
+        messages, sources = parse_messages(req.messages, s.settings.media)
+        await fetch_remote(sources, s.settings.media, s.http)
+
+        def encode():
+            load_images(sources, s.settings.media)
+            return s.engine.engine.tokenizer.encode(with_images(messages))
+
+        try:
+            return await s.engine.run_in_pool(encode)
+        except (ValueError, MistralCommonException) as e:
+            raise APIError(400, str(e), "messages") from None
+
+    async def _submit(self, encoded, params: list[SamplingParams], stops: list[str]) -> list[RequestStream]:
+        streams: list[RequestStream] = []
+        try:
+            for p in params:
+                streams.append(await self.server.engine.submit(encoded, p, stops))
+        except BaseException as e:
+            for st in streams:
+                st.abort()
+            if isinstance(e, RequestError):
+                raise APIError(400, str(e), "messages") from None
+            if isinstance(e, (QueueFull, EngineClosed)):
+                raise APIError(503, str(e), code="server_overloaded" if isinstance(e, QueueFull) else "shutting_down",
+                               headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            if isinstance(e, EngineFault):
+                raise APIError(500, str(e), code="internal_error") from None
+            raise
+        return streams
+
+    def _logprobs(self, deltas_logprobs: list, stop_ids) -> list[dict]:
+        tok = self.server.engine.engine.tokenizer.tekken
+        out = []
+        for lp in deltas_logprobs:
+            if lp.token in stop_ids:
+                continue
+            out.append({**_token_entry(tok, lp.token, lp.logprob),
+                        "top_logprobs": [_token_entry(tok, t, v) for t, v in lp.top]})
+        return out
+
+    async def _complete(self, request: Request, req: ChatRequest, streams: list[RequestStream], timers):
+        async def one(st: RequestStream, timer: ChoiceTimer):
+            text, logprobs = [], []
+            async for delta in st:
+                timer.tokens(len(delta.token_ids))
+                text.append(delta.text)
+                logprobs += delta.logprobs
+            timer.finish(st.finish_reason)
+            return "".join(text), logprobs
+
+        work = asyncio.gather(*(one(st, t) for st, t in zip(streams, timers)))
+        watcher = asyncio.ensure_future(_client_gone(request))
+        try:
+            done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if work not in done:  # the client left: abort its sequences, answer nobody
+                work.cancel()
+                raise asyncio.CancelledError
+            results = work.result()
+        except EngineFault as e:
+            raise APIError(500, str(e), code="internal_error") from None
+        finally:
+            watcher.cancel()
+            for st in streams:
+                if st.finish_reason is None:
+                    st.abort()
+        stop_ids = streams[0].stop_token_ids
+        choices = [wire.completion_choice(i, text, st.finish_reason,
+                                          self._logprobs(lps, stop_ids) if req.logprobs else None)
+                   for i, ((text, lps), st) in enumerate(zip(results, streams))]
+        used = wire.usage(streams[0].prompt_tokens, sum(len(st.token_ids) for st in streams))
+        return JSONResponse(wire.completion_body(wire.new_id(), wire.now(), self.server.settings.model_name,
+                                                 choices, used))
+
+    async def _sse(self, req: ChatRequest, streams: list[RequestStream], timers) -> AsyncIterator[bytes]:
+        rid, created, model = wire.new_id(), wire.now(), self.server.settings.model_name
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        stop_ids = streams[0].stop_token_ids
+
+        def event(choices: list[dict], usage_: dict | None = None) -> bytes:
+            body = wire.chunk_body(rid, created, model, choices, include_usage, usage_)
+            return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+
+        for i in range(len(streams)):
+            yield event([wire.chunk_choice(i, {"role": "assistant", "content": ""},
+                                           logprobs=None)])
+        try:
+            async for i, delta in _merge(streams):
+                timers[i].tokens(len(delta.token_ids))
+                logprobs = self._logprobs(delta.logprobs, stop_ids) if req.logprobs else None
+                if delta.text or logprobs:
+                    yield event([wire.chunk_choice(i, {"content": delta.text}, logprobs=logprobs)])
+                if delta.finish_reason is not None:
+                    timers[i].finish(delta.finish_reason)
+                    yield event([wire.chunk_choice(i, {}, delta.finish_reason)])
+        except EngineFault as e:
+            self.server.metrics.errors.labels("500").inc()
+            yield b"data: " + json.dumps(APIError(500, str(e), code="internal_error").body()).encode() + b"\n\n"
+        else:
+            if include_usage:
+                used = wire.usage(streams[0].prompt_tokens, sum(len(st.token_ids) for st in streams))
+                yield event([], used)
+        yield b"data: [DONE]\n\n"
+
+
+def _token_entry(tok, token: int, logprob: float) -> dict:
+    raw = tok.id_to_byte_piece(token, "keep")
+    return {"token": raw.decode("utf-8", errors="replace"), "logprob": wire.finite(logprob), "bytes": list(raw)}
+
+
+async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Delta]]:
+    """(choice index, delta) from all streams as they come; one stream is read directly."""
+    if len(streams) == 1:
+        async for delta in streams[0]:
+            yield 0, delta
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, st: RequestStream):
+        try:
+            async for delta in st:
+                await queue.put((i, delta, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the reader
+            await queue.put((i, None, e))
+        await queue.put((i, None, None))
+
+    tasks = [asyncio.ensure_future(pump(i, st)) for i, st in enumerate(streams)]
+    try:
+        live = len(streams)
+        while live:
+            i, delta, error = await queue.get()
+            if error is not None:
+                raise error
+            if delta is None:
+                live -= 1
+                continue
+            yield i, delta
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _client_gone(request: Request, every: float = 0.25) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(every)
+
+
+class _SSEResponse(StreamingResponse):
+    """An event stream whose sequences are aborted however it ends (done, client gone, server
+    shutting down), so that no KV block outlives its client."""
+
+    def __init__(self, content, streams: list[RequestStream]):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._streams = streams
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for st in self._streams:
+                if st.finish_reason is None:
+                    st.abort()
+            await self.body_iterator.aclose()

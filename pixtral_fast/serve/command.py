@@ -1,0 +1,198 @@
+"""`pixtral-fast serve`: the OpenAI-compatible server. Flag names follow vLLM's where it has one.
+
+    pixtral-fast serve --model DIR [--host 127.0.0.1] [--port 8000] [--dtype auto] ...
+    pixtral-fast serve --tiny            # the embedded tiny checkpoint: try it with no weights
+    python -m pixtral_fast.serve.command ...   # the same, without the pixtral-fast entry point
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import re
+import signal
+import socket
+import sys
+from pathlib import Path
+
+DTYPE_NAMES = {"auto": None, "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+               "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32"}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def byte_size(text: str) -> int:
+    """'8GiB', '512M', '1048576' -> bytes (binary units)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 8GiB, 512MiB, 1048576)")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2).lower() or " "))
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_serve_command(subparsers) -> argparse.ArgumentParser:
+    s = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (chat completions with images)")
+    add_serve_arguments(s)
+    s.set_defaults(func=run_serve)
+    return s
+
+
+def add_serve_arguments(s: argparse.ArgumentParser) -> None:
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="checkpoint folder (consolidated or HF format)")
+    src.add_argument("--tiny", action="store_true", help="serve the embedded tiny checkpoint (random weights, "
+                     "made on first use): try the server with no download")
+    s.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
+                   help="dummy: random weights from --model's params.json/config.json (benchmarks)")
+    s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on stderr)")
+    s.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    s.add_argument("--dtype", choices=DTYPE_NAMES, default="auto", help="auto: bfloat16 on a GPU, float32 on the CPU")
+    s.add_argument("--backend", choices=("auto", "fast", "reference"), default="auto")
+    s.add_argument("--served-model-name", default=None, help="the `model` clients send (default: the folder name)")
+    s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/*")
+    s.add_argument("--max-images-per-prompt", type=positive_int, default=8)
+    s.add_argument("--max-image-pixels", type=positive_int, default=4096 * 4096,
+                   help="largest decoded input image, in pixels (checked before decoding)")
+    s.add_argument("--max-image-bytes", type=byte_size, default=20 << 20, help="largest encoded image")
+    s.add_argument("--max-request-bytes", type=byte_size, default=32 << 20, help="largest request body (413 past it)")
+    s.add_argument("--media-fetch-timeout", type=float, default=10.0, help="seconds to fetch an http(s) image")
+    s.add_argument("--allowed-local-media-path", type=Path, default=None,
+                   help="allow file:// image URLs under this folder (refused otherwise)")
+    s.add_argument("--max-waiting", type=positive_int, default=256,
+                   help="waiting sequences before new requests get 503 + Retry-After")
+    s.add_argument("--shutdown-grace", type=float, default=10.0,
+                   help="on SIGTERM/SIGINT, seconds in-flight requests get to finish before they are aborted")
+    s.add_argument("--disable-uvicorn-access-log", action="store_true")
+    s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    e = s.add_argument_group("engine limits (Engine.from_pretrained)")
+    e.add_argument("--max-num-seqs", "--max-batch-size", dest="max_num_seqs", type=positive_int, default=None,
+                   help="sequences decoded together (default: the engine's)")
+    e.add_argument("--max-model-len", type=positive_int, default=None, help="prompt + generation (default: the model's)")
+    e.add_argument("--max-num-batched-tokens", type=positive_int, default=None, help="prompt tokens prefilled per step")
+    e.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="fraction of the free GPU memory the KV cache takes")
+    e.add_argument("--kv-cache-memory", type=byte_size, default=None, help="KV cache size in bytes (e.g. 8GiB)")
+    e.add_argument("--num-gpu-blocks-override", type=positive_int, default=None, help="KV cache size in blocks")
+    e.add_argument("--block-size", type=int, default=None, help="tokens per KV block (16..256, a power of two)")
+    e.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    e.add_argument("--nvtx", action="store_true", help="NVTX ranges around prefill, ViT and decode steps")
+
+
+def engine_limits(a) -> dict:
+    chosen = {"max_batch_size": a.max_num_seqs, "max_model_len": a.max_model_len,
+              "max_prefill_tokens": a.max_num_batched_tokens, "gpu_memory_fraction": a.gpu_memory_utilization,
+              "memory_bytes": a.kv_cache_memory, "num_blocks": a.num_gpu_blocks_override, "block_size": a.block_size}
+    limits = {k: v for k, v in chosen.items() if v is not None}
+    if a.enforce_eager:
+        limits["use_cuda_graphs"] = False
+    limits["nvtx"] = a.nvtx
+    limits["progress"] = sys.stderr.isatty()
+    return limits
+
+
+def build_engine(a):
+    import torch
+
+    from pixtral_fast.model.load import default_device, read_args
+    from pixtral_fast.runtime.engine import Engine
+    from pixtral_fast.tokenizer import Tokenizer
+
+    device = torch.device(a.device) if a.device else default_device()
+    name = DTYPE_NAMES[a.dtype] or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, name)
+    limits = engine_limits(a)
+    if a.tiny:
+        from pixtral_fast.demo import default_dir
+        from pixtral_fast.tiny import make_tiny
+
+        folder = default_dir()
+        if not (folder / "consolidated.safetensors").is_file():
+            make_tiny(folder, seed=0)
+        return Engine.from_pretrained(folder, device=device, dtype=dtype, backend=a.backend, **limits), "pixtral-fast-tiny"
+    folder = Path(a.model)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--model {folder}: no such folder")
+    if a.load_format == "dummy":
+        from pixtral_fast.benchmark import random_model
+        from pixtral_fast.runtime.config import EngineConfig
+
+        model = random_model(read_args(folder), device, dtype).set_backend(a.backend)
+        return Engine(model, Tokenizer.for_checkpoint(folder), EngineConfig(**limits)), folder.resolve().name
+    return Engine.from_pretrained(folder, device=device, dtype=dtype, backend=a.backend, **limits), folder.resolve().name
+
+
+def build_settings(a, default_name: str):
+    from pixtral_fast.serve.app import ServerSettings
+    from pixtral_fast.serve.media import MediaLimits
+
+    root = a.allowed_local_media_path
+    if root is not None and not root.is_dir():
+        raise FileNotFoundError(f"--allowed-local-media-path {root}: no such folder")
+    media = MediaLimits(max_images_per_prompt=a.max_images_per_prompt, max_image_pixels=a.max_image_pixels,
+                        max_image_bytes=a.max_image_bytes, allowed_local_media_path=root,
+                        fetch_timeout=a.media_fetch_timeout)
+    return ServerSettings(model_name=a.served_model_name or default_name, api_key=a.api_key,
+                          max_request_bytes=a.max_request_bytes, media=media, shutdown_grace=a.shutdown_grace)
+
+
+def run_serve(a) -> None:
+    import uvicorn
+
+    from pixtral_fast.runtime.async_engine import AsyncEngine
+    from pixtral_fast.serve.app import build_app
+
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((a.host, a.port))  # before loading: a taken port fails fast
+    engine, default_name = build_engine(a)
+    settings = build_settings(a, default_name)
+    tokenizer = engine.tokenizer
+    if hasattr(tokenizer, "max_image_pixels"):
+        tokenizer.max_image_pixels = a.max_image_pixels
+    print(f"pixtral-fast serve: {engine.describe()}", file=sys.stderr)
+    app = build_app(AsyncEngine(engine, max_waiting=a.max_waiting), settings)
+    config = uvicorn.Config(app, log_level=a.log_level, access_log=not a.disable_uvicorn_access_log,
+                            timeout_graceful_shutdown=a.shutdown_grace, lifespan="on")
+    host, port = sock.getsockname()[:2]
+    print(f"pixtral-fast serve: model {settings.model_name!r} on http://{host}:{port}", file=sys.stderr, flush=True)
+    _graceful_server(config).run(sockets=[sock])
+
+
+def _graceful_server(config):
+    """uvicorn's Server, except that a graceful stop on SIGTERM/SIGINT exits 0: uvicorn re-raises
+    the signal once it has shut down, which would end the process *by* that signal."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    return Server(config)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="pixtral-fast serve", description="OpenAI-compatible HTTP server")
+    add_serve_arguments(p)
+    a = p.parse_args(argv)
+    try:
+        run_serve(a)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"pixtral-fast: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Prometheus metrics of one server (its own registry, so that several apps in one process,
+as in tests, never share counters). Gauges read the engine thread's last snapshot, taken between
+steps; latencies are measured where the client sees them, as tokens reach the HTTP layer."""
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from pixtral_fast.runtime.async_engine import AsyncEngine
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.2, 0.4,
+               0.75, 1.0, 2.5, 5.0)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+PREFIX = "pixtral_fast_"
+
+
+class ServerMetrics:
+    def __init__(self, async_engine: AsyncEngine):
+        self.registry = r = CollectorRegistry()
+        snap = lambda key: (lambda: async_engine.snapshot[key])  # noqa: E731
+        for name, doc, key in (("kv_cache_used_blocks", "KV cache blocks held by sequences", "used_blocks"),
+                               ("kv_cache_total_blocks", "KV cache blocks in all (scratch block excluded)",
+                                "total_blocks"),
+                               ("requests_running", "sequences in the running batch", "running"),
+                               ("requests_waiting", "sequences waiting to start (queued or preempted)", "waiting")):
+            Gauge(PREFIX + name, doc, registry=r).set_function(snap(key))
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "prompt tokens prefilled (once per choice)",
+                                     registry=r)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "tokens generated", registry=r)
+        self.finished = Counter(PREFIX + "requests_finished", "finished sequences by finish reason",
+                                ["finish_reason"], registry=r)
+        self.errors = Counter(PREFIX + "http_errors", "error responses by status code", ["status"], registry=r)
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "request arrival to its first token",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram(PREFIX + "inter_token_latency_seconds", "time between tokens of a sequence",
+                             buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "request arrival to its last token",
+                             buckets=E2E_BUCKETS, registry=r)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class ChoiceTimer:
+    """Latencies of one sequence, fed with each delivery of tokens."""
+
+    def __init__(self, metrics: ServerMetrics, arrival: float):
+        self.metrics, self.arrival, self.last = metrics, arrival, None
+
+    def tokens(self, n: int) -> None:
+        if n == 0:
+            return
+        t = time.perf_counter()
+        m = self.metrics
+        m.generation_tokens.inc(n)
+        if self.last is None:
+            m.ttft.observe(t - self.arrival)
+            n -= 1
+        if n and self.last is not None:
+            gap = (t - self.last) / n  # tokens delivered together share the interval
+            for _ in range(n):
+                m.itl.observe(gap)
+        self.last = t
+
+    def finish(self, reason: str) -> None:
+        self.metrics.e2e.observe(time.perf_counter() - self.arrival)
+        self.metrics.finished.labels(reason).inc()

@@ -1,0 +1,163 @@
+"""The wire format of the OpenAI chat-completions API: the request model (pydantic, strict
+types, finite floats), OpenAI-style errors, and the response / stream-chunk builders."""
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+MAX_N = 16            # choices per request
+MAX_STOP = 16         # stop strings per request
+MIN_LOGPROB = -9999.0  # -inf (an impossible token) is not valid JSON; OpenAI's clients see a floor
+
+
+class APIError(Exception):
+    """An error answered as {"error": {"message", "type", "param", "code"}} with this status."""
+
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+             405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error",
+             500: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """The fields we serve; others an OpenAI client may send are ignored, unless they ask for
+    something we do not do (then 400 rather than a silently different answer)."""
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str | None = None
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: FiniteFloat = Field(default=1.0, ge=0.0)
+    top_p: FiniteFloat = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=-1)                     # extension (vLLM's): 0 or -1 = no limit
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    user: str | None = None                                  # accepted and ignored
+    # asked-for features we do not have: refused by name
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    logit_bias: Any = None
+    frequency_penalty: FiniteFloat | None = None
+    presence_penalty: FiniteFloat | None = None
+
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP:
+            raise APIError(400, f"stop: at most {MAX_STOP} stop strings, got {len(stops)}", "stop")
+        if any(not s for s in stops):
+            raise APIError(400, "stop: stop strings must be non-empty", "stop")
+        return stops
+
+    def check_supported(self) -> None:
+        for name in ("tools", "tool_choice", "functions", "function_call", "logit_bias"):
+            if getattr(self, name) not in (None, [], {}, "none", "auto"):
+                raise APIError(400, f"{name} is not supported by this server", name)
+        if self.response_format not in (None, {"type": "text"}):
+            raise APIError(400, "response_format: only {\"type\": \"text\"} is supported", "response_format")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name) not in (None, 0.0):
+                raise APIError(400, f"{name} is not supported by this server (only 0)", name)
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs: true", "top_logprobs")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options: only allowed with stream: true", "stream_options")
+
+
+def parse_request(payload: Any) -> ChatRequest:
+    if not isinstance(payload, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        request = ChatRequest.model_validate(payload)
+    except ValidationError as e:
+        raise validation_error(e.errors()) from None
+    request.check_supported()
+    return request
+
+
+def validation_error(errors: list[dict]) -> APIError:
+    """pydantic's / FastAPI's first error as a 400 naming the parameter."""
+    first = errors[0]
+    loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path")]
+    param = ".".join(loc) or None
+    message = first.get("msg", "invalid request")
+    if first.get("type") == "missing":
+        message = "a required field is missing"
+    return APIError(400, f"{param}: {message}" if param else message, param)
+
+
+# -- responses ------------------------------------------------------------------------------------
+
+def new_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def finite(x: float) -> float:
+    return x if math.isfinite(x) else MIN_LOGPROB
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(rid: str, created: int, model: str, choices: list[dict], usage_: dict) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+            "usage": usage_, "system_fingerprint": None}
+
+
+def completion_choice(index: int, text: str, finish_reason: str, logprobs: list | None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
+            "finish_reason": finish_reason}
+
+
+def chunk_body(rid: str, created: int, model: str, choices: list[dict], include_usage: bool,
+               usage_: dict | None = None) -> dict:
+    body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": choices, "system_fingerprint": None}
+    if include_usage:
+        body["usage"] = usage_
+    return body
+
+
+def chunk_choice(index: int, delta: dict, finish_reason: str | None = None, logprobs: list | None = None) -> dict:
+    return {"index": index, "delta": delta,
+            "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
+            "finish_reason": finish_reason}
+
+
+def models_body(name: str, created: int, max_model_len: int) -> dict:
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
+                                        "owned_by": "pixtral-fast", "max_model_len": max_model_len}]}
