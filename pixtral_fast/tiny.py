@@ -1,12 +1,15 @@
 """Tiny checkpoints in the real consolidated format, made from a seed: params.json,
 consolidated.safetensors (bf16) and tekken.json (the real Pixtral tokenizer that mistral_common
-ships). The vocabulary stays the real 131072 so that every Tekken id decodes."""
+ships). The vocabulary stays the real 131072 so that every Tekken id decodes. `hf_config` writes
+the same model as an HF Llava/Pixtral config.json (no transformers needed)."""
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,3 +54,33 @@ def make_tiny(folder: str | Path, seed: int = 0, args: ModelArgs = TINY_ARGS) ->
     save_consolidated(random_state_dict(args, seed), args, folder)
     shutil.copyfile(tekken_file(), folder / "tekken.json")
     return folder
+
+
+def hf_config(args: ModelArgs = TINY_ARGS) -> dict[str, Any]:
+    """The config.json that HF's LlavaForConditionalGeneration saves for this model."""
+    t, v = args.text, args.vision
+    if v is None:
+        raise ValueError("hf_config: an HF Llava config needs a vision encoder (args.vision is None)")
+    return {
+        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+        "image_token_index": v.image_token_id, "projector_hidden_act": "gelu", "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "full", "multimodal_projector_bias": v.adapter_bias,
+        "text_config": {
+            "model_type": "mistral", "hidden_size": t.dim, "num_hidden_layers": t.n_layers, "head_dim": t.head_dim,
+            "intermediate_size": t.hidden_dim, "num_attention_heads": t.n_heads, "num_key_value_heads": t.n_kv_heads,
+            "rope_theta": t.rope_theta, "rms_norm_eps": t.norm_eps, "vocab_size": t.vocab_size,
+            "max_position_embeddings": t.max_seq_len, "sliding_window": None, "hidden_act": "silu",
+            "tie_word_embeddings": False},
+        "vision_config": {
+            "model_type": "pixtral", "hidden_size": v.hidden_size, "num_channels": v.num_channels,
+            "image_size": v.image_size, "patch_size": v.patch_size, "rope_theta": v.rope_theta,
+            "intermediate_size": v.intermediate_size, "num_hidden_layers": v.num_hidden_layers,
+            "num_attention_heads": v.num_attention_heads, "head_dim": v.head_dim, "hidden_act": "silu"},
+    }
+
+
+def write_hf_config(folder: str | Path, args: ModelArgs = TINY_ARGS) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(hf_config(args), indent=2) + "\n")
+    return folder / "config.json"
