@@ -100,7 +100,7 @@ def test_request_that_never_fits_fails_alone(model):
 def test_growth_to_the_whole_cache_ends_with_length(model):
     eng = engine(model, num_blocks=3)  # 32 tokens of room
     seq = eng.add_request(Encoded(tokens=[1, 3, 1001, 4], images=[]),
-                          pf.SamplingParams(max_new_tokens=100, stop_token_ids=(-1,)))
+                          pf.SamplingParams(max_new_tokens=100, stop_token_ids=(0,)))  # <unk>: never sampled here
     while eng.has_unfinished():
         eng.step()
     # 32 tokens cached, and the 33rd (sampled from them) has nowhere to go: kept, then it ends
@@ -128,9 +128,9 @@ def test_prompt_longer_than_max_context(model):
 
 def test_bad_requests_fail_with_a_message(model, tmp_path):
     eng = engine(model)
-    with pytest.raises(pf.RequestError, match=r"holds 2 \[IMG\] tokens but its images give 0"):
+    with pytest.raises(pf.RequestError, match=r"image tokens at position 1 beyond the \[IMG\] blocks of the 0 images"):
         eng.generate(Encoded(tokens=[1, 10, 10, 4], images=[]))
-    with pytest.raises(pf.RequestError, match=r"tokens must lie in \[0, 131072\)"):
+    with pytest.raises(pf.RequestError, match=r"token ids must lie in \[0, 131072\); got 200000"):
         eng.generate(Encoded(tokens=[1, 200000], images=[]))
     with pytest.raises(ValueError, match="top_p"):
         eng.generate(chat("hi"), top_p=0.0)

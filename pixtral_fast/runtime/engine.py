@@ -1,62 +1,50 @@
 """The engine: requests in, completions (or text streams) out.
 
-Each step admits waiting requests, prefills them together (their images through one packed ViT
-pass, their prompts through one varlen causal pass that fills the paged cache), then runs one
-decode step for every running sequence through the (graph-captured) DecodeRunner."""
+Each step admits waiting requests, prefills them together (runtime/prefill.py), then runs one
+decode step for every running sequence through the (graph-captured) DecodeRunner.
+
+Thread model: one lock guards the scheduler, the block manager, the cache and the runner. step(),
+add_request() (past tokenization, which runs unlocked) and abort() take it. generate() and
+stream() called from several threads on one engine batch together: each caller steps the shared
+batch until its own sequences finish, and a step advances every running sequence, whoever added
+it. Sampling is keyed by (seed, token index), never by batch composition, so each caller gets the
+answer it would get alone.
+
+Faults: a step never leaves the engine inconsistent. If a batched prefill or decode raises, each
+of its sequences is run alone, so that a fault that follows one request ends only that request
+(finish_reason "error", the exception in .error); the retry rewrites the same cache slots. A
+KeyboardInterrupt / SystemExit puts every running sequence back in the queue (blocks freed; they
+re-prefill later, as after a preemption) and is re-raised; generate() and stream() abort their own
+requests on any exit."""
 from __future__ import annotations
 
 import itertools
 import logging
 import secrets
+import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from mistral_common.protocol.instruct.request import ChatCompletionRequest
-
 from pixtral_fast import _cuda_decode, ops
 from pixtral_fast.model.pixtral import Pixtral
-from pixtral_fast.model.text import AttentionMetadata
 from pixtral_fast.runtime.config import CPU_CACHE_BYTES, EngineConfig
 from pixtral_fast.runtime.detokenize import IncrementalDetokenizer
 from pixtral_fast.runtime.graphs import DecodeRow, DecodeRunner
 from pixtral_fast.runtime.kv_cache import BlockManager, PagedKVCache, plan_cache
+from pixtral_fast.runtime.prefill import prefill
 from pixtral_fast.runtime.profiling import nvtx_range
-from pixtral_fast.runtime.sampling import SamplingParams, sample
+from pixtral_fast.runtime.requests import Completion, EngineStats, RequestError, describe_failure, is_batch
+from pixtral_fast.runtime.sampling import SamplingParams, StepOutput
 from pixtral_fast.runtime.scheduler import Scheduler, Sequence
 from pixtral_fast.tokenizer import Encoded, Tokenizer
 
+__all__ = ["Engine", "Completion", "EngineStats", "RequestError", "is_batch"]
 
 log = logging.getLogger("pixtral_fast")
-
-
-class RequestError(ValueError):
-    """This request cannot be served (the message says why); other requests are unaffected."""
-
-
-@dataclass
-class Completion:
-    text: str
-    tokens: list[int]           # the new token ids (a final stop token included)
-    prompt_tokens: int
-    finish_reason: str          # "stop" | "length" | "error" | "abort" (a stream closed early)
-    error: str | None = None
-
-
-@dataclass
-class EngineStats:
-    """Wall time of prefill and decode steps (each ends in a host read of the sampled tokens, so
-    GPU work is included)."""
-    prefill_seconds: float = 0.0
-    prefill_tokens: int = 0
-    prefill_images: int = 0
-    vit_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    decode_steps: int = 0
-    decode_tokens: int = 0
 
 
 class Engine:
@@ -81,6 +69,7 @@ class Engine:
             self.runner.capture(greedy_only=True, progress=config.progress)
         self.stats = EngineStats()
         self._ids = itertools.count()
+        self._lock = threading.RLock()  # see the thread model above
 
     def describe(self) -> str:
         """Which implementation runs what: said once, never silently chosen."""
@@ -97,7 +86,9 @@ class Engine:
         """The checkpoint's tokenizer; Pixtral's Tekken from mistral_common when none was given
         (loaded on first use, so token-level callers never need it)."""
         if self._tokenizer is None:
-            self._tokenizer = Tokenizer.default()
+            with self._lock:
+                if self._tokenizer is None:
+                    self._tokenizer = Tokenizer.default()
         return self._tokenizer
 
     @classmethod
@@ -114,45 +105,59 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def add_request(self, request: Any, params: SamplingParams) -> Sequence:
-        """request: Encoded (token ids + images), a ChatCompletionRequest, or a message list. A
-        request that cannot be served comes back already finished, with finish_reason 'error'."""
+    def _admissible(self, params: SamplingParams) -> SamplingParams:
+        """ValueError (naming the parameter) for parameters this model cannot honour; the stop
+        tokens default to the tokenizer's end of sequence."""
+        params.check_vocab(self.model.args.text.vocab_size)
         if not params.stop_token_ids:
             params = replace(params, stop_token_ids=(self.tokenizer.eos_id,))
-        seq = Sequence(id=next(self._ids), prompt=[], images=[], params=params,
+        return params
+
+    def add_request(self, request: Any, params: SamplingParams) -> Sequence:
+        """request: Encoded (token ids + images), a ChatCompletionRequest, or a message list.
+        Thread-safe. Parameters this model cannot honour raise ValueError before admission; a
+        request that cannot be tokenized or checked comes back already finished, with
+        finish_reason 'error' and the reason in .error."""
+        params = self._admissible(params)
+        with self._lock:
+            seq_id = next(self._ids)
+        seq = Sequence(id=seq_id, prompt=[], images=[], params=params,
                        seed=params.seed if params.seed is not None else secrets.randbits(62))
-        try:
+        try:  # unlocked: tokenizing and decoding images must not stall the other callers' steps
             encoded = request if isinstance(request, Encoded) else self.tokenizer.encode(request)
-            seq.prompt = list(encoded.tokens)
-            seq.images = [torch.as_tensor(img) for img in encoded.images]
-            self._check_request(seq)
-        except ValueError as e:
-            self.scheduler.fail(seq, str(e))
+            images = [torch.as_tensor(img) for img in encoded.images]
+            self.model.check_request(encoded.tokens, images)
+            seq.prompt, seq.images = [int(t) for t in encoded.tokens], images
+        except Exception as e:  # whatever the tokenizer or the checks raise, the request fails alone
+            seq.finish_reason, seq.error = "error", describe_failure(e)
             return seq
-        self.scheduler.add(seq)
+        with self._lock:
+            self.scheduler.add(seq)
         return seq
 
-    def _check_request(self, seq: Sequence) -> None:
-        """What prefill would trip over, found before the request joins a batch."""
-        model = self.model
-        model.check_tokens(torch.tensor(seq.prompt, dtype=torch.int64))
-        if seq.images and model.args.vision is None:
-            raise ValueError("this checkpoint has no vision encoder; it cannot take images")
-        patches = sum(r * c for r, c in (model.vision_encoder.check_image(i, img) for i, img in enumerate(seq.images)))
-        n_img = 0 if model.args.vision is None else seq.prompt.count(model.args.vision.image_token_id)
-        if n_img != patches:
-            raise ValueError(f"the prompt holds {n_img} [IMG] tokens but its images give {patches} patches")
+    def abort(self, seq: Sequence) -> None:
+        """Ends a request now (finish_reason 'abort') and frees its cache blocks. Thread-safe;
+        does nothing to a finished request."""
+        with self._lock:
+            if not seq.finished:
+                self.scheduler.finish(seq, "abort")
 
     def generate(self, request_or_batch: Any, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None):
         """One request -> Completion (RequestError if it cannot be served); a batch -> list of
         Completions in order (failed ones carry finish_reason 'error' and the message)."""
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed)
+        params = self._admissible(SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                 top_p=top_p, top_k=top_k, seed=seed))
         batch = is_batch(request_or_batch)
-        seqs = [self.add_request(r, params) for r in (request_or_batch if batch else [request_or_batch])]
-        while not all(s.finished for s in seqs):
-            self.step()
-        out = [self._completion(s) for s in seqs]
+        seqs: list[Sequence] = []
+        try:
+            for request in request_or_batch if batch else [request_or_batch]:
+                seqs.append(self.add_request(request, params))
+            self._step_until(lambda: all(s.finished for s in seqs))
+            out = [self._completion(s) for s in seqs]
+        finally:  # an exception or an interrupt must not leave our requests holding blocks
+            for seq in seqs:
+                self.abort(seq)
         if not batch and out[0].finish_reason == "error":
             raise RequestError(out[0].error)
         for i, c in enumerate(out):
@@ -162,86 +167,121 @@ class Engine:
 
     def stream(self, request: Any, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int | None = None) -> Iterator[str]:
-        """Text increments of one request as its tokens are decoded. Closing the iterator early
-        ends the request and frees its cache blocks."""
-        seq = self.add_request(request, SamplingParams(max_new_tokens, temperature, top_p, top_k, seed))
+        """Text increments of one request as its tokens are decoded (RequestError once it fails).
+        Bad parameters raise here; the request starts at the first next(). Closing the iterator
+        early ends the request and frees its cache blocks."""
+        params = self._admissible(SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                 top_p=top_p, top_k=top_k, seed=seed))
+        return self._stream(request, params)
+
+    def _stream(self, request: Any, params: SamplingParams) -> Iterator[str]:
+        seq = self.add_request(request, params)
         detok, sent = IncrementalDetokenizer(self.tokenizer.decode), 0
         try:
             while True:
-                if seq.finish_reason == "error":
-                    raise RequestError(seq.error)
-                for token in seq.generated[sent:]:
-                    piece = "" if token in seq.params.stop_token_ids else detok.push(token)
-                    if piece:
-                        yield piece
-                sent = len(seq.generated)
-                if seq.finished:
-                    rest = detok.flush()
-                    if rest:
-                        yield rest
+                finished = seq.finished  # read before the tokens: a finished sequence's tokens are final
+                new = seq.generated[sent:]
+                sent += len(new)
+                yield from self._text(seq, detok, new, flush=finished and seq.finish_reason != "error")
+                if finished:
+                    if seq.finish_reason == "error":
+                        raise RequestError(seq.error)
                     return
-                self.step()
+                self._step_until(lambda: seq.finished or len(seq.generated) > sent)
         finally:
-            if not seq.finished:
-                self.scheduler.finish(seq, "abort")
+            self.abort(seq)
+
+    def _text(self, seq: Sequence, detok: IncrementalDetokenizer, tokens: list[int], flush: bool) -> list[str]:
+        try:
+            pieces = [detok.push(t) for t in tokens if t not in seq.params.stop_token_ids]
+            pieces.append(detok.flush() if flush else "")
+        except Exception as e:
+            message = f"detokenization failed: {describe_failure(e)}"
+            with self._lock:
+                self.scheduler.fail(seq, message)
+            raise RequestError(message) from e
+        return [p for p in pieces if p]
 
     def _completion(self, seq: Sequence) -> Completion:
         text_ids = [t for t in seq.generated if t not in seq.params.stop_token_ids]
-        return Completion(text=self.tokenizer.decode(text_ids) if text_ids else "", tokens=list(seq.generated),
-                          prompt_tokens=len(seq.prompt), finish_reason=seq.finish_reason, error=seq.error)
+        reason, error = seq.finish_reason, seq.error
+        try:
+            text = self.tokenizer.decode(text_ids) if text_ids else ""
+        except Exception as e:
+            text, reason, error = "", "error", f"detokenization failed: {describe_failure(e)}"
+        return Completion(text=text, tokens=list(seq.generated), prompt_tokens=len(seq.prompt),
+                          finish_reason=reason, error=error)
+
+    def _step_until(self, done: Callable[[], bool]) -> None:
+        """Steps the shared batch until done() holds; checked under the lock, so that a caller
+        whose sequences another thread's step just finished does not step again for nothing."""
+        while True:
+            with self._lock:
+                if done():
+                    return
+                self.step()
 
     # -- one engine step --------------------------------------------------------------------------
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        with self._lock:
+            return self.scheduler.has_work()
 
     @torch.inference_mode()
     def step(self) -> None:
+        """One prefill of the newly admitted sequences and one decode step of all running ones.
+        Thread-safe. No ordinary exception escapes (see the module docstring); a KeyboardInterrupt
+        or SystemExit requeues the running sequences, blocks freed, and is re-raised."""
+        with self._lock:
+            try:
+                self._step()
+            except Exception as e:  # outside the model calls: a bug; it ends this step's sequences, not the engine
+                log.exception("engine step failed")
+                victims = list(self.scheduler.running) or list(self.scheduler.waiting)[:1]  # progress, always
+                for seq in victims:
+                    self.scheduler.fail(seq, f"internal error in the engine step: {describe_failure(e)}")
+            except BaseException:
+                self.scheduler.requeue(list(self.scheduler.running))
+                raise
+
+    def _step(self) -> None:
+        st, nvtx = self.stats, self.config.nvtx
         newcomers = self.scheduler.admit()
-        st = self.stats
         if newcomers:
             t0 = time.perf_counter()
             st.prefill_tokens += sum(len(s.tokens) for s in newcomers)
-            with nvtx_range("prefill", self.config.nvtx):
-                self._record(newcomers, self._prefill(newcomers))
-            st.prefill_seconds += time.perf_counter() - t0
             st.prefill_images += sum(len(s.images) for s in newcomers)
+            with nvtx_range("prefill", nvtx):
+                self._run("prefill", newcomers,
+                          lambda group: prefill(self.model, self.cache, self.blocks, group, st, nvtx))
+            st.prefill_seconds += time.perf_counter() - t0
         running = [s for s in self.scheduler.reserve_decode() if not s.finished]
         if running:
             t0 = time.perf_counter()
-            with nvtx_range("decode_step", self.config.nvtx):
-                rows = [self._decode_row(s) for s in running]
-                self._record(running, self.runner.step(rows))
+            with nvtx_range("decode_step", nvtx):
+                rows = {s.id: self._decode_row(s) for s in running}
+                self._run("decode", running, lambda group: self.runner.step([rows[s.id] for s in group]))
             st.decode_seconds += time.perf_counter() - t0
             st.decode_steps += 1
             st.decode_tokens += len(running)
 
-    def _prefill(self, seqs: list[Sequence]) -> list[int]:
-        model, device = self.model, self.model.device
-        images = [img for s in seqs for img in s.images]
-        t0 = time.perf_counter()
-        with nvtx_range("vit", self.config.nvtx):
-            features = model.encode_images(images) if images else None
-            if features is not None and features.is_cuda:
-                torch.cuda.synchronize()  # only so that the ViT's share of prefill is measured
-        self.stats.vit_seconds += time.perf_counter() - t0
-        tokens = torch.tensor([t for s in seqs for t in s.tokens], dtype=torch.int64, device=device)
-        h = model.embed(tokens, features, check=False)  # _check_request matched [IMG] to patches
-        lengths = [len(s.tokens) for s in seqs]
-        slots = torch.tensor([x for s in seqs for x in self.blocks.slots(s.id)], dtype=torch.int64, device=device)
-        meta = AttentionMetadata.for_sequences(lengths, device, slot_mapping=slots)
-        h = model.decode_hidden(h, meta, self.cache.layers)
-        logits = model.logits(h[meta.cu_seqlens[1:].long() - 1])
-        return self._sample(logits, seqs).tolist()
-
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        def col(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=logits.device)
-
-        p = [s.params for s in seqs]
-        return sample(logits, col([x.temperature for x in p], torch.float32), col([x.top_k for x in p], torch.int64),
-                      col([x.top_p for x in p], torch.float32), col([s.seed for s in seqs], torch.int64),
-                      col([len(s.generated) for s in seqs], torch.int64), greedy_only=all(x.greedy for x in p))
+    def _run(self, phase: str, seqs: list[Sequence], compute: Callable[[list[Sequence]], StepOutput]) -> None:
+        """compute(seqs) and records its tokens. If a batch raises, each sequence runs alone, so a
+        fault that follows one request ends that request only; a sequence that fails alone ends
+        with the exception as its error."""
+        try:
+            out = compute(seqs)
+        except Exception as e:
+            if len(seqs) == 1:
+                log.warning("%s failed for request %d: %s", phase, seqs[0].id, describe_failure(e))
+                self.scheduler.fail(seqs[0], f"{phase} failed: {describe_failure(e)}")
+            else:
+                log.warning("%s of %d sequences failed (%s); running each alone", phase, len(seqs),
+                            describe_failure(e))
+                for seq in seqs:
+                    self._run(phase, [seq], compute)
+            return
+        self._record(seqs, out)
 
     def _decode_row(self, seq: Sequence) -> DecodeRow:
         position = len(seq.tokens) - 1  # the newest token: generated, its K/V not yet cached
@@ -249,26 +289,20 @@ class Engine:
         p = seq.params
         return DecodeRow(token=seq.generated[-1], position=position, slot=slot, blocks=self.blocks.tables[seq.id],
                          temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=seq.seed,
-                         step=len(seq.generated))
+                         step=len(seq.generated), logprobs=p.logprobs)
 
-    def _record(self, seqs: list[Sequence], tokens: list[int]) -> None:
-        for seq, token in zip(seqs, tokens):
+    def _record(self, seqs: list[Sequence], out: StepOutput) -> None:
+        for seq, token, finite, logprobs in zip(seqs, out.tokens, out.finite, out.logprobs):
             if seq.finished:
                 continue
+            if not finite:  # the sampled id is meaningless; say so rather than emit it
+                self.scheduler.fail(seq, f"the model's logits were not finite (NaN/inf) at new token "
+                                         f"{len(seq.generated)}: its weights or activations overflowed")
+                continue
             seq.generated.append(token)
+            if seq.params.logprobs is not None:
+                seq.logprobs.append(logprobs)
             if token in seq.params.stop_token_ids:
                 self.scheduler.finish(seq, "stop")
             elif len(seq.generated) >= seq.params.max_new_tokens or len(seq.tokens) >= self.max_model_len:
                 self.scheduler.finish(seq, "length")
-
-
-def is_batch(request: Any) -> bool:
-    """A list of messages (dicts or mistral_common message objects) is one conversation; a list
-    of requests (message lists, ChatCompletionRequest objects, Encoded) is a batch."""
-    if not isinstance(request, list) or not request:
-        return False
-    kinds = {isinstance(r, (list, ChatCompletionRequest, Encoded)) for r in request}
-    if kinds == {True, False}:
-        raise ValueError("a list mixes requests (message lists, ChatCompletionRequest, Encoded) with single "
-                         "messages: pass one conversation, or a list of requests")
-    return kinds == {True}

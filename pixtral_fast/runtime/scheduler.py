@@ -4,16 +4,20 @@ Admission is FIFO and waits while the KV cache lacks blocks for a prompt. A runn
 needs a new block when none is free preempts the most recently admitted one, whose blocks are freed
 and which later re-prefills its prompt and what it generated so far (recompute, as vLLM does).
 A request that could never fit fails alone, with a message; the others go on. One that grows to
-fill the whole cache by itself ends with finish_reason "length", like one that hits max_model_len."""
+fill the whole cache by itself ends with finish_reason "length", like one that hits max_model_len.
+Not thread-safe by itself: the Engine calls it under its lock."""
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from pixtral_fast.runtime.kv_cache import BlockManager
-from pixtral_fast.runtime.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from pixtral_fast.runtime.sampling import SamplingParams, TokenLogprobs
 
 
 @dataclass(eq=False)
@@ -22,10 +26,11 @@ class Sequence:
     prompt: list[int]
     images: list[torch.Tensor]
     params: SamplingParams
-    seed: int
+    seed: int                          # int64-safe: the sampling noise's counter key
     generated: list[int] = field(default_factory=list)
-    finish_reason: str | None = None   # "stop" | "length" | "error"
+    finish_reason: str | None = None   # "stop" | "length" | "error" | "abort"
     error: str | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # per generated token, when asked for
 
     @property
     def tokens(self) -> list[int]:
@@ -71,6 +76,20 @@ class Scheduler:
             self.blocks.free(seq.id)
         if seq in self.running:
             self.running.remove(seq)
+        if seq in self.waiting:  # finished before it ever started (an abort): it must never be admitted
+            self.waiting.remove(seq)
+
+    def requeue(self, seqs: list[Sequence]) -> None:
+        """Back to the front of the queue, in order, blocks freed (they re-prefill what they hold,
+        as a preempted sequence does): for a step interrupted through no fault of theirs."""
+        for seq in reversed(seqs):
+            if seq.finished or seq in self.waiting:
+                continue
+            if seq.id in self.blocks.tables:
+                self.blocks.free(seq.id)
+            if seq in self.running:
+                self.running.remove(seq)
+            self.waiting.appendleft(seq)
 
     def admit(self) -> list[Sequence]:
         """Waiting sequences that start now: FIFO, while the batch and the cache allow. The prefill
@@ -87,8 +106,9 @@ class Scheduler:
             self.running.append(seq)
             admitted.append(seq)
             budget -= n
-        if self.waiting and not self.running:  # add() guarantees a lone sequence fits
-            raise RuntimeError(f"scheduler stalled: sequence {self.waiting[0].id} cannot start in an empty cache")
+        if self.waiting and not self.running:  # add() guarantees a lone sequence fits: never waits forever
+            stuck = self.waiting[0]
+            self.fail(stuck, f"internal error: {len(stuck.tokens)} tokens cannot start in an empty cache")
         return admitted
 
     def reserve_decode(self) -> list[Sequence]:

@@ -1,0 +1,53 @@
+"""What the engine takes and hands back: how a call's argument is read (one request or a batch),
+completions, the request-level error, and step statistics."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+from pixtral_fast.tokenizer import Encoded
+
+
+class RequestError(ValueError):
+    """This request cannot be served (the message says why); other requests are unaffected."""
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[int]           # the new token ids (a final stop token included)
+    prompt_tokens: int
+    finish_reason: str          # "stop" | "length" | "error" | "abort" (a stream closed early)
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    """Wall time of prefill and decode steps (each ends in a host read of the sampled tokens, so
+    GPU work is included)."""
+    prefill_seconds: float = 0.0
+    prefill_tokens: int = 0
+    prefill_images: int = 0
+    vit_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+    decode_tokens: int = 0
+
+
+def is_batch(request: Any) -> bool:
+    """A list of messages (dicts or mistral_common message objects) is one conversation; a list
+    of requests (message lists, ChatCompletionRequest objects, Encoded) is a batch."""
+    if not isinstance(request, list) or not request:
+        return False
+    kinds = {isinstance(r, (list, ChatCompletionRequest, Encoded)) for r in request}
+    if kinds == {True, False}:
+        raise ValueError("a list mixes requests (message lists, ChatCompletionRequest, Encoded) with single "
+                         "messages: pass one conversation, or a list of requests")
+    return kinds == {True}
+
+
+def describe_failure(e: BaseException) -> str:
+    """A ValueError's message is meant for the user as is; anything else is named by its type."""
+    return str(e) if isinstance(e, ValueError) and str(e) else f"{type(e).__name__}: {e}"
