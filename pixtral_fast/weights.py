@@ -32,18 +32,34 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in build_model(args, device="meta").state_dict().items()}
 
 
+# safetensors dtype names of floating-point tensors the loader converts exactly to bf16/fp16/fp32.
+FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
+
+
 def read_shapes(files: Iterable[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
-    """name -> (shape, file) from safetensors headers, without reading tensor data."""
+    """name -> (shape, file) from safetensors headers, without reading tensor data. Every weight of
+    the model is floating point: integer, bool or fp8 tensors (a quantized or corrupt file) are
+    refused here, all named in one CheckpointError, instead of being cast into nonsense."""
     found: dict[str, tuple[tuple[int, ...], Path]] = {}
+    wrong_dtype: list[str] = []
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as st:
                 for name in st.keys():
                     if name in found:
                         raise CheckpointError(f"{name} appears in both {found[name][1]} and {f}")
-                    found[name] = (tuple(st.get_slice(name).get_shape()), f)
-        except SafetensorError as e:
+                    tensor = st.get_slice(name)
+                    found[name] = (tuple(tensor.get_shape()), f)
+                    if tensor.get_dtype() not in FLOAT_DTYPES:
+                        wrong_dtype.append(f"{name} ({tensor.get_dtype()})")
+        except (SafetensorError, OSError, ValueError) as e:
+            if isinstance(e, CheckpointError):
+                raise
             raise CheckpointError(f"{f}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    if wrong_dtype:
+        shown = wrong_dtype[:20] + ([f"... and {len(wrong_dtype) - 20} more"] if len(wrong_dtype) > 20 else [])
+        raise CheckpointError(f"{len(wrong_dtype)} tensor(s) of a non-floating dtype where floating-point weights "
+                              f"belong (expected one of {', '.join(FLOAT_DTYPES)}): " + ", ".join(shown))
     return found
 
 
@@ -121,14 +137,20 @@ def _rope_heads(name: str, args: ModelArgs) -> int | None:
 def hf_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_bytes())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+            if not all(isinstance(s, str) and s and "/" not in s and s not in (".", "..") for s in shards):
+                raise ValueError(f"shard names must be plain file names, got {shards[:5]}")
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {str(e)[:200]})") from None
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise CheckpointError(f"{index} lists shards that are not there: {missing}")
         return [folder / s for s in shards]
     files = sorted(folder.glob("model*.safetensors"))
     if not files:
-        raise CheckpointError(f"{folder}: no model*.safetensors files")
+        raise CheckpointError(f"{folder}: no model*.safetensors files (HF format) and no {CONSOLIDATED}")
     return files
 
 
@@ -142,6 +164,15 @@ def load_state_dict(folder: str | Path, args: ModelArgs, device, dtype: torch.dt
     files = hf_files(folder) if hf else [folder / CONSOLIDATED]
     found = read_shapes(files)
     source_name = {(hf_to_consolidated_name(k) if hf else k): k for k in found}
+    if len(source_name) != len(found):  # e.g. both lm_head.weight and language_model.lm_head.weight
+        first: dict[str, str] = {}
+        twice = []
+        for k in found:
+            new = hf_to_consolidated_name(k) if hf else k
+            if new in first:
+                twice.append(f"{first[new]} / {k}")
+            first.setdefault(new, k)
+        raise CheckpointError(f"{folder}: tensors that name the same weight: {', '.join(twice[:20])}")
     shapes = {new: found[old][0] for new, old in source_name.items()}
     check_keys(shapes, expected_shapes(args), str(folder))
 

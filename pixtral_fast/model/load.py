@@ -8,28 +8,66 @@ import torch
 
 from pixtral_fast.config import ModelArgs
 from pixtral_fast.model.pixtral import Pixtral, build_model
-from pixtral_fast.weights import load_state_dict
+from pixtral_fast.weights import CheckpointError, load_state_dict
 
 log = logging.getLogger("pixtral_fast")
+
+MODEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what every op accepts (DESIGN §3)
+
+
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """No checkpoint at the given path (a FileNotFoundError too, for callers that catch that)."""
 
 
 def read_args(path: str | Path) -> ModelArgs:
     """params.json (Mistral format) wins over config.json (HF format)."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointNotFound(f"{path}: no such checkpoint folder")
+    if not path.is_dir():
+        raise CheckpointNotFound(f"{path} is a file, not a checkpoint folder (a folder holding params.json + "
+                                 "consolidated.safetensors, or HF config.json + model*.safetensors)")
     if (path / "params.json").is_file():
         return ModelArgs.from_params_json(path / "params.json")
     if (path / "config.json").is_file():
         return ModelArgs.from_hf_config(path / "config.json")
-    raise FileNotFoundError(f"{path}: neither params.json (Mistral format) nor config.json (HF format) found")
+    raise CheckpointNotFound(f"{path}: neither params.json (Mistral format) nor config.json (HF format) found")
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device) -> torch.device:
+    """`device` (None: the default) as a torch.device this machine has, or a ValueError naming it:
+    'gpu', '' or 'cuda:7' on a one-GPU (or CPU-only) machine fail here, not inside the first launch."""
+    if device is None:
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r} is not a device: use 'cpu', 'cuda' or 'cuda:N'") from None
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type != "cuda":
+        raise ValueError(f"device {device!r}: only 'cpu' and 'cuda' devices are supported")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available here (no GPU, or a CPU-only torch build)")
+    count = torch.cuda.device_count()
+    if parsed.index is not None and parsed.index >= count:
+        raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    return parsed
+
+
+def check_dtype(dtype) -> torch.dtype:
+    if dtype not in MODEL_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported: use one of {', '.join(map(str, MODEL_DTYPES))}")
+    return dtype
+
+
 def load_model(path: str | Path, device=None, dtype: torch.dtype = torch.bfloat16, backend: str = "auto",
                progress: bool = True) -> Pixtral:
-    device = torch.device(device) if device is not None else default_device()
+    device, dtype = resolve_device(device), check_dtype(dtype)
     args = read_args(path)
     state = load_state_dict(path, args, device, dtype, progress=progress)
     model = build_model(args, device="meta", dtype=dtype)
