@@ -1,24 +1,31 @@
 """A thin wrapper over mistral_common: chat messages with images -> token ids + image tensors.
 
 Tokenization and image preprocessing (resizing, normalisation, the [IMG]/[IMG_BREAK]/[IMG_END]
-layout) are mistral_common's; this module only turns user-friendly inputs into its request
-objects and turns its failures on bad images into errors that say which image is wrong.
-"""
+layout) are mistral_common's; this module turns user-friendly inputs into its request objects,
+hands it images it can convert (pixtral_fast.images), and turns every failure on user input into
+a ValueError that says what is wrong, never one of mistral_common's own exception types."""
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
-from mistral_common.protocol.instruct.messages import (AssistantMessage, ImageChunk, SystemMessage,
-                                                      TextChunk, UserMessage)
+import pydantic
+from mistral_common.protocol.instruct.messages import (AssistantMessage, ImageChunk, ImageURLChunk,
+                                                      SystemMessage, TextChunk, UserMessage)
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-from PIL import Image, UnidentifiedImageError
+from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+from PIL import Image
+
+from pixtral_fast.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
+from pixtral_fast.weights import CheckpointError
+
+__all__ = ["Encoded", "Tokenizer", "load_image", "to_request"]
+
+ImageLoader = Callable[[Any, str], Image.Image]
+TEKKEN_NAMES = ("tekken.json", "tekken_240911.json")
 
 
 @dataclass
@@ -27,89 +34,131 @@ class Encoded:
     images: list[np.ndarray]  # float32 [3, H, W], as mistral_common returns them
 
 
-def load_image(image: Any, where: str = "image") -> Image.Image:
-    """A PIL image from a PIL image, a file path or a data URL; ValueError if it is not one."""
-    if isinstance(image, Image.Image):
-        img = image
-    elif isinstance(image, (str, Path)) and str(image).startswith("data:"):
-        header, _, payload = str(image).partition(",")
-        if ";base64" not in header:
-            raise ValueError(f"{where}: only base64 data URLs are supported")
-        try:
-            img = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
-            img.load()
-        except (binascii.Error, UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"{where}: the data URL does not hold a readable image ({e})") from None
-    elif isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise ValueError(f"{where}: no such image file: {path}")
-        try:
-            img = Image.open(path)
-            img.load()
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-            raise ValueError(f"{where}: {path} is not a readable image ({e})") from None
-    else:
-        raise ValueError(f"{where}: expected a PIL image, a path or a data URL, got {type(image).__name__}")
-    if img.width == 0 or img.height == 0:
-        raise ValueError(f"{where}: image has zero size ({img.width}x{img.height})")
-    return img
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: a text part needs a string 'text', got {type(value).__name__}")
+    return value
 
 
-def _chunks(content: Any, where: str) -> list:
+def _chunks(content: Any, where: str, load: ImageLoader) -> list:
     if isinstance(content, str):
         return [TextChunk(text=content)]
     if not isinstance(content, list):
-        raise ValueError(f"{where}: content must be a string or a list of parts")
+        raise ValueError(f"{where}.content must be a string or a list of parts, got {type(content).__name__}")
     out = []
     for j, part in enumerate(content):
         at = f"{where}.content[{j}]"
+        if isinstance(part, (TextChunk, ImageChunk, ImageURLChunk)):
+            out.append(_own_chunk(part, at, load))
+            continue
         if not isinstance(part, dict) or "type" not in part:
             raise ValueError(f"{at}: expected a dict with a 'type'")
         kind = part["type"]
         if kind == "text":
-            out.append(TextChunk(text=part["text"]))
+            out.append(TextChunk(text=_text(part.get("text"), at)))
         elif kind == "image":
-            out.append(ImageChunk(image=load_image(part.get("image"), at)))
+            out.append(ImageChunk(image=load(part.get("image"), at)))
         elif kind == "image_url":
-            url = part["image_url"]["url"] if isinstance(part.get("image_url"), dict) else part.get("image_url")
-            out.append(ImageChunk(image=load_image(url, at)))
+            spec = part.get("image_url")
+            url = spec.get("url") if isinstance(spec, dict) else spec
+            if not isinstance(url, str) or not url:
+                raise ValueError(f"{at}: an image_url part needs image_url.url, a non-empty string")
+            out.append(ImageChunk(image=load(url, at)))
         else:
             raise ValueError(f"{at}: unknown part type {kind!r} (text, image, image_url)")
     return out
 
 
-def to_request(messages: Any) -> ChatCompletionRequest:
-    """A ChatCompletionRequest from one, or from a list of OpenAI-style dicts / mistral_common messages."""
+def _own_chunk(chunk: Any, where: str, load: ImageLoader) -> Any:
+    """mistral_common chunks with their images loaded here (caps, modes, no URL fetching)."""
+    if isinstance(chunk, ImageChunk):
+        return ImageChunk(image=load(chunk.image, where))
+    if isinstance(chunk, ImageURLChunk):
+        return ImageChunk(image=load(chunk.get_url(), where))
+    return chunk
+
+
+def _system_or_assistant(content: Any, where: str) -> Any:
+    """A string, None, or a list of text parts (dicts or TextChunks)."""
+    if content is None or isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError(f"{where}.content must be a string or a list of text parts, got {type(content).__name__}")
+    parts = []
+    for j, part in enumerate(content):
+        if isinstance(part, TextChunk):
+            parts.append(part)
+        elif isinstance(part, dict) and part.get("type") == "text":
+            parts.append(TextChunk(text=_text(part.get("text"), f"{where}.content[{j}]")))
+        else:
+            raise ValueError(f"{where}.content[{j}]: only text parts are allowed here")
+    return parts
+
+
+def _message(m: Any, where: str, load: ImageLoader) -> Any:
+    if isinstance(m, UserMessage):
+        content = m.content if isinstance(m.content, str) else [_own_chunk(c, f"{where}.content[{j}]", load)
+                                                                for j, c in enumerate(m.content)]
+        return m.model_copy(update={"content": content})
+    if isinstance(m, (AssistantMessage, SystemMessage)) or not isinstance(m, dict):
+        return m  # anything else is refused by ChatCompletionRequest's validation, with its message
+    role = m.get("role")
+    if role == "user":
+        return UserMessage(content=_chunks(m.get("content"), where, load))
+    if role == "assistant":
+        return AssistantMessage(content=_system_or_assistant(m.get("content"), where))
+    if role == "system":
+        content = _system_or_assistant(m.get("content"), where)
+        if content is None:
+            raise ValueError(f"{where}: a system message needs content")
+        return SystemMessage(content=content)
+    raise ValueError(f"{where}: role must be user, assistant or system, got {role!r}")
+
+
+def to_request(messages: Any, load: ImageLoader = load_image) -> ChatCompletionRequest:
+    """A ChatCompletionRequest from one, or from a list of OpenAI-style dicts / mistral_common
+    messages; every image goes through `load` (a ChatCompletionRequest's own included)."""
     if isinstance(messages, ChatCompletionRequest):
-        return messages
+        return messages.model_copy(update={"messages": [_message(m, f"messages[{i}]", load)
+                                                        for i, m in enumerate(messages.messages)]})
     if isinstance(messages, dict):
         messages = [messages]
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a ChatCompletionRequest or a non-empty list of messages")
-    converted = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            converted.append(m)
-            continue
-        role, where = m.get("role"), f"messages[{i}]"
-        if role == "user":
-            converted.append(UserMessage(content=_chunks(m.get("content"), where)))
-        elif role == "assistant":
-            converted.append(AssistantMessage(content=m.get("content")))
-        elif role == "system":
-            converted.append(SystemMessage(content=m.get("content")))
-        else:
-            raise ValueError(f"{where}: role must be user, assistant or system, got {role!r}")
-    return ChatCompletionRequest(messages=converted)
+    return ChatCompletionRequest(messages=[_message(m, f"messages[{i}]", load) for i, m in enumerate(messages)])
+
+
+def user_error(e: Exception) -> ValueError:
+    """A plain ValueError saying what mistral_common (or pydantic) found wrong with the request."""
+    if type(e) is ValueError:
+        return e
+    if isinstance(e, pydantic.ValidationError):
+        details = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or e.title}: {err['msg']}" for err in e.errors())
+        return ValueError(f"the request is malformed ({e.title}): {details}")
+    return ValueError(f"the request cannot be tokenized: {e} ({type(e).__name__})")
 
 
 class Tokenizer:
     def __init__(self, mistral: MistralTokenizer):
         self.mistral = mistral
         self.tekken = mistral.instruct_tokenizer.tokenizer
-        if mistral.instruct_tokenizer.image_encoder is None:
+        encoder = mistral.instruct_tokenizer.image_encoder
+        if encoder is None:
             raise ValueError("this tokenizer has no image settings; Pixtral needs a multimodal Tekken file")
+        self.max_image_side: int = encoder.image_config.max_image_size
+        self.max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
+
+    @property
+    def max_image_pixels(self) -> int:
+        """Input images with more pixels are refused, from their header before decoding
+        (default and why: pixtral_fast.images.DEFAULT_MAX_IMAGE_PIXELS)."""
+        return self._max_image_pixels
+
+    @max_image_pixels.setter
+    def max_image_pixels(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"max_image_pixels must be a positive int, got {value!r}")
+        self._max_image_pixels = value
 
     @classmethod
     def default(cls) -> "Tokenizer":
@@ -118,13 +167,37 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Tokenizer":
-        return cls(MistralTokenizer.from_file(str(path)))
+        """A multimodal Tekken file; CheckpointError naming the file for anything else."""
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such tokenizer file")
+        try:
+            mistral = MistralTokenizer.from_file(str(path))
+        except MemoryError:
+            raise
+        except Exception as e:  # JSONDecodeError, KeyError, TokenizerException, AssertionError, ...
+            raise CheckpointError(f"{path} is not a valid Tekken tokenizer file ({type(e).__name__}: "
+                                  f"{str(e)[:200]})") from None
+        if not isinstance(mistral.instruct_tokenizer.tokenizer, Tekkenizer):
+            raise CheckpointError(f"{path} is a {type(mistral.instruct_tokenizer.tokenizer).__name__} file; "
+                                  "Pixtral needs a multimodal Tekken tokenizer (tekken.json)")
+        if mistral.instruct_tokenizer.image_encoder is None:
+            raise CheckpointError(f"{path} has no image settings; Pixtral needs a multimodal Tekken tokenizer")
+        return cls(mistral)
 
     @classmethod
     def for_checkpoint(cls, folder: str | Path) -> "Tokenizer":
-        for name in ("tekken.json", "tekken_240911.json"):
-            if (Path(folder) / name).is_file():
-                return cls.from_file(Path(folder) / name)
+        """The checkpoint's Tekken file; the Pixtral-12B-2409 one when the folder has none."""
+        folder = Path(folder)
+        if folder.is_file():
+            folder = folder.parent  # a params.json / config.json path
+        for name in TEKKEN_NAMES:
+            if (folder / name).is_file():
+                return cls.from_file(folder / name)
+        others = sorted(p.name for p in folder.glob("tokenizer.model*"))
+        if others:
+            raise CheckpointError(f"{folder / others[0]} is a SentencePiece tokenizer and the folder has no "
+                                  f"{TEKKEN_NAMES[0]}; Pixtral needs a multimodal Tekken tokenizer")
         return cls.default()
 
     @property
@@ -135,8 +208,17 @@ class Tokenizer:
     def bos_id(self) -> int:
         return self.tekken.bos_id
 
+    def load_image(self, image: Any, where: str = "image") -> Image.Image:
+        return load_image(image, where, self.max_image_pixels, self.max_image_side)
+
     def encode(self, request_or_messages: Any) -> Encoded:
-        encoded = self.mistral.encode_chat_completion(to_request(request_or_messages))
+        """Tokens and preprocessed images; ValueError for anything wrong with the request."""
+        try:
+            encoded = self.mistral.encode_chat_completion(to_request(request_or_messages, self.load_image))
+        except MemoryError:
+            raise
+        except Exception as e:
+            raise user_error(e) from None
         return Encoded(tokens=list(encoded.tokens), images=list(encoded.images))
 
     def decode(self, ids: list[int]) -> str:

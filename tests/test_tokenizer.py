@@ -92,7 +92,7 @@ def test_zero_size_image(tok):
 
 
 def test_wrong_type_and_role(tok):
-    with pytest.raises(ValueError, match="expected a PIL image, a path or a data URL, got int"):
+    with pytest.raises(ValueError, match="expected a PIL image, a path, a data URL or image bytes, got int"):
         tok.encode(user({"type": "image", "image": 7}))
     with pytest.raises(ValueError, match="role must be"):
         tok.encode([{"role": "robot", "content": "x"}])

@@ -1,0 +1,197 @@
+"""Images as mistral_common can take them: opened with a pixel cap checked from the header,
+shrunk in their own integer mode to the size mistral_common would shrink them to, and converted
+to an 8-bit mode whose RGB conversion mistral_common gets right.
+
+mistral_common converts every image to float32 at full size before it resizes (a 20000x20000
+picture takes 8 GB there) and converts any mode through `convert("RGBA")`, which clips 16-bit
+samples at 255 and reads float samples on the 0..255 scale. Resizing to mistral_common's own
+target size first leaves its token count unchanged; its resizing and normalisation still run."""
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import io
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+from PIL import Image, ImageCms
+
+# 100 megapixels: above the default output of every mainstream camera and phone (<= 50 MP), and
+# since the model sees at most 1024x1024 px, larger inputs only cost memory and time. One image at
+# the cap decodes to ~400 MB (RGBA) before it is shrunk. Raise Tokenizer.max_image_pixels for
+# more (files past 2x PIL's Image.MAX_IMAGE_PIXELS, ~179 MP, are also refused by PIL's own check).
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+
+# Modes that mistral_common's `convert("RGBA")` + composite-on-white turns into the right RGB.
+_MISTRAL_SAFE = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "HSV"}
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def mistral_target_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """The size mistral_common's ImageEncoder scales an image to before it counts patches
+    (mistral_common.tokens.tokenizers.image.ImageEncoder._image_to_num_tokens), same rounding."""
+    ratio = max(height / max_side, width / max_side)
+    if ratio <= 1:
+        return width, height
+    return max(round(width / ratio), 1), max(round(height / ratio), 1)
+
+
+def open_image(image: Any, where: str = "image", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """A PIL image (pixels not necessarily decoded yet) from a PIL image, a path, a file:// URL, a
+    base64 data URL or encoded bytes; ValueError if it is none of these, or has more than
+    `max_pixels` pixels (read from the header: nothing is decoded then)."""
+    if isinstance(image, Image.Image):
+        img = image
+    elif isinstance(image, (bytes, bytearray)):
+        img = _open_bytes(bytes(image), where, "the image bytes", max_pixels)
+    elif isinstance(image, (str, Path)):
+        img = _open_str(image, where, max_pixels)
+    else:
+        raise ValueError(f"{where}: expected a PIL image, a path, a data URL or image bytes, "
+                         f"got {type(image).__name__}")
+    pixels = img.width * img.height
+    if img.width == 0 or img.height == 0 or pixels > max_pixels:
+        if img is not image:
+            img.close()
+        if pixels:
+            raise ValueError(f"{where}: the image has {img.width}x{img.height} = {pixels} pixels; at most "
+                             f"{max_pixels} are allowed (Tokenizer.max_image_pixels)")
+        raise ValueError(f"{where}: image has zero size ({img.width}x{img.height})")
+    return img
+
+
+def _open_str(image: str | Path, where: str, max_pixels: int) -> Image.Image:
+    text = str(image)
+    if text.startswith("data:"):
+        header, _, payload = text.partition(",")
+        if ";base64" not in header:
+            raise ValueError(f"{where}: only base64 data URLs are supported")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"{where}: the data URL's payload is not valid base64") from None
+        return _open_bytes(data, where, "the data URL", max_pixels)
+    if isinstance(image, str) and _URL_SCHEME.match(text):
+        parsed = urlparse(text)
+        scheme = parsed.scheme.lower()
+        if scheme in ("http", "https"):
+            raise ValueError(f"{where}: {text[:80]!r} is an {scheme} URL; pixtral_fast does not fetch URLs "
+                             "(download the image and pass a path, bytes or a data URL; the HTTP server "
+                             "fetches URLs itself)")
+        if scheme != "file":
+            raise ValueError(f"{where}: unsupported image URL scheme {scheme!r} (data:, file://)")
+        image = Path(unquote(parsed.path))
+    path = Path(image)
+    if not path.is_file():
+        raise ValueError(f"{where}: no such image file: {path}")
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise _bomb(where, e, max_pixels) from None
+    except MemoryError:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError ...
+        raise ValueError(f"{where}: {path} is not a readable image ({type(e).__name__}: {e})") from None
+
+
+def _open_bytes(data: bytes, where: str, what: str, max_pixels: int) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise _bomb(where, e, max_pixels) from None
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{where}: {what} does not hold a readable image ({type(e).__name__}: {e})") from None
+
+
+def _bomb(where: str, e: Exception, max_pixels: int) -> ValueError:
+    """PIL refuses, from the header, files past 2x its Image.MAX_IMAGE_PIXELS before we can look."""
+    return ValueError(f"{where}: the image is too large ({e}); at most {max_pixels} pixels are allowed "
+                      "(Tokenizer.max_image_pixels; PIL's Image.MAX_IMAGE_PIXELS also applies to files)")
+
+
+def prepare_image(img: Image.Image, max_side: int, where: str = "image", owned: bool = False) -> Image.Image:
+    """The image shrunk (if it is larger) to mistral_common's target size for `max_side`, in an
+    8-bit mode mistral_common converts right. Pixels are decoded here, after the header checks.
+    owned: the image was opened here (not the caller's object), so a JPEG may be decoded shrunk."""
+    target = mistral_target_size(img.width, img.height, max_side)
+    try:
+        if owned and target != img.size and img.format == "JPEG" and img.tile:
+            img.draft(img.mode, target)  # decode at 1/2, 1/4 or 1/8 scale: never the full pixels
+        img.load()
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{where}: the image cannot be decoded ({type(e).__name__}: {e})") from None
+    scale = _sample_scale(img, where)
+    if target != img.size:
+        img = _resizable(img).resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return _eight_bit(img, scale, where)
+
+
+def _sample_scale(img: Image.Image, where: str) -> float:
+    """What a sample value of 255 * scale means white, for I and F images; read before resizing
+    (bicubic overshoot must not change the reading). Non-finite float pixels are refused."""
+    if img.mode in _SIXTEEN_BIT:
+        return 257.0
+    if img.mode == "I":
+        low, high = img.getextrema()
+        # 16-bit PNG/TIFF samples open as I; an 8-bit image widened to I stays within 0..255.
+        return 1.0 if low >= 0 and high <= 255 else 257.0
+    if img.mode == "F":
+        values = np.asarray(img)
+        if not np.isfinite(values).all():
+            raise ValueError(f"{where}: the image holds non-finite pixels (NaN or inf)")
+        # Float images in [0, 1] are on the unit scale; anything else on PIL's 0..255 scale.
+        return 1 / 255 if values.size and values.min() >= 0 and values.max() <= 1 else 1.0
+    return 1.0
+
+
+def _resizable(img: Image.Image) -> Image.Image:
+    """A mode PIL resizes with interpolation: palettes and bilevel resize with nearest only,
+    16-bit modes lack kernels for some byte orders (I stays integer: no float copy)."""
+    if img.mode == "1":
+        return img.convert("L")
+    if img.mode in ("P", "PA"):
+        return img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
+    if img.mode in _SIXTEEN_BIT:
+        return img.convert("I")
+    return img
+
+
+def _eight_bit(img: Image.Image, scale: float, where: str) -> Image.Image:
+    """An image mistral_common converts right (at most max_side x max_side here: numpy is cheap)."""
+    if img.mode in _MISTRAL_SAFE:
+        return img
+    if img.mode in _SIXTEEN_BIT or img.mode in ("I", "F"):
+        samples = np.asarray(img, dtype=np.float64) / scale
+        return Image.fromarray(np.clip(np.rint(samples), 0, 255).astype(np.uint8))
+    if img.mode == "LAB":
+        return ImageCms.applyTransform(img, _lab_to_srgb())
+    if img.mode in ("La", "RGBa"):  # premultiplied alpha
+        return img.convert(img.mode.upper())
+    try:
+        return img.convert("RGBA")
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{where}: image mode {img.mode!r} cannot be converted to RGB ({e})") from None
+
+
+@functools.cache
+def _lab_to_srgb() -> ImageCms.ImageCmsTransform:
+    """PIL's LAB mode (D50 white) to sRGB through littleCMS. NOOPTIMIZE: the optimised 8-bit
+    lookup tables are off by up to 19 levels near black; exact evaluation costs ~1 s per MP."""
+    return ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB",
+                                   flags=ImageCms.Flags.NOOPTIMIZE)
+
+
+def load_image(image: Any, where: str = "image", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               max_side: int = 1024) -> Image.Image:
+    """open_image then prepare_image: what the tokenizer hands to mistral_common."""
+    owned = not isinstance(image, Image.Image)
+    return prepare_image(open_image(image, where, max_pixels), max_side, where, owned)
