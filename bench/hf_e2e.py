@@ -1,11 +1,13 @@
 """HF transformers as the end-to-end peer of `pixtral-fast bench`: the same full-size Pixtral
 (LlavaForConditionalGeneration, random bf16 weights made on the GPU), time to first token for one
-image and greedy decode tokens/s per batch size. Prints JSON. Run by bench/device_check.sh."""
+image and greedy decode tokens/s per batch size. Prints JSON; with --out, also writes it there after
+each measurement, so that a run cut short keeps what it measured. Run by bench/device_check.sh."""
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -49,6 +51,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=1024)
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default=None, help="also write the report here, refreshed as it goes")
     a = ap.parse_args()
     args = ModelArgs.from_params_json(a.params)
     model = hf_model(args, a.device)
@@ -57,13 +60,20 @@ def main() -> None:
     pixels = prompt.images[0][None].to(a.device, torch.bfloat16)
     sizes = torch.tensor([[a.image_size, a.image_size]], device=a.device)
     report = {"peer": "transformers", "prompt_tokens": len(prompt.tokens)}
+
+    def emit(key, value):
+        report[key] = value
+        if a.out:
+            Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
+
+    emit("stage", "model built")
     model(input_ids=ids, pixel_values=pixels, image_sizes=sizes, logits_to_keep=1)  # warm-up
     sync()
     t0 = time.perf_counter()
     model(input_ids=ids, pixel_values=pixels, image_sizes=sizes, logits_to_keep=1)
     sync()
-    report["ttft_ms"] = 1e3 * (time.perf_counter() - t0)
-    report["decode"] = []
+    emit("ttft_ms", 1e3 * (time.perf_counter() - t0))
+    emit("decode", [])
     for b in a.batch:
         text = torch.randint(1000, args.text.vocab_size, (b, len(prompt.tokens)), device=a.device)
         mask = torch.ones_like(text)
@@ -79,7 +89,9 @@ def main() -> None:
         sync()
         step = (time.perf_counter() - t0 - prefill) / a.decode_steps
         assert out.shape[1] == text.shape[1] + a.decode_steps + 1
-        report["decode"].append({"batch": b, "context": text.shape[1], "step_ms": 1e3 * step, "tok_per_s": b / step})
+        emit("decode", report["decode"] + [{"batch": b, "context": text.shape[1], "step_ms": 1e3 * step,
+                                            "tok_per_s": b / step}])
+    emit("stage", "done")
     print(json.dumps(report, indent=2))
 
 

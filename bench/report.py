@@ -1,6 +1,14 @@
 """Folds one device run into one JSON report: kernel benchmarks (pytest-benchmark JSON) with the
-ratio of each peer's time to ours per group, the end-to-end bench, its HF peer, and the test
-summaries. Usage: python bench/report.py DIR  (reads DIR/*.json and *.log, writes DIR/report.json)."""
+ratio of each peer's time to ours per group, the end-to-end bench, its HF peer, the copy
+bandwidth, and every stage's record (time, limit, exit status, test summary and failures).
+Every bandwidth figure is given against both the datasheet's 4.8 TB/s and the copy bandwidth
+measured on the same device in the same run.
+
+  python -m bench.report DIR                      reads DIR/*.json, writes DIR/report.json
+  python -m bench.report stage DIR NAME SECONDS LIMIT RC [LOG]
+                                                  adds one stage's record to DIR/stages.json, then
+                                                  folds as above (no torch import: fast)
+"""
 from __future__ import annotations
 
 import json
@@ -8,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from bench.timing import OURS, ratio_table
+from bench.roofline import HBM_BYTES_PER_S, OURS, ratio_table
 
 
 def kernel_results(path: Path) -> tuple[list[dict], dict[str, dict[str, float]]]:
@@ -31,29 +39,72 @@ def speedups(groups: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]
     return out
 
 
-def pytest_summary(log: Path) -> str | None:
-    lines = [ln for ln in log.read_text(errors="replace").splitlines() if re.search(r"\d+ (passed|failed)", ln)]
-    return lines[-1].strip("= ") if lines else None
+def pytest_record(log: Path) -> dict:
+    """The summary line of a pytest log and the names of what failed (from -rfE lines)."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    lines = text.splitlines()
+    summary = [ln for ln in lines if re.search(r"\d+ (passed|failed|skipped|error|deselected)", ln)]
+    return {"summary": summary[-1].strip("= ") if summary else None,
+            "failed": [ln.split(" ", 1)[1][:300] for ln in lines if ln.startswith(("FAILED ", "ERROR "))][:50]}
+
+
+def with_copy_rooflines(node, copy_bytes_per_s: float | None):
+    """Adds fraction_of_copy_bw next to every GB/s figure (fraction_of_hbm is the datasheet's)."""
+    if isinstance(node, list):
+        return [with_copy_rooflines(x, copy_bytes_per_s) for x in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: with_copy_rooflines(v, copy_bytes_per_s) for k, v in node.items()}
+    for key in ("GB_per_s", "achieved_GB_per_s"):
+        if key in node:
+            node.setdefault("fraction_of_datasheet_4.8TB", node[key] * 1e9 / HBM_BYTES_PER_S)
+            if copy_bytes_per_s:
+                node["fraction_of_copy_bw"] = node[key] * 1e9 / copy_bytes_per_s
+    return node
+
+
+def read_json(path: Path):
+    if not (path.is_file() and path.stat().st_size):
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        return {"error": f"unreadable: {e}"}
 
 
 def main(out: Path) -> None:
     report: dict = {}
-    if (out / "bench.json").is_file():
+    env = read_json(out / "env.json") or {}
+    copy_bw = (env.get("copy_bandwidth") or {}).get("copy_bytes_per_s")
+    report["rooflines"] = {"datasheet_bytes_per_s": HBM_BYTES_PER_S, "measured_copy_bytes_per_s": copy_bw,
+                           "copy_over_datasheet": copy_bw / HBM_BYTES_PER_S if copy_bw else None}
+    if (out / "bench.json").is_file() and (out / "bench.json").stat().st_size:
         rows, groups = kernel_results(out / "bench.json")
-        report["kernels"] = rows
+        report["kernels"] = with_copy_rooflines(rows, copy_bw)
         report["ratios_vs_peers"] = ratio_table(groups)
         report["speedup_vs_fastest_peer"] = speedups(groups)
-    for name in ("e2e", "hf_e2e", "env"):
-        f = out / f"{name}.json"
-        if f.is_file() and f.stat().st_size:
-            try:
-                report[name] = json.loads(f.read_text())
-            except json.JSONDecodeError as e:
-                report[name] = {"error": f"unreadable: {e}"}
-    report["tests"] = {log.stem: pytest_summary(log) for log in sorted(out.glob("*.log"))}
+    for name in ("env", "stages", "e2e", "hf_e2e"):
+        data = read_json(out / f"{name}.json")
+        if data is not None:
+            report[name] = with_copy_rooflines(data, copy_bw)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print("\n".join(report.get("ratios_vs_peers", [])))
 
 
+def record_stage(out: Path, name: str, seconds: str, limit: str, rc: str, log: str | None = None) -> None:
+    path = out / "stages.json"
+    stages = read_json(path) or {}
+    record = {"seconds": int(seconds), "limit_s": int(limit), "rc": int(rc),
+              "timed_out": int(rc) in (124, 130, 137)}
+    if log:  # a test stage's pytest log
+        record |= pytest_record(Path(log))
+    stages[name] = record
+    path.write_text(json.dumps(stages, indent=2) + "\n")
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[1] == "stage":
+        record_stage(Path(sys.argv[2]), *sys.argv[3:])
+        main(Path(sys.argv[2]))
+    else:
+        main(Path(sys.argv[1]))

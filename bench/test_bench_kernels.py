@@ -1,7 +1,9 @@
 """Vision-path kernels against their peers, same run (our ops called as the model calls them:
 metadata checks that sync are off, since the model builds cu_seqlens on the host): varlen attention (RoPE-2D fused), RoPE-2D
 alone, the fused gated FFN, and decoder prefill attention. Real shapes on a GPU (the ViT on one
-1024x1024 image and on four mixed images; NeMo prefill at 4K tokens), tiny ones on the CPU."""
+1024x1024 image and on four mixed images; NeMo prefill at 4K tokens), tiny ones on the CPU. Each
+implementation's output is checked once against the reference (fp32 copies of the same inputs)
+before it is timed."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,9 @@ def test_vit_attention(benchmark, images, impl):
     grids = IMAGES[images]
     q, k, v, pos, cu, max_len = packed(grids)
     lengths = [r * c for r, c in grids]
+    rope = impl.endswith("+rope")
+    expected = reference.varlen_attention(q.float(), k.float(), v.float(), cu, max_len, pos=pos if rope else None)
+    output = lambda out: out  # noqa: E731
     if impl == OURS + "+rope":
         fn = lambda: ops.varlen_attention(q, k, v, cu, max_len, pos=pos, validate_indices=False)  # noqa: E731
     elif impl == OURS:
@@ -56,19 +61,22 @@ def test_vit_attention(benchmark, images, impl):
         bounds = cu.tolist()
 
         def fn():
-            for s, e in zip(bounds[:-1], bounds[1:]):
-                F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, v)))
+            return [F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, v)))
+                    for s, e in zip(bounds[:-1], bounds[1:])]
+
+        output = lambda outs: torch.cat([o.transpose(0, 1) for o in outs])  # noqa: E731
     elif impl == "sdpa_block_mask":
         seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=DEVICE), torch.tensor(lengths, device=DEVICE))
         mask = seq_id[:, None] == seq_id[None, :]
         fn = lambda: F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v)), attn_mask=mask)  # noqa: E731
+        output = lambda out: out.transpose(0, 1)  # noqa: E731
     else:
         fa = flash_attn()
         if fa is None or not ON_GPU:
             pytest.skip("flash-attn is not installed")
         fn = lambda: fa(q, k, v, cu, cu, max_len, max_len)  # noqa: E731
     measure(benchmark, fn, group=f"vit-attention-{images}", impl=impl,
-            flops=attention_flops(lengths, VIT_HEADS, 64))
+            flops=attention_flops(lengths, VIT_HEADS, 64), expected=expected, dtype=DTYPE, output=output)
 
 
 @pytest.mark.parametrize("impl", [OURS, "sdpa_causal_gqa", "flash_attn", "reference"])
@@ -79,6 +87,8 @@ def test_decoder_prefill_attention(benchmark, impl):
     q = torch.randn(n, hq, 128, device=DEVICE, dtype=DTYPE, generator=g)
     k, v = (torch.randn(n, hkv, 128, device=DEVICE, dtype=DTYPE, generator=g) for _ in range(2))
     cu = torch.tensor([0, n], device=DEVICE, dtype=torch.int32)
+    expected = reference.varlen_attention(q.float(), k.float(), v.float(), cu, n, causal=True)
+    output = lambda out: out  # noqa: E731
     if impl == OURS:
         fn = lambda: ops.varlen_attention(q, k, v, cu, n, causal=True, validate_indices=False)  # noqa: E731
     elif impl == "reference":
@@ -86,13 +96,14 @@ def test_decoder_prefill_attention(benchmark, impl):
     elif impl == "sdpa_causal_gqa":
         fn = lambda: F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),  # noqa: E731
                                                     is_causal=True, enable_gqa=True)
+        output = lambda out: out.transpose(0, 1)  # noqa: E731
     else:
         fa = flash_attn()
         if fa is None or not ON_GPU:
             pytest.skip("flash-attn is not installed")
         fn = lambda: fa(q, k, v, cu, cu, n, n, causal=True)  # noqa: E731
     measure(benchmark, fn, group=f"prefill-attention-{n}tok-{hq}x{hkv}", impl=impl,
-            flops=attention_flops([n], hq, 128, causal=True))
+            flops=attention_flops([n], hq, 128, causal=True), expected=expected, dtype=DTYPE, output=output)
 
 
 @pytest.mark.parametrize("impl", [OURS, "reference"])
@@ -100,7 +111,8 @@ def test_rope_2d(benchmark, impl):
     q, k, _, pos, _, _ = packed(IMAGES["1x1024sq"])
     fn = (lambda: ops.rope_2d(q, k, pos)) if impl == OURS else (lambda: reference.rope_2d(q, k, pos))
     nbytes = 2 * 2 * q.numel() * q.element_size() + pos.numel() * 4  # read and write q and k
-    measure(benchmark, fn, group="rope-2d-1x1024sq", impl=impl, nbytes=nbytes, cold_l2=True)
+    measure(benchmark, fn, group="rope-2d-1x1024sq", impl=impl, nbytes=nbytes, cold_l2=True,
+            expected=reference.rope_2d(q.float(), k.float(), pos), dtype=DTYPE)
 
 
 @pytest.mark.parametrize("impl", [OURS, "torch_unfused", "reference"])
@@ -116,4 +128,6 @@ def test_vit_gated_ffn(benchmark, impl):
         fn = lambda: F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)  # noqa: E731
     else:
         fn = lambda: reference.gated_ffn(x, wg, wu, wd, "silu")  # noqa: E731
-    measure(benchmark, fn, group=f"vit-ffn-{m}x{VIT_DIM}x{VIT_FFN}", impl=impl, flops=6 * m * VIT_DIM * VIT_FFN)
+    expected = reference.gated_ffn(x.float(), wg.float(), wu.float(), wd.float(), "silu")
+    measure(benchmark, fn, group=f"vit-ffn-{m}x{VIT_DIM}x{VIT_FFN}", impl=impl, flops=6 * m * VIT_DIM * VIT_FFN,
+            expected=expected, dtype=DTYPE)

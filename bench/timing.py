@@ -9,10 +9,9 @@ from collections import defaultdict
 
 import torch
 
-HBM_BYTES_PER_S = 4.8e12   # H200 HBM3e
-BF16_FLOPS = 790e12        # dense bf16 tensor-core rate measured on this H200 (DESIGN §4)
+from bench.roofline import BF16_FLOPS, HBM_BYTES_PER_S, OURS, ratio_table  # noqa: F401  (re-exported)
+
 ON_GPU = torch.cuda.is_available()
-OURS = "pixtral_fast"
 
 RESULTS: dict[str, dict[str, float]] = defaultdict(dict)  # group -> impl -> seconds
 
@@ -46,12 +45,34 @@ def event_seconds(fn, reps: int, cold: bool) -> float:
     return statistics.median(times)
 
 
+def check_output(actual, expected, dtype: torch.dtype, label: str) -> float:
+    """The benchmarked call's output against the reference's (computed in fp32 from the same
+    inputs), within tests/tolerances.py's bound for `dtype`: a fast wrong kernel (or a peer
+    called with the wrong layout) fails here instead of being timed. Returns the max error."""
+    from tests.tolerances import TOL
+
+    atol, rtol = TOL[dtype]
+    pairs = list(zip(actual, expected)) if isinstance(actual, (tuple, list)) else [(actual, expected)]
+    worst = 0.0
+    for a, e in pairs:
+        a, e = a.float(), e.float().to(a.device)
+        assert a.shape == e.shape, f"{label}: output shape {tuple(a.shape)} != reference {tuple(e.shape)}"
+        torch.testing.assert_close(a, e, atol=atol, rtol=rtol,
+                                   msg=lambda m: f"{label}: output differs from the reference before timing: {m}")
+        worst = max(worst, float((a - e).abs().max()) if a.numel() else 0.0)
+    return worst
+
+
 def measure(benchmark, fn, *, group: str, impl: str, flops: float | None = None, nbytes: float | None = None,
-            cold_l2: bool = False, budget_s: float = 1.0) -> float:
-    """Benchmarks fn (already warm) and records throughput; returns the seconds used for ratios."""
+            cold_l2: bool = False, budget_s: float = 1.0, expected, dtype: torch.dtype,
+            output=lambda out: out) -> float:
+    """Checks fn's output once against `expected` (output() maps it to the reference's layout),
+    then benchmarks fn and records throughput; returns the seconds used for ratios."""
     benchmark.group = group
-    fn()
+    out = fn()
     _sync()
+    benchmark.extra_info["max_abs_error_vs_reference"] = check_output(output(out), expected, dtype,
+                                                                      f"{group}/{impl}")
     t0 = time.perf_counter()
     fn()
     _sync()
@@ -75,14 +96,3 @@ def measure(benchmark, fn, *, group: str, impl: str, flops: float | None = None,
     benchmark.extra_info.update(info)
     RESULTS[group][impl] = seconds
     return seconds
-
-
-def ratio_table(results: dict[str, dict[str, float]]) -> list[str]:
-    """One line per group: our time and each peer's time over ours (> 1: we are faster)."""
-    lines = []
-    for group, impls in sorted(results.items()):
-        ours = {k: v for k, v in impls.items() if k.startswith(OURS)}
-        for name, t in ours.items():
-            peers = ", ".join(f"{p} x{impls[p] / t:.2f}" for p in sorted(impls) if not p.startswith(OURS))
-            lines.append(f"{group:<40} {name:<28} {t * 1e3:9.3f} ms   {peers}")
-    return lines

@@ -53,15 +53,19 @@ def image_tokens(rows: int, cols: int) -> list[int]:
     return out
 
 
+def hf_inputs(images: list[torch.Tensor]) -> dict:
+    """HF's image arguments: images padded into one batch, with their true sizes alongside."""
+    if not images:
+        return {}
+    h = max(i.shape[1] for i in images)
+    w = max(i.shape[2] for i in images)
+    pixels = torch.zeros(len(images), 3, h, w)
+    for j, img in enumerate(images):
+        pixels[j, :, : img.shape[1], : img.shape[2]] = img
+    return dict(pixel_values=pixels, image_sizes=torch.tensor([list(i.shape[1:]) for i in images]))
+
+
 @torch.no_grad()
 def hf_logits(model, tokens: torch.Tensor, images: list[torch.Tensor]) -> torch.Tensor:
-    """HF's logits [seq, vocab]; images padded into one batch with their true sizes alongside."""
-    kwargs = {}
-    if images:
-        h = max(i.shape[1] for i in images)
-        w = max(i.shape[2] for i in images)
-        pixels = torch.zeros(len(images), 3, h, w)
-        for j, img in enumerate(images):
-            pixels[j, :, : img.shape[1], : img.shape[2]] = img
-        kwargs = dict(pixel_values=pixels, image_sizes=torch.tensor([list(i.shape[1:]) for i in images]))
-    return model(input_ids=tokens[None], **kwargs).logits[0].float()
+    """HF's logits [seq, vocab]."""
+    return model(input_ids=tokens[None], **hf_inputs(images)).logits[0].float()
