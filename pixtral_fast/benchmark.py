@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from pixtral_fast.config import IMG_BREAK_ID, IMG_END_ID, IMG_ID, ModelArgs
-from pixtral_fast.model.load import default_device
+from pixtral_fast.model.load import check_dtype, resolve_device
 from pixtral_fast.model.pixtral import Pixtral, build_model
 from pixtral_fast.runtime.engine import Engine
 from pixtral_fast.tokenizer import Encoded
@@ -77,7 +77,7 @@ def decode_throughput(engine: Engine, batch: int, context: int, steps: int) -> d
     g = torch.Generator().manual_seed(batch)
     prompts = [Encoded(tokens=[BOS] + torch.randint(1000, vocab, (context - 1,), generator=g).tolist(), images=[])
                for _ in range(batch)]
-    seqs = [engine.add_request(p, engine_params(steps + 2)) for p in prompts]
+    seqs = [engine.add_request(p, engine_params(steps + 2, vocab)) for p in prompts]
     while any(not s.generated for s in seqs):  # prefill everyone (and one warm decode step)
         engine.step()
     engine.step()
@@ -91,15 +91,19 @@ def decode_throughput(engine: Engine, batch: int, context: int, steps: int) -> d
         engine.step()
     step_s = seconds / n_steps
     ideal_s = decode_bytes(engine.model, batch, context) / HBM_BYTES_PER_S
-    return {"batch": batch, "context": context, "step_ms": 1e3 * step_s, "tok_per_s": tokens / seconds,
+    return {"batch": batch, "context": context, "stopped_early": sum(s.finish_reason != "length" for s in seqs),
+            "step_ms": 1e3 * step_s, "tok_per_s": tokens / seconds,
             "roofline_tok_per_s": batch / ideal_s, "fraction_of_roofline": ideal_s / step_s,
             "achieved_GB_per_s": decode_bytes(engine.model, batch, context) / step_s / 1e9}
 
 
-def engine_params(max_new_tokens: int):
+def engine_params(max_new_tokens: int, vocab_size: int):
+    """Greedy, stopping only at the length limit in practice: the stop token is the last id of the
+    vocabulary instead of EOS (the engine has no "ignore EOS"; SamplingParams refuses ids outside
+    the vocabulary). A sequence that still draws it is counted in the report's stopped_early."""
     from pixtral_fast.runtime.sampling import SamplingParams
 
-    return SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=(-1,))  # never stops early
+    return SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=(vocab_size - 1,))
 
 
 def run(params, batches=(1, 8, 32), image_size=1024, decode_steps=32, context=None, device=None,
@@ -108,7 +112,16 @@ def run(params, batches=(1, 8, 32), image_size=1024, decode_steps=32, context=No
     """The report; with `out`, also written there after each section, so that a run cut short
     still leaves what it measured."""
     args = ModelArgs.from_params_json(params)
-    device = torch.device(device) if device else default_device()
+    device, dtype = resolve_device(device), check_dtype(dtype)
+    if args.vision is None:
+        raise ValueError(f"{params}: bench times an image prompt, and this model has no vision encoder")
+    patch, largest = args.vision.patch_size, args.vision.image_size
+    if image_size % patch or not patch <= image_size <= largest:
+        raise ValueError(f"image_size {image_size} must be a multiple of the patch size {patch} in "
+                         f"[{patch}, {largest}] (the model's largest image)")
+    if not batches or min(batches) < 1 or decode_steps < 1 or (context is not None and context < 2):
+        raise ValueError(f"batches {list(batches)} must be >= 1, decode_steps {decode_steps} >= 1 and context "
+                         f"{context} >= 2 (BOS + one token)")
     model = random_model(args, device, dtype).set_backend(backend)
     prompt = image_prompt(image_size, args.vision.patch_size)
     context = context or len(prompt.tokens)

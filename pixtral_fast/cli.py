@@ -1,30 +1,137 @@
-"""The `pixtral-fast` command: generate, demo, bench, make-tiny, convert-hf."""
+"""The `pixtral-fast` command: generate, demo, bench, make-tiny, convert-hf.
+
+Each subcommand is one `add_*(subparsers)` registration in COMMANDS (a serve command plugs in the
+same way). Errors follow the habits of standard tools:
+- a user error (bad arguments, device, config, checkpoint, image, sampling parameter; any
+  ValueError or OSError) prints one line `pixtral-fast: error: ...` on stderr and exits 2;
+- Ctrl-C prints `pixtral-fast: error: interrupted` and exits 130;
+- a closed stdout (`pixtral-fast generate ... | head -c 1`) ends quietly with exit 141, as a tool
+  killed by SIGPIPE does;
+- anything else is a bug: one line saying so, exit 1; `--debug` shows the traceback of any error.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
-import torch
+PROG = "pixtral-fast"
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # torch names, resolved lazily
+BACKENDS = ("auto", "fast", "reference")
+EXIT_BUG, EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the one-line error format (the usage is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
+
+
+# -- argument types (argparse turns their ArgumentTypeError into the one-line error) -----------------
+
+def device_arg(text: str):
+    from pixtral_fast.model.load import resolve_device
+
+    try:
+        return resolve_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text} is not a file")
+    return path
+
+
+def add_runtime_options(cmd: argparse.ArgumentParser, dtype: bool = True, graphs: bool = True) -> None:
+    cmd.add_argument("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
+    cmd.add_argument("--backend", choices=BACKENDS, default="auto")
+    cmd.add_argument("--nvtx", action="store_true", help="emit NVTX ranges (for nsys)")
+    if dtype:
+        cmd.add_argument("--dtype", choices=DTYPES, default="bf16")
+    if graphs:
+        cmd.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly (to profile each kernel)")
+
+
+# -- generate ---------------------------------------------------------------------------------------
+
+def check_images(paths: list[Path]) -> None:
+    """Fails before the (long) model load on a file that is not an image; reads headers only."""
+    from PIL import Image
+
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.size  # noqa: B018  (the header parsed)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise ValueError(f"--image {path} is not a readable image ({type(e).__name__}: {e})") from None
 
 
 def _generate(a) -> None:
     from pixtral_fast.runtime.engine import Engine
+    from pixtral_fast.runtime.sampling import SamplingParams
 
-    engine = Engine.from_pretrained(a.model, device=a.device, dtype=DTYPES[a.dtype], backend=a.backend,
-                                    nvtx=a.nvtx, max_batch_size=a.max_batch_size,
-                                    use_cuda_graphs=False if a.no_cuda_graphs else None)
-    print(f"pixtral-fast: {engine.describe()}", file=sys.stderr)
-    content = [{"type": "image", "image": path} for path in a.image] + [{"type": "text", "text": a.prompt}]
-    messages = [{"role": "user", "content": content}]
     sampling = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                     seed=a.seed)
-    for piece in engine.stream(messages, **sampling):
-        print(piece, end="", flush=True)
+    SamplingParams(**sampling)  # refuses nan, negatives, ... now rather than after loading 25 GB
+    check_images(a.image)
+    engine = Engine.from_pretrained(a.model, device=a.device, dtype=torch_dtype(a.dtype), backend=a.backend,
+                                    nvtx=a.nvtx, max_batch_size=a.max_batch_size,
+                                    use_cuda_graphs=False if a.no_cuda_graphs else None)
+    print(f"{PROG}: {engine.describe()}", file=sys.stderr)
+    content = [{"type": "image", "image": path} for path in a.image] + [{"type": "text", "text": a.prompt}]
+    with contextlib.closing(engine.stream([{"role": "user", "content": content}], **sampling)) as pieces:
+        for piece in pieces:
+            print(piece, end="", flush=True)
     print()
 
+
+def add_generate(sub) -> argparse.ArgumentParser:
+    g = sub.add_parser("generate", help="answer a prompt about images")
+    g.add_argument("--model", required=True, help="folder: params.json + consolidated.safetensors, or HF format")
+    g.add_argument("--image", action="append", default=[], type=existing_file, help="image file (repeatable)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-batch-size", type=int_at_least(1), default=8)
+    add_runtime_options(g)
+    g.set_defaults(func=_generate)
+    return g
+
+
+# -- demo, bench, make-tiny, convert-hf ---------------------------------------------------------------
 
 def _demo(a) -> None:
     from pixtral_fast import demo
@@ -32,14 +139,39 @@ def _demo(a) -> None:
     demo.run(a.dir, max_new_tokens=a.max_new_tokens, device=a.device, backend=a.backend)
 
 
+def add_demo(sub) -> argparse.ArgumentParser:
+    d = sub.add_parser("demo", help="run the pipeline on an embedded tiny checkpoint and image")
+    d.add_argument("--dir", default=None, help="where the tiny checkpoint lives (made if absent)")
+    d.add_argument("--max-new-tokens", type=int_at_least(1), default=24)
+    add_runtime_options(d, dtype=False, graphs=False)
+    d.set_defaults(func=_demo)
+    return d
+
+
 def _bench(a) -> None:
     from pixtral_fast import benchmark
 
     report = benchmark.run(a.params, batches=a.batch, image_size=a.image_size, decode_steps=a.decode_steps,
-                           context=a.context, device=a.device, dtype=DTYPES[a.dtype], backend=a.backend,
+                           context=a.context, device=a.device, dtype=torch_dtype(a.dtype), backend=a.backend,
                            nvtx=a.nvtx, out=a.out, cuda_graphs=not a.no_cuda_graphs)
     json.dump(report, sys.stdout, indent=2)
     print()
+
+
+def add_bench(sub) -> argparse.ArgumentParser:
+    b = sub.add_parser("bench", help="end-to-end speed: time to first token and decode tok/s")
+    b.add_argument("--params", required=True, help="params.json of the model to build")
+    b.add_argument("--random-weights", action="store_true", required=True,
+                   help="weights are made on the device (no checkpoint is read)")
+    b.add_argument("--batch", type=int_at_least(1), nargs="+", default=[1, 8, 32])
+    b.add_argument("--image-size", type=int_at_least(1), default=1024)
+    b.add_argument("--context", type=int_at_least(1), default=None,
+                   help="prompt tokens per sequence for decode (default: one image)")
+    b.add_argument("--decode-steps", type=int_at_least(1), default=32)
+    b.add_argument("--out", default=None, help="also write the report here, refreshed after each section")
+    add_runtime_options(b)
+    b.set_defaults(func=_bench)
+    return b
 
 
 def _make_tiny(a) -> None:
@@ -48,75 +180,109 @@ def _make_tiny(a) -> None:
     print(make_tiny(a.dir, seed=a.seed))
 
 
+def add_make_tiny(sub) -> argparse.ArgumentParser:
+    t = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the real format")
+    t.add_argument("dir")
+    t.add_argument("--seed", type=int_at_least(0), default=0)
+    t.set_defaults(func=_make_tiny)
+    return t
+
+
 def _convert_hf(a) -> None:
     from pixtral_fast.weights import convert_hf_to_consolidated
 
-    print(convert_hf_to_consolidated(a.src, a.dst, dtype=DTYPES[a.dtype]))
+    print(convert_hf_to_consolidated(a.src, a.dst, dtype=torch_dtype(a.dtype)))
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pixtral-fast", description="Pixtral-12B inference on one GPU")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    g = sub.add_parser("generate", help="answer a prompt about images")
-    g.add_argument("--model", required=True, help="folder: params.json + consolidated.safetensors, or HF format")
-    g.add_argument("--image", action="append", default=[], help="image file (repeatable)")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--max-batch-size", type=int, default=8)
-    g.set_defaults(func=_generate)
-
-    d = sub.add_parser("demo", help="run the pipeline on an embedded tiny checkpoint and image")
-    d.add_argument("--dir", default=None, help="where the tiny checkpoint lives (made if absent)")
-    d.add_argument("--max-new-tokens", type=int, default=24)
-    d.set_defaults(func=_demo)
-
-    b = sub.add_parser("bench", help="end-to-end speed: time to first token and decode tok/s")
-    b.add_argument("--params", required=True, help="params.json of the model to build")
-    b.add_argument("--random-weights", action="store_true", required=True,
-                   help="weights are made on the device (no checkpoint is read)")
-    b.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
-    b.add_argument("--image-size", type=int, default=1024)
-    b.add_argument("--context", type=int, default=None, help="prompt tokens per sequence for decode (default: one image)")
-    b.add_argument("--decode-steps", type=int, default=32)
-    b.add_argument("--out", default=None, help="also write the report here, refreshed after each section")
-    b.set_defaults(func=_bench)
-
-    for cmd in (g, d, b):
-        cmd.add_argument("--device", default=None)
-        cmd.add_argument("--nvtx", action="store_true", help="emit NVTX ranges (for nsys)")
-    for cmd in (g, b):
-        cmd.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly (to profile each kernel)")
-    for cmd in (g, b):
-        cmd.add_argument("--dtype", choices=DTYPES, default="bf16")
-    for cmd in (g, d, b):
-        cmd.add_argument("--backend", choices=("auto", "fast", "reference"), default="auto")
-
-    t = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the real format")
-    t.add_argument("dir")
-    t.add_argument("--seed", type=int, default=0)
-    t.set_defaults(func=_make_tiny)
-
+def add_convert_hf(sub) -> argparse.ArgumentParser:
     c = sub.add_parser("convert-hf", help="HF Llava/Pixtral folder -> consolidated format")
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--dtype", choices=DTYPES, default="bf16")
     c.set_defaults(func=_convert_hf)
+    return c
+
+
+# Each registration adds one subparser (with `func` set) to the subparsers it is given.
+COMMANDS: list[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = [
+    add_generate, add_demo, add_bench, add_make_tiny, add_convert_hf,
+]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = Parser(prog=PROG, description="Pixtral-12B inference on one GPU")
+    p.add_argument("--debug", action="store_true", help="show the traceback of any error")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for register in COMMANDS:
+        cmd = register(sub)
+        cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+# -- errors ---------------------------------------------------------------------------------------------
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """What a user can cause: bad values and files, images PIL refuses, mistral_common's request
+    errors, and running out of memory. Everything else is our bug."""
+    types: list[type[BaseException]] = [ValueError, OSError]
+    if "torch" in sys.modules:
+        types.append(sys.modules["torch"].OutOfMemoryError)
+    if "PIL.Image" in sys.modules:
+        types.append(sys.modules["PIL.Image"].DecompressionBombError)
+    if "mistral_common.exceptions" in sys.modules:
+        types.append(sys.modules["mistral_common.exceptions"].MistralCommonException)
+    return tuple(types)
+
+
+def one_line(e: BaseException) -> str:
+    """The exception's message on one line (a CheckpointError lists its problems on several)."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        text = f"{e.filename}: {e.strerror}"
+    else:
+        text = str(e) or type(e).__name__
+    out = ""
+    for line in (part.strip() for part in text.splitlines()):
+        if line:
+            out += ("" if not out else " " if out.endswith(":") else "; ") + line
+    return out
+
+
+def _fail(message: str, code: int) -> None:
+    with contextlib.suppress(OSError):  # stderr itself may be gone
+        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def _silence_stdout() -> None:
+    """After a BrokenPipeError: point stdout at /dev/null so that the interpreter's final flush
+    does not raise again (Python's documented recipe for SIGPIPE)."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
+        args = parser().parse_args(argv)
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"pixtral-fast: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers, not at exit
+    except BrokenPipeError:
+        _silence_stdout()
+        raise SystemExit(EXIT_BROKEN_PIPE) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        _fail("interrupted", EXIT_INTERRUPTED)
+    except Exception as e:  # noqa: BLE001 (the one place that turns errors into exit codes)
+        if debug:
+            raise
+        if isinstance(e, user_error_types()):
+            _fail(one_line(e), EXIT_USER_ERROR)
+        _fail(f"internal error: {type(e).__name__}: {one_line(e)} (a bug: rerun with --debug for the traceback "
+              "and report it)", EXIT_BUG)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

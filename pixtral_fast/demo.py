@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from pixtral_fast.config import IMG_BREAK_ID, IMG_END_ID, IMG_ID
-from pixtral_fast.model.load import default_device, load_model
+from pixtral_fast.model.load import load_model, resolve_device
 from pixtral_fast.runtime.engine import Engine
 from pixtral_fast.tiny import make_tiny
 from pixtral_fast.tokenizer import Tokenizer
@@ -34,6 +34,7 @@ def demo_image(width: int = 200, height: int = 120) -> Image.Image:
 
 def run(folder: Path | None = None, max_new_tokens: int = 24, device=None, backend: str = "auto") -> None:
     folder = Path(folder) if folder else default_dir()
+    device = resolve_device(device)  # before making anything: a bad device fails first
     clock = {}
 
     def timed(name, fn):
@@ -45,7 +46,6 @@ def run(folder: Path | None = None, max_new_tokens: int = 24, device=None, backe
     if not (folder / "consolidated.safetensors").is_file():
         timed("make tiny checkpoint", lambda: make_tiny(folder, seed=0))
         print(f"made a tiny checkpoint (random weights, real format) in {folder}")
-    device = torch.device(device) if device else default_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = timed("load weights", lambda: load_model(folder, device=device, dtype=dtype, backend=backend,
                                                          progress=False))

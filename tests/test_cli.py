@@ -54,3 +54,4 @@ def test_bench_reports_json(tmp_path, capsys):
     assert report["time_to_first_token"]["prompt_tokens"] == 2 + 16 + 4 + 17
     assert [d["batch"] for d in report["decode"]] == [1, 3]
     assert all(d["tok_per_s"] > 0 and 0 < d["fraction_of_roofline"] for d in report["decode"])
+    assert all(d["stopped_early"] == 0 for d in report["decode"])  # every sequence decoded every step
