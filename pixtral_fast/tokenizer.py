@@ -6,6 +6,7 @@ hands it images it can convert (pixtral_fast.images), and turns every failure on
 a ValueError that says what is wrong, never one of mistral_common's own exception types."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -16,7 +17,8 @@ from mistral_common.protocol.instruct.messages import (AssistantMessage, ImageCh
                                                       SystemMessage, TextChunk, UserMessage)
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+from mistral_common.tokens.tokenizers.sentencepiece import is_sentencepiece
+from mistral_common.tokens.tokenizers.tekken import Tekkenizer, is_tekken
 from PIL import Image
 
 from pixtral_fast.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
@@ -138,6 +140,12 @@ def user_error(e: Exception) -> ValueError:
     return ValueError(f"the request cannot be tokenized: {e} ({type(e).__name__})")
 
 
+@functools.cache
+def _default_mistral() -> MistralTokenizer:
+    """Read once per process (a 19 MB file, seconds to parse); it holds no per-request state."""
+    return MistralTokenizer.v3(is_tekken=True, is_mm=True)
+
+
 class Tokenizer:
     def __init__(self, mistral: MistralTokenizer):
         self.mistral = mistral
@@ -163,7 +171,7 @@ class Tokenizer:
     @classmethod
     def default(cls) -> "Tokenizer":
         """The Tekken tokenizer of Pixtral-12B-2409 that ships inside mistral_common (no download)."""
-        return cls(MistralTokenizer.v3(is_tekken=True, is_mm=True))
+        return cls(_default_mistral())
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Tokenizer":
@@ -171,6 +179,11 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"{path}: no such tokenizer file")
+        if is_sentencepiece(path):
+            raise CheckpointError(f"{path} is a SentencePiece tokenizer; Pixtral needs a multimodal Tekken "
+                                  "tokenizer (tekken.json)")
+        if not is_tekken(path):  # mistral_common tells the format by the name
+            raise CheckpointError(f"{path}: a Tekken tokenizer file must be named *tekken*.json")
         try:
             mistral = MistralTokenizer.from_file(str(path))
         except MemoryError:
@@ -179,8 +192,7 @@ class Tokenizer:
             raise CheckpointError(f"{path} is not a valid Tekken tokenizer file ({type(e).__name__}: "
                                   f"{str(e)[:200]})") from None
         if not isinstance(mistral.instruct_tokenizer.tokenizer, Tekkenizer):
-            raise CheckpointError(f"{path} is a {type(mistral.instruct_tokenizer.tokenizer).__name__} file; "
-                                  "Pixtral needs a multimodal Tekken tokenizer (tekken.json)")
+            raise CheckpointError(f"{path} is not a Tekken tokenizer; Pixtral needs a multimodal Tekken tokenizer")
         if mistral.instruct_tokenizer.image_encoder is None:
             raise CheckpointError(f"{path} has no image settings; Pixtral needs a multimodal Tekken tokenizer")
         return cls(mistral)
