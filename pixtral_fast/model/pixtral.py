@@ -11,6 +11,7 @@ from torch import nn
 from pixtral_fast.config import ModelArgs
 from pixtral_fast.model.adapter import VisionLanguageAdapter
 from pixtral_fast.model.common import RMSNorm, resolve_backend
+from pixtral_fast.model.patch_merger import merged_grid
 from pixtral_fast.model.text import AttentionMetadata, DecoderLayer, KVCache
 from pixtral_fast.model.vision import VisionEncoder
 
@@ -85,8 +86,16 @@ class Pixtral(nn.Module):
             if len(images):
                 raise ValueError("this checkpoint has no vision encoder; it cannot take images")
             return
+        check_image_layout(ids, self.image_grids(images), self.args.vision)
+
+    def image_grids(self, images: Sequence[ImageLike]) -> list[tuple[int, int]]:
+        """The (rows, cols) grid of [IMG] tokens each image makes: its patch grid, merged by
+        spatial_merge_size; ValueError naming the image if its pixels cannot make one."""
+        if self.args.vision is None:
+            raise ValueError("this checkpoint has no vision encoder; it cannot take images")
+        merge = self.args.vision.spatial_merge_size
         grids = [self.vision_encoder.check_image(i, _pixels(i, img)) for i, img in enumerate(images)]
-        check_image_layout(ids, grids, self.args.vision)
+        return grids if merge == 1 else [merged_grid(g, merge, i) for i, g in enumerate(grids)]
 
     def check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens.dim() != 1 or tokens.dtype not in (torch.int64, torch.int32):
