@@ -87,5 +87,10 @@ def test_bad_images_are_named(tiny_dir):
         model.encode_images([torch.zeros(1, 16, 16)])
     with pytest.raises(ValueError, match="larger than"):
         model.encode_images([torch.zeros(3, 16, 1040)])
-    with pytest.raises(ValueError, match=r"tokens hold 2 \[IMG\] tokens but the images give 1 patches"):
+    with pytest.raises(ValueError, match=r"images\[0\] has a 1x1 patch grid \(1 \[IMG\] tokens\) but its \[IMG\] block "
+                                         r"at token 1 is rows of \[2\] \[IMG\] tokens \(2 in all\) not ended by \[IMG_END\]"):
         model(torch.tensor([1, IMG_ID, IMG_ID, 4]), [torch.zeros(3, 16, 16)])
+    with pytest.raises(ValueError, match=r"images\[0\] holds non-finite pixels"):
+        model(torch.tensor([1, IMG_ID, IMG_END_ID, 4]), [torch.full((3, 16, 16), float("nan"))])
+    with pytest.raises(ValueError, match=r"image tokens at position 1 beyond the \[IMG\] blocks of the 0 images"):
+        model(torch.tensor([1, IMG_ID, IMG_END_ID, 4]))

@@ -118,10 +118,12 @@ class Pixtral(nn.Module):
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, images: Sequence[ImageLike] = ()) -> torch.Tensor:
         """Logits float32 [seq, vocab] for one causal sequence, no cache."""
-        tokens = torch.as_tensor(tokens).to(self.device)
+        tokens = torch.as_tensor(tokens)
         self.check_tokens(tokens)
         if tokens.numel() == 0:
             raise ValueError("tokens is empty")
+        self.check_request(tokens.cpu().numpy(), images)  # finite pixels, each image's [IMG] block
+        tokens = tokens.to(self.device)
         features = self.encode_images(images) if len(images) else None
         h = self.embed(tokens, features)
         meta = AttentionMetadata.for_sequences([tokens.numel()], self.device)
