@@ -3,12 +3,13 @@
 Each step admits waiting requests, prefills them together (runtime/prefill.py), then runs one
 decode step for every running sequence through the (graph-captured) DecodeRunner.
 
-Thread model: one lock guards the scheduler, the block manager, the cache and the runner. step(),
-add_request() (past tokenization, which runs unlocked) and abort() take it. generate() and
-stream() called from several threads on one engine batch together: each caller steps the shared
-batch until its own sequences finish, and a step advances every running sequence, whoever added
-it. Sampling is keyed by (seed, token index), never by batch composition, so each caller gets the
-answer it would get alone.
+Thread model: one lock guards the scheduler, the block manager, the cache and the runner; step()
+and abort() take it (abort waits for a step in flight). add_request() never waits for a step: it
+tokenizes and checks the request unlocked and leaves it in a thread-safe inbox that the next step
+moves into the queue. generate() and stream() called from several threads on one engine batch
+together: each caller steps the shared batch until its own sequences finish, and a step advances
+every running sequence, whoever added it. Sampling is keyed by (seed, token index), never by the
+batch, so each caller gets the answer it would get alone.
 
 Faults: a step never leaves the engine inconsistent. If a batched prefill or decode raises, each
 of its sequences is run alone, so that a fault that follows one request ends only that request
@@ -23,6 +24,7 @@ import logging
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -70,6 +72,7 @@ class Engine:
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._lock = threading.RLock()  # see the thread model above
+        self._inbox: deque[Sequence] = deque()  # added, not yet queued: append/popleft are thread-safe
 
     def describe(self) -> str:
         """Which implementation runs what: said once, never silently chosen."""
@@ -115,15 +118,13 @@ class Engine:
 
     def add_request(self, request: Any, params: SamplingParams) -> Sequence:
         """request: Encoded (token ids + images), a ChatCompletionRequest, or a message list.
-        Thread-safe. Parameters this model cannot honour raise ValueError before admission; a
-        request that cannot be tokenized or checked comes back already finished, with
-        finish_reason 'error' and the reason in .error."""
+        Thread-safe, and never waits for a step. Parameters this model cannot honour raise
+        ValueError before admission; a request that cannot be tokenized, checked or ever fit comes
+        back already finished, with finish_reason 'error' and the reason in .error."""
         params = self._admissible(params)
-        with self._lock:
-            seq_id = next(self._ids)
-        seq = Sequence(id=seq_id, prompt=[], images=[], params=params,
+        seq = Sequence(id=next(self._ids), prompt=[], images=[], params=params,  # count(): atomic
                        seed=params.seed if params.seed is not None else secrets.randbits(62))
-        try:  # unlocked: tokenizing and decoding images must not stall the other callers' steps
+        try:
             encoded = request if isinstance(request, Encoded) else self.tokenizer.encode(request)
             images = [torch.as_tensor(img) for img in encoded.images]
             self.model.check_request(encoded.tokens, images)
@@ -131,8 +132,11 @@ class Engine:
         except Exception as e:  # whatever the tokenizer or the checks raise, the request fails alone
             seq.finish_reason, seq.error = "error", describe_failure(e)
             return seq
-        with self._lock:
-            self.scheduler.add(seq)
+        refusal = self.scheduler.refusal(seq)
+        if refusal is not None:
+            seq.finish_reason, seq.error = "error", refusal
+        else:
+            self._inbox.append(seq)
         return seq
 
     def abort(self, seq: Sequence) -> None:
@@ -225,7 +229,7 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         with self._lock:
-            return self.scheduler.has_work()
+            return self.scheduler.has_work() or any(not s.finished for s in self._inbox)
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -246,6 +250,9 @@ class Engine:
 
     def _step(self) -> None:
         st, nvtx = self.stats, self.config.nvtx
+        while self._inbox:  # peek, queue, pop: an interrupt in between loses no request
+            self.scheduler.add(self._inbox[0])
+            self._inbox.popleft()
         newcomers = self.scheduler.admit()
         if newcomers:
             t0 = time.perf_counter()
@@ -255,12 +262,17 @@ class Engine:
                 self._run("prefill", newcomers,
                           lambda group: prefill(self.model, self.cache, self.blocks, group, st, nvtx))
             st.prefill_seconds += time.perf_counter() - t0
-        running = [s for s in self.scheduler.reserve_decode() if not s.finished]
+        rows = {}
+        for seq in self.scheduler.reserve_decode():
+            try:
+                rows[seq] = self._decode_row(seq)
+            except Exception as e:
+                self.scheduler.fail(seq, f"decode failed: {describe_failure(e)}")
+        running = [s for s in rows if not s.finished]
         if running:
             t0 = time.perf_counter()
             with nvtx_range("decode_step", nvtx):
-                rows = {s.id: self._decode_row(s) for s in running}
-                self._run("decode", running, lambda group: self.runner.step([rows[s.id] for s in group]))
+                self._run("decode", running, lambda group: self.runner.step([rows[s] for s in group]))
             st.decode_seconds += time.perf_counter() - t0
             st.decode_steps += 1
             st.decode_tokens += len(running)

@@ -50,17 +50,24 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
-    def add(self, seq: Sequence) -> None:
+    def refusal(self, seq: Sequence) -> str | None:
+        """Why this prompt can never run here, or None. Reads only fixed limits: safe without the lock."""
         n, capacity = len(seq.prompt), self.blocks.capacity_tokens
         if n == 0:
-            self.fail(seq, "the prompt is empty")
-        elif n >= self.max_model_len:
-            self.fail(seq, f"the prompt has {n} tokens; max_model_len is {self.max_model_len} "
-                           "(the prompt and at least one new token must fit)")
-        elif n + 1 > capacity:
-            self.fail(seq, f"the prompt needs room for {n + 1} tokens but the whole KV cache holds "
-                           f"{capacity}; it can never run with this cache")
-        else:
+            return "the prompt is empty"
+        if n >= self.max_model_len:
+            return (f"the prompt has {n} tokens; max_model_len is {self.max_model_len} "
+                    "(the prompt and at least one new token must fit)")
+        if n + 1 > capacity:
+            return (f"the prompt needs room for {n + 1} tokens but the whole KV cache holds {capacity}; "
+                    "it can never run with this cache")
+        return None
+
+    def add(self, seq: Sequence) -> None:
+        refusal = self.refusal(seq)
+        if refusal is not None:
+            self.fail(seq, refusal)
+        elif not (seq.finished or seq in self.waiting or seq in self.running):  # aborted early, or queued already
             self.waiting.append(seq)
 
     def fail(self, seq: Sequence, message: str) -> None:
