@@ -1,8 +1,10 @@
 """Every PIL mode reaches the model as the RGB a person would see, checked against conversions
 written here from the modes' definitions (numpy, not PIL): the tokenizer's output image,
-de-normalised, is compared pixel by pixel. Sizes are multiples of the patch size, so mistral_common's
-resize is the identity and the comparison sees only the mode conversion."""
+de-normalised, is compared pixel by pixel (after mistral_common's own resize to whole patches,
+applied to the expected image too, where the size is not a multiple of the patch size)."""
 import colorsys
+
+import cv2
 
 import numpy as np
 import pytest
@@ -127,17 +129,25 @@ MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "HSV
          "I;16", "I;16B", "I", "F", "La", "RGBa"]
 
 
-@settings(max_examples=60, deadline=None)
-@given(mode=st.sampled_from(MODES), rows=st.integers(1, 3), cols=st.integers(1, 3),
+@settings(max_examples=80, deadline=None)
+@given(mode=st.sampled_from(MODES), height=st.integers(1, 70), width=st.integers(1, 70),
        seed=st.integers(0, 2**32 - 1), variant=st.integers(0, 5))
-def test_every_mode_against_its_definition(tok, mode, rows, cols, seed, variant):
-    img, expected, tol = make(mode, 16 * rows, 16 * cols, np.random.default_rng(seed), variant)
+def test_every_mode_against_its_definition(tok, mode, height, width, seed, variant):
+    if mode == "LAB":  # out-of-gamut pixels (NaN here) would spread through the resize below
+        height, width = 16 * -(-height // 16), 16 * -(-width // 16)
+    img, expected, tol = make(mode, height, width, np.random.default_rng(seed), variant)
     got = seen_rgb(tok, img)
+    size = (16 * -(-width // 16), 16 * -(-height // 16))
+    if size != (width, height):
+        # mistral_common's own resize to whole patches, applied to the independent conversion;
+        # its cubic weights sum to at most ~1.3 in absolute value, and it sees 8-bit rounded input.
+        expected = cv2.resize(expected.astype(np.float32), size, interpolation=cv2.INTER_CUBIC).astype(np.float64)
+        tol = 1.3 * (tol + 0.5)
     assert got.shape == expected.shape
     valid = ~np.isnan(expected)
     assert valid.mean() > 0.2, "the generated colours should be mostly in gamut"
-    err = np.abs(got - expected)[valid]
-    assert err.max() <= tol + 0.01, (mode, err.max(), np.unravel_index(np.argmax(np.where(valid, np.abs(got - expected), 0)), got.shape))
+    err = np.where(valid, np.abs(got - expected), 0)
+    assert err.max() <= tol + 0.01, (mode, err.max(), np.unravel_index(np.argmax(err), got.shape))
 
 
 @pytest.mark.parametrize("mode, fill, rgb", [
