@@ -185,9 +185,10 @@ def _eight_bit(img: Image.Image, scale: float, where: str) -> Image.Image:
 @functools.cache
 def _lab_to_srgb() -> ImageCms.ImageCmsTransform:
     """PIL's LAB mode (D50 white) to sRGB through littleCMS. NOOPTIMIZE: the optimised 8-bit
-    lookup tables are off by up to 19 levels near black; exact evaluation costs ~1 s per MP."""
+    lookup tables are off by up to 19 levels near black; exact evaluation costs ~1 s per MP.
+    NOCACHE: the one transform is shared by the threads that tokenize (lcms's cache is not)."""
     return ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB",
-                                   flags=ImageCms.Flags.NOOPTIMIZE)
+                                   flags=ImageCms.Flags.NOOPTIMIZE | ImageCms.Flags.NOCACHE)
 
 
 def load_image(image: Any, where: str = "image", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
