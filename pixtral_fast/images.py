@@ -136,7 +136,7 @@ def prepare_image(img: Image.Image, max_side: int, where: str = "image", owned: 
 
 
 def _sample_scale(img: Image.Image, where: str) -> float:
-    """What a sample value of 255 * scale means white, for I and F images; read before resizing
+    """The divisor that brings an I or F image's samples to the 0..255 scale, read before resizing
     (bicubic overshoot must not change the reading). Non-finite float pixels are refused."""
     if img.mode in _SIXTEEN_BIT:
         return 257.0
