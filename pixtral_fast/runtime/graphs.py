@@ -94,12 +94,20 @@ class StaticBuffers:
 GraphKey = tuple[int, bool, bool]  # (bucket, greedy_only, logprobs)
 
 
+def graph_buckets(buckets: tuple[int, ...], max_batch: int) -> tuple[int, ...]:
+    """The buckets a runner captures: those below max_batch, and max_batch itself where a bucket
+    reaches it (so that every batch up to max_batch replays a graph when the ladder covers it,
+    without capturing sizes no batch can have)."""
+    kept = sorted({b for b in buckets if 1 <= b < max_batch})
+    return tuple(kept + [max_batch] if any(b >= max_batch for b in buckets) else kept)
+
+
 class DecodeRunner:
     def __init__(self, model: Pixtral, cache: PagedKVCache, max_batch: int, max_blocks_per_seq: int,
                  buckets: tuple[int, ...] = DEFAULT_BUCKETS, use_cuda_graphs: bool | None = None):
         self.model, self.cache = model, cache
         self.block_size = cache.shape.block_size
-        self.buckets = tuple(sorted(set(b for b in buckets if 1 <= b <= max_batch)))
+        self.buckets = graph_buckets(buckets, max_batch)
         self.max_batch = max_batch
         self.buffers = StaticBuffers(max_batch, max_blocks_per_seq, model.args.text.vocab_size, model.device)
         # The reference backend reads seq_lens on the host, which graph capture forbids.
