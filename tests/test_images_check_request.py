@@ -13,7 +13,7 @@ from PIL import Image
 
 from pixtral_fast.config import IMG_BREAK_ID, IMG_END_ID, IMG_ID
 from pixtral_fast.model.pixtral import build_model
-from pixtral_fast.tiny import TINY_ARGS, tekken_file
+from pixtral_fast.tiny import TINY_ARGS
 from pixtral_fast.tokenizer import Tokenizer
 
 P = TINY_ARGS.vision.patch_size
@@ -44,7 +44,7 @@ def pixels(rows, cols, value=0.0):
 
 
 def test_tokenizer_output_passes(model):
-    tok = Tokenizer.from_file(tekken_file())
+    tok = Tokenizer.default()
     rng = np.random.default_rng(0)
     imgs = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in [(40, 70), (90, 20)]]
     enc = tok.encode([{"role": "user", "content": [{"type": "image", "image": imgs[0]}, {"type": "text", "text": "a"},
