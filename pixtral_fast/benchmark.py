@@ -119,9 +119,12 @@ def run(params, batches=(1, 8, 32), image_size=1024, decode_steps=32, context=No
     if image_size % patch or not patch <= image_size <= largest:
         raise ValueError(f"image_size {image_size} must be a multiple of the patch size {patch} in "
                          f"[{patch}, {largest}] (the model's largest image)")
-    if not batches or min(batches) < 1 or decode_steps < 1 or (context is not None and context < 2):
-        raise ValueError(f"batches {list(batches)} must be >= 1, decode_steps {decode_steps} >= 1 and context "
-                         f"{context} >= 2 (BOS + one token)")
+    if not batches or min(batches) < 1:
+        raise ValueError(f"batches must be a non-empty list of sizes >= 1, got {list(batches)}")
+    if decode_steps < 1:
+        raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
+    if context is not None and context < 2:
+        raise ValueError(f"context must be >= 2 (BOS + one token), got {context}")
     model = random_model(args, device, dtype).set_backend(backend)
     prompt = image_prompt(image_size, args.vision.patch_size)
     context = context or len(prompt.tokens)

@@ -52,7 +52,10 @@ def assert_one_error_line(err: str, *needles: str) -> str:
 
 def run_main(argv, capsys, code=2):
     with pytest.raises(SystemExit) as e:
-        cli.main(argv)
+        try:
+            cli.main(argv)
+        except KeyboardInterrupt:  # would otherwise stop the whole pytest session
+            pytest.fail("KeyboardInterrupt escaped cli.main")
     assert e.value.code == code
     return capsys.readouterr().err
 
@@ -76,9 +79,10 @@ GENERATE_CASES = {  # name: (extra argv, what the one line must name)
 
 
 @pytest.mark.parametrize("case", GENERATE_CASES)
-def test_generate_argument_errors(tiny, capsys, case):
+def test_generate_argument_errors(tmp_path, capsys, case):
+    """The model folder does not exist: each bad argument must be named before any loading starts."""
     extra, needles = GENERATE_CASES[case]
-    argv = ["generate", "--model", str(tiny), "--prompt", "hi", *RUN[2:], "--device", "cpu", *extra]
+    argv = ["generate", "--model", str(tmp_path / "absent"), "--prompt", "hi", *RUN, *extra]
     assert_one_error_line(run_main(argv, capsys), *needles)
 
 
@@ -107,8 +111,9 @@ def test_generate_model_errors(bad_files, capsys, model, needles):
     ("absent.png", ["--image", "absent.png: no such file"]),
     (".", ["--image", "is not a file"]),
 ])
-def test_generate_image_errors(tiny, bad_files, capsys, image, needles):
-    argv = ["generate", "--model", str(tiny), "--prompt", "hi", "--image", str(bad_files / image), *RUN]
+def test_generate_image_errors(bad_files, capsys, image, needles):
+    argv = ["generate", "--model", str(bad_files / "absent"), "--prompt", "hi", "--image", str(bad_files / image),
+            *RUN]  # the image is checked before the (missing) model is looked at
     assert_one_error_line(run_main(argv, capsys), *needles)
 
 
@@ -127,6 +132,14 @@ def test_other_commands(tmp_path, bad_files, capsys):
     for argv, needles in cases:
         assert_one_error_line(run_main(argv, capsys), *needles)
     assert not (tmp_path / "d").exists(), "a bad device must fail before the demo writes anything"
+
+
+def test_demo_api_checks_the_device_before_writing(tmp_path):
+    from pixtral_fast import demo
+
+    with pytest.raises(ValueError, match="'gpu'"):
+        demo.run(tmp_path / "d", device="gpu")
+    assert not (tmp_path / "d").exists()
 
 
 def test_bench_image_size_must_fit_the_model(tiny, capsys):
