@@ -260,7 +260,11 @@ GPU_CASES = {
 
 @pytest.mark.gpu
 def test_gpu_extension_available():
-    assert _cuda_decode.available(), _cuda_decode.status()
+    """Loaded, and its first-use self-check against the Triton twin passed on this device."""
+    from pixtral_fast import ops
+
+    assert _cuda_decode.available("cuda"), _cuda_decode.status()
+    assert "passed" in _cuda_decode.status() and ops.decode_backend("cuda", torch.bfloat16) == "cuda"
 
 
 @pytest.mark.gpu
@@ -413,3 +417,18 @@ def test_self_check_is_per_device(fake_extension):
 def test_no_cuda_device_needs_no_check(fake_extension):
     launches = fake_extension(exact)
     assert _cuda_decode.available("cpu") and not launches
+
+
+def test_self_check_without_a_working_twin_uses_the_reference(fake_extension, monkeypatch):
+    from pixtral_fast.kernels import decode_attention as triton_decode
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("triton: no driver")
+
+    monkeypatch.setattr(triton_decode, "gqa_decode_attention", broken)
+    fake_extension(exact)
+    assert _cuda_decode.available("cuda:0") and "passed vs the reference" in _cuda_decode.status()
+    _cuda_decode._forget_verdicts()
+    fake_extension(lambda *a: exact(*a) + 1)
+    with pytest.warns(RuntimeWarning, match="failed its self-check"):
+        assert not _cuda_decode.available("cuda:0")

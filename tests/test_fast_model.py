@@ -117,7 +117,8 @@ def test_fast_engine_bf16_logits_track_fp32_recompute(bf16_models, graphs):
     model = bf16_models["fast"]
     store = record_logits(model)
     try:
-        engine = pf.Engine.from_model(model, num_blocks=32, progress=False, use_cuda_graphs=graphs)
+        engine = pf.Engine.from_model(model, num_blocks=32, max_batch_size=4, progress=False,
+                                      use_cuda_graphs=graphs)
         prompt = Encoded(tokens=[1, 3] + image_tokens(3, 5) + [2000, 2001, 4], images=images()[:1])
         seq = engine.add_request(prompt, SamplingParams(max_new_tokens=STEPS, stop_token_ids=(2,)))
         per_step = {}  # index of the new token -> the logits it was picked from
