@@ -134,6 +134,11 @@ def test_padding_rows_do_not_disturb_real_rows(models):
     batch.poison_unowned(float("nan"))
     batched = batch.decode(3)
     assert all(all(out.finite) for out in batched)
+    # the padding row writes and reads the scratch block only (a duplicate slot would race with a
+    # real row's write, and which write wins is the device's choice: values alone cannot see it)
+    buffers = batch.runner.buffers
+    assert buffers.slots[3].item() == SCRATCH_BLOCK * batch.block_size and buffers.seq_lens[3].item() == 1
+    assert (buffers.block_table[3] == SCRATCH_BLOCK).all()
     assert_matches_oracle(ref, batch, batched)
     for i in range(3):
         alone = DecodeBatch(fast, [PROMPTS[i]], logprobs=5)
