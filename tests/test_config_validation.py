@@ -223,6 +223,9 @@ def test_every_hf_config_field_refuses_bad_values(tmp_path, case):
     (lambda r: r["text_config"].pop("vocab_size"), "text_config.vocab_size"),
     (lambda r: r["text_config"].pop("rope_theta"), "text_config.rope_theta"),
     (lambda r: r["text_config"].update(rope_theta=None, rope_parameters=7), "text_config.rope_theta"),
+    (lambda r: (r["text_config"].pop("rope_theta"), r["text_config"].update(rope_parameters=7)), "rope_theta"),
+    (lambda r: (r["vision_config"].pop("rope_theta"), r["vision_config"].update(rope_parameters={})),
+     "vision_config.rope_parameters.rope_theta"),
     (lambda r: r["text_config"].update(sliding_window=4096), "sliding_window"),
     (lambda r: r["vision_config"].update(model_type=["pixtral"]), "vision_config.model_type"),
     (lambda r: r["vision_config"].update(head_dim=32), "vision_config.head_dim"),
@@ -242,3 +245,42 @@ def test_hf_config_round_trip_and_defaults(tmp_path):
     args = pf.ModelArgs.from_hf_config(write(tmp_path, "config.json", raw))
     assert (args.text.head_dim, args.text.n_kv_heads, args.text.rope_theta) == (16, 4, 1e9)
     assert math.isclose(args.text.norm_eps, 1e-5)
+
+
+# -- anything at all: ConfigError or a model, never another exception ---------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats() | st.text(max_size=5)
+    | st.sampled_from([0, 1, 2, 3, 4, 8, 16, 64, 128, 1024]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6)
+
+
+def mutated(base: dict, data) -> dict:
+    """base with a few of its (nested) fields replaced by arbitrary JSON values or removed."""
+    raw = copy.deepcopy(base)
+    for _ in range(data.draw(st.integers(1, 4))):
+        sections = [raw] + [v for v in raw.values() if isinstance(v, dict)]
+        section = data.draw(st.sampled_from(sections))
+        if not section:
+            continue
+        key = data.draw(st.sampled_from(sorted(section)))
+        if data.draw(st.booleans()):
+            section[key] = data.draw(JSON_VALUES)
+        else:
+            del section[key]
+    return raw
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), hf=st.booleans())
+def test_arbitrary_edits_give_a_config_error_or_a_valid_model(tmp_path, data, hf):
+    base = hf_config(TINY_ARGS) if hf else json.loads(PARAMS.read_text())
+    path = write(tmp_path, "config.json" if hf else "params.json", mutated(base, data))
+    try:
+        args = (pf.ModelArgs.from_hf_config if hf else pf.ModelArgs.from_params_json)(path)
+    except ConfigError as e:
+        assert str(path) in str(e)
+        return
+    assert isinstance(args.text.n_layers, int) and 1 <= args.text.n_layers <= 512
+    assert args.text.n_heads % args.text.n_kv_heads == 0 and math.isfinite(args.text.rope_theta)
