@@ -215,7 +215,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     for register in COMMANDS:
         cmd = register(sub)
-        cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        if "--debug" not in cmd._option_string_actions:  # also after the subcommand's name
+            cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return p
 
 
