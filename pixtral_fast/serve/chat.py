@@ -78,7 +78,7 @@ class ChatHandler:
         s.metrics.prompt_tokens.inc(sum(st.prompt_tokens for st in streams))
         timers = [ChoiceTimer(s.metrics, arrival) for _ in streams]
         if req.stream:
-            return _SSEResponse(self._sse(req, streams, timers), streams)
+            return _SSEResponse(self._sse(req, streams, timers), streams, timers)
         return await self._complete(request, req, streams, timers)
 
     async def _encode(self, req: ChatRequest):
@@ -163,7 +163,7 @@ class ChatHandler:
 
         def event(choices: list[dict], usage_: dict | None = None) -> bytes:
             body = wire.chunk_body(rid, created, model, choices, include_usage, usage_)
-            return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+            return b"data: " + json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
         for i in range(len(streams)):
             yield event([wire.chunk_choice(i, {"role": "assistant", "content": ""},
@@ -233,16 +233,18 @@ class _SSEResponse(StreamingResponse):
     """An event stream whose sequences are aborted however it ends (done, client gone, server
     shutting down), so that no KV block outlives its client."""
 
-    def __init__(self, content, streams: list[RequestStream]):
+    def __init__(self, content, streams: list[RequestStream], timers: list[ChoiceTimer]):
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._streams = streams
+        self._streams, self._timers = streams, timers
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            for st in self._streams:
-                if st.finish_reason is None:
+            for st, timer in zip(self._streams, self._timers):
+                if st.finish_reason in (None, "abort"):
                     st.abort()
+                if not timer.done:
+                    timer.finish("abort")
             await self.body_iterator.aclose()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import logging
 import re
 import signal
@@ -157,17 +158,23 @@ def run_serve(a) -> None:
     if hasattr(tokenizer, "max_image_pixels"):
         tokenizer.max_image_pixels = a.max_image_pixels
     print(f"pixtral-fast serve: {engine.describe()}", file=sys.stderr)
-    app = build_app(AsyncEngine(engine, max_waiting=a.max_waiting), settings)
+    async_engine = AsyncEngine(engine, max_waiting=a.max_waiting)
+    app = build_app(async_engine, settings)
+    # uvicorn's own limit only backs up the engine's: streams end at the grace period, then close
     config = uvicorn.Config(app, log_level=a.log_level, access_log=not a.disable_uvicorn_access_log,
-                            timeout_graceful_shutdown=a.shutdown_grace, lifespan="on")
+                            timeout_graceful_shutdown=a.shutdown_grace + 5.0, lifespan="on")
     host, port = sock.getsockname()[:2]
     print(f"pixtral-fast serve: model {settings.model_name!r} on http://{host}:{port}", file=sys.stderr, flush=True)
-    _graceful_server(config).run(sockets=[sock])
+    _graceful_server(config, async_engine, a.shutdown_grace).run(sockets=[sock])
 
 
-def _graceful_server(config):
-    """uvicorn's Server, except that a graceful stop on SIGTERM/SIGINT exits 0: uvicorn re-raises
-    the signal once it has shut down, which would end the process *by* that signal."""
+def _graceful_server(config, engine, grace: float):
+    """uvicorn's Server, except that on SIGTERM/SIGINT (1) the engine gets `grace` seconds to
+    finish in-flight requests, then ends the rest with finish_reason 'abort', so that their
+    streams close properly before uvicorn would cut them, and (2) the process exits 0: uvicorn
+    re-raises the signal once it has shut down, which would end the process *by* that signal."""
+    import asyncio
+
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -180,6 +187,11 @@ def _graceful_server(config):
                 for sig, handler in original.items():
                     signal.signal(sig, handler)
 
+        async def shutdown(self, sockets=None):
+            closing = asyncio.ensure_future(engine.aclose(grace))
+            await super().shutdown(sockets)
+            await closing
+
     return Server(config)
 
 
@@ -187,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="pixtral-fast serve", description="OpenAI-compatible HTTP server")
     add_serve_arguments(p)
     a = p.parse_args(argv)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack on stderr
     try:
         run_serve(a)
     except (ValueError, FileNotFoundError, OSError) as e:

@@ -49,6 +49,7 @@ class ChoiceTimer:
 
     def __init__(self, metrics: ServerMetrics, arrival: float):
         self.metrics, self.arrival, self.last = metrics, arrival, None
+        self.done = False
 
     def tokens(self, n: int) -> None:
         if n == 0:
@@ -66,5 +67,6 @@ class ChoiceTimer:
         self.last = t
 
     def finish(self, reason: str) -> None:
+        self.done = True
         self.metrics.e2e.observe(time.perf_counter() - self.arrival)
         self.metrics.finished.labels(reason).inc()
