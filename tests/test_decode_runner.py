@@ -142,7 +142,10 @@ def test_padding_rows_do_not_disturb_real_rows(models):
     assert_matches_oracle(ref, batch, batched)
     for i in range(3):
         alone = DecodeBatch(fast, [PROMPTS[i]], logprobs=5)
-        assert [out.tokens[0] for out in alone.decode(3)] == [out.tokens[i] for out in batched]
+        outs = alone.decode(3)
+        assert_matches_oracle(ref, alone, outs)
+        if DEVICE == "cpu":  # the same splits at any batch size here; a GPU picks them by batch (bf16 ties)
+            assert [out.tokens[0] for out in outs] == [out.tokens[i] for out in batched]
 
 
 def test_stale_block_table_entries_are_never_read(models):
