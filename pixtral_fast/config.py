@@ -240,21 +240,20 @@ class ModelArgs:
         """Reads an HF LlavaForConditionalGeneration (Pixtral vision tower) config.json."""
         path, raw = read_json(path, "config.json")
         text_values, vision_values, name = _hf_values(path, raw)
-        text = _checked(path, lambda: (_check_text(text_values, name("text_config")), TextArgs(**text_values))[1])
-        vision = _checked(path, lambda: (_check_vision(vision_values, name("vision_config")),
-                                         VisionArgs(**vision_values))[1])
-        return _checked(path, lambda: (_check_model(text, vision, name("text_config"), name("vision_config")),
-                                         cls(text, vision))[1])
+        text = _make(path, TextArgs, _check_text, text_values, name("text_config"))
+        vision = _make(path, VisionArgs, _check_vision, vision_values, name("vision_config"))
+        _checked(path, lambda: _check_model(text, vision, name("text_config"), name("vision_config")))
+        return cls(text, vision)
 
     def to_params_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self.text)
         if out["max_seq_len"] == TextArgs.max_seq_len:
             del out["max_seq_len"]
-        if self.vision is not None:
-            v = self.vision
-            out["vision_encoder"] = {k: getattr(v, k) for k in (
-                "hidden_size", "num_channels", "image_size", "patch_size", "rope_theta", "intermediate_size",
-                "num_hidden_layers", "num_attention_heads", "image_token_id")}
+        if self.vision is not None:  # Pixtral-12B's params.json lists these; other fields when not default
+            listed = ("hidden_size", "num_channels", "image_size", "patch_size", "rope_theta", "intermediate_size",
+                      "num_hidden_layers", "num_attention_heads", "image_token_id")
+            out["vision_encoder"] = {f.name: getattr(self.vision, f.name) for f in dataclasses.fields(VisionArgs)
+                                     if f.name in listed or getattr(self.vision, f.name) != f.default}
         return out
 
 
@@ -279,8 +278,13 @@ def _build(cls, fields: dict[str, Any], path: Path, prefix: str, ignored: set[st
         raise ConfigError(f"{path}: unsupported field(s) {[prefix + u for u in unknown]}; "
                           "refusing to guess their meaning")
     values = {f.name: fields.get(f.name, f.default) for f in init}
-    check = _check_text if cls is TextArgs else _check_vision
-    return _checked(path, lambda: (check(values, lambda f: prefix + f), cls(**values))[1])
+    return _make(path, cls, _check_text if cls is TextArgs else _check_vision, values, lambda f: prefix + f)
+
+
+def _make(path: Path, cls, check: Callable[[Mapping[str, Any], Names], None], values: dict[str, Any], name: Names):
+    """cls(**values) once check(values) passed under the file's own field names."""
+    _checked(path, lambda: check(values, name))
+    return cls(**values)
 
 
 def read_json(path: str | Path, name: str) -> tuple[Path, dict[str, Any]]:

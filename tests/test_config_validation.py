@@ -2,6 +2,7 @@
 ConfigError naming the file and the field, never a ZeroDivisionError, KeyError or TypeError, and
 never a long build. The bad values are written from the format's meaning, not from the code."""
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -252,7 +253,8 @@ def test_hf_config_round_trip_and_defaults(tmp_path):
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats() | st.text(max_size=5)
     | st.sampled_from([0, 1, 2, 3, 4, 8, 16, 64, 128, 1024]),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    lambda inner: st.lists(inner, min_size=1, max_size=3) | st.dictionaries(st.text(max_size=5), inner, min_size=1,
+                                                                           max_size=3),
     max_leaves=6)
 
 
@@ -284,3 +286,36 @@ def test_arbitrary_edits_give_a_config_error_or_a_valid_model(tmp_path, data, hf
         return
     assert isinstance(args.text.n_layers, int) and 1 <= args.text.n_layers <= 512
     assert args.text.n_heads % args.text.n_kv_heads == 0 and math.isfinite(args.text.rope_theta)
+
+
+@st.composite
+def valid_args(draw):
+    kv = draw(st.integers(1, 8))
+    text = TextArgs(dim=draw(st.integers(1, 4096)), n_layers=draw(st.integers(1, 100)),
+                    head_dim=2 * draw(st.integers(1, 256)), hidden_dim=draw(st.integers(1, 9999)),
+                    n_heads=kv * draw(st.integers(1, 8)), n_kv_heads=kv,
+                    rope_theta=draw(st.floats(1.0, 1e12)), norm_eps=draw(st.floats(1e-9, 0.5)),
+                    vocab_size=draw(st.integers(64, 200_000)), max_seq_len=draw(st.integers(1, 2**20)))
+    heads = draw(st.integers(1, 16))
+    ids = draw(st.lists(st.integers(0, 63), min_size=3, max_size=3, unique=True))
+    patch = draw(st.integers(1, 32))
+    vision = VisionArgs(hidden_size=heads * 4 * draw(st.integers(1, 32)), num_channels=3,
+                        image_size=patch * draw(st.integers(1, 100)), patch_size=patch,
+                        rope_theta=draw(st.floats(1.0, 1e6)), intermediate_size=draw(st.integers(1, 9999)),
+                        num_hidden_layers=draw(st.integers(1, 40)), num_attention_heads=heads,
+                        image_token_id=ids[0], image_break_token_id=ids[1], image_end_token_id=ids[2],
+                        norm_eps=draw(st.floats(1e-9, 0.5)))
+    return pf.ModelArgs(text=text, vision=draw(st.sampled_from([vision, None])))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(valid_args())
+def test_params_json_round_trip_of_any_valid_model(tmp_path, args):
+    path = write(tmp_path, "params.json", args.to_params_json())
+    assert pf.ModelArgs.from_params_json(path) == args
+    if args.vision is not None:  # HF's config has no fields for the break/end ids nor the vision eps
+        hf_args = dataclasses.replace(
+            args, text=dataclasses.replace(args.text, max_seq_len=min(args.text.max_seq_len, 131072)),
+            vision=dataclasses.replace(args.vision, image_token_id=10, image_break_token_id=12,
+                                       image_end_token_id=13, norm_eps=1e-5))
+        assert pf.ModelArgs.from_hf_config(write(tmp_path, "config.json", hf_config(hf_args))) == hf_args
