@@ -1,7 +1,8 @@
 """Checkpoint I/O: Mistral's consolidated.safetensors and HF Llava/Pixtral folders.
 
-Every key and shape is checked against the model built from the config before a byte of tensor
-data is read; one CheckpointError lists everything that is missing, unexpected or mis-shaped.
+Every key, shape and dtype is checked against the model built from the config before a byte of
+tensor data is read; one CheckpointError lists everything that is missing, unexpected, mis-shaped
+or not floating point.
 Tensors are read memory-mapped, converted to the target dtype and placed on the target device
 one at a time, so a 25 GB checkpoint never sits twice in host memory.
 """
