@@ -11,6 +11,10 @@ import torch
 # Whether @triton.jit made interpreter functions: decided when the kernels were imported, as
 # Triton itself decides, so later changes of the variable cannot disagree with the kernels.
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRETING:  # the interpreter computes bf16 wrongly; see _interpreter's docstring
+    from pixtral_fast.kernels import _interpreter
+
+    _interpreter.install()
 
 LOG2E = 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * LOG2E)
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

@@ -1,6 +1,6 @@
 """Process set-up shared by tests/ and bench/: without a GPU, Triton kernels run under the
 interpreter (TRITON_INTERPRET=1, which must be set before any @triton.jit decorator runs, i.e.
-before pixtral_fast is imported), with the bf16 shim installed."""
+before pixtral_fast is imported). pixtral_fast.kernels installs its bf16 interpreter fix itself."""
 import os
 
 import torch
@@ -8,10 +8,6 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-if os.environ.get("TRITON_INTERPRET") == "1":
-    from tests.support import triton_bf16_shim
-
-    triton_bf16_shim.install()
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 GPU_SKIP_REASON = "needs a CUDA GPU (none on this machine); bench/device_check.sh runs it on a lent H200"
