@@ -18,8 +18,11 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope_frequencies(head_dim: int, theta: float, device=None) -> torch.Tensor:
-    """theta^(-2i/head_dim) for i = 0 .. head_dim/2 - 1, in fp32 (as Mistral and HF compute it)."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    """theta^(-2i/head_dim) for i = 0 .. head_dim/2 - 1, as fp32. Computed in fp64 on the CPU,
+    then rounded once and moved: a GPU's pow is not correctly rounded, and one ulp of f[i] moves
+    the angle pos * f[i] by up to 1e-2 rad at position 131071 (the decoder's theta is 1e9)."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
+    return (1.0 / (float(theta) ** exponent)).to(torch.float32).to(device)
 
 
 def rope_2d_angles(pos: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
@@ -39,6 +42,7 @@ def rotate_pairs(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """Rotates interleaved pairs (x[2i], x[2i+1]) of x [tokens, heads, D] by angles [tokens, D/2]."""
     x_f = _wide(x).unflatten(-1, (-1, 2))
     x0, x1 = x_f[..., 0], x_f[..., 1]
+    angles = angles.to(x_f.dtype)  # fp32 angles (the op's), their cos/sin in fp64 for an fp64 oracle
     cos, sin = torch.cos(angles)[:, None, :], torch.sin(angles)[:, None, :]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return out.flatten(-2).to(x.dtype)
@@ -54,18 +58,35 @@ def rope_1d(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float = 
     return rotate_pairs(q, angles), rotate_pairs(k, angles)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
-    """q [Lq, H, D], k/v [Lk, Hkv, D] -> [Lq, H, D], widened; GQA by repeating KV heads.
-    Causal masks are aligned bottom-right (the last query sees every key), as in flash-attn."""
-    group = q.shape[1] // k.shape[1]
-    k = _wide(k).repeat_interleave(group, dim=1)
-    v = _wide(v).repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", _wide(q), k) * scale
-    if causal:
-        lq, lk = q.shape[0], k.shape[0]
-        keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
-        scores = scores.masked_fill(~keep, float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
+# Scores held at once by `attention`: [heads, query chunk, keys] elements (32 MiB in fp32), so
+# memory grows linearly with the sequence (a 20k-token prompt would need 51 GB for whole fp32
+# score matrices of NeMo's 32 heads).
+SCORE_ELEMENTS = 1 << 23
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+              query_chunk: int | None = None) -> torch.Tensor:
+    """q [Lq, H, D], k/v [Lk, Hkv, D] -> [Lq, H, D], widened (fp32, fp64 for fp64 inputs). GQA:
+    query head h reads KV head h // (H / Hkv). Causal masks are aligned bottom-right (the last
+    query sees every key), as in flash-attn. Queries are taken query_chunk at a time (default:
+    as many as fit SCORE_ELEMENTS); each query's softmax still sees all its keys at once, so
+    the chunk size changes nothing but memory."""
+    lq, heads, dim = q.shape
+    lk, kv_heads = k.shape[0], k.shape[1]
+    group = heads // kv_heads
+    if query_chunk is None:
+        query_chunk = max(1, SCORE_ELEMENTS // max(1, heads * lk))
+    k, v = _wide(k), _wide(v)
+    out = torch.empty(lq, heads, dim, dtype=k.dtype, device=q.device)
+    for q0 in range(0, lq, query_chunk):
+        qc = _wide(q[q0:q0 + query_chunk]).unflatten(1, (kv_heads, group))  # [C, Hkv, G, D]
+        scores = torch.einsum("qhgd,khd->hgqk", qc, k) * scale
+        if causal:
+            rows = torch.arange(q0, q0 + qc.shape[0], device=q.device)[:, None]
+            keep = torch.arange(lk, device=q.device)[None, :] <= rows + (lk - lq)
+            scores = scores.masked_fill(~keep, float("-inf"))
+        out[q0:q0 + qc.shape[0]] = torch.einsum("hgqk,khd->qhgd", scores.softmax(dim=-1), v).flatten(1, 2)
+    return out
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, causal=False, pos=None,
@@ -80,7 +101,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, causal=False, 
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end > start:
-            out[start:end] = _attend(q[start:end], k[start:end], v[start:end], scale, causal).to(q.dtype)
+            out[start:end] = attention(q[start:end], k[start:end], v[start:end], scale, causal).to(q.dtype)
     return out
 
 
@@ -118,5 +139,5 @@ def gqa_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale=None,
     for b, n in enumerate(seq_lens.tolist()):
         k = gather_paged(k_cache, block_table[b], n)
         v = gather_paged(v_cache, block_table[b], n)
-        out[b] = _attend(q[b:b + 1], k, v, scale, causal=False)[0].to(q.dtype)
+        out[b] = attention(q[b:b + 1], k, v, scale, causal=False)[0].to(q.dtype)
     return out
