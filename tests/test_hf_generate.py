@@ -1,6 +1,7 @@
 """The decode path against an implementation nobody here wrote: HF transformers' `generate`
 (greedy, with its own KV cache) on a tiny Llava + Pixtral checkpoint, against our engine (paged KV
-cache, prefill then decode steps) loaded from the same HF folder. fp32 on the CPU, 20 new tokens,
+cache, prefill then decode steps) loaded from the same HF folder. fp32 (on the CPU here; on the GPU
+where there is one, CUDA graphs included), 20 new tokens,
 prompts with one and with two images, on the reference backend, and with one image on our kernels
 (under the interpreter on the CPU). Token for token: any fault in the decode path (positions, RoPE at an
 offset, the cache layout, image features at the wrong rows) changes the continuation."""
@@ -9,6 +10,7 @@ import torch
 
 import pixtral_fast as pf
 from pixtral_fast.tokenizer import Encoded
+from tests.conftest import DEVICE
 from tests.support.hf_peer import hf_inputs, image_tokens, save_tiny_hf, tiny_hf_model
 
 pytest.importorskip("transformers")
@@ -37,21 +39,22 @@ def prompt_tokens(grids, text) -> list[int]:
 @pytest.fixture(scope="module")
 def hf_and_folder(tmp_path_factory):
     folder = save_tiny_hf(tmp_path_factory.mktemp("hf_generate"), seed=3)
-    return tiny_hf_model(seed=3), folder
+    return tiny_hf_model(seed=3).to(DEVICE), folder
 
 
 @pytest.fixture(scope="module")
 def engines(hf_and_folder):
     _, folder = hf_and_folder
-    return {backend: pf.Engine.from_model(pf.load_model(folder, device="cpu", dtype=torch.float32, backend=backend,
+    return {backend: pf.Engine.from_model(pf.load_model(folder, device=DEVICE, dtype=torch.float32, backend=backend,
                                                         progress=False), num_blocks=64, progress=False)
             for backend in ("reference", "fast")}
 
 
 @torch.no_grad()
 def hf_greedy(model, tokens: list[int], images, max_new_tokens: int) -> list[int]:
-    ids = torch.tensor([tokens])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **hf_inputs(images),
+    ids = torch.tensor([tokens], device=DEVICE)
+    image_args = {k: v.to(DEVICE) for k, v in hf_inputs(images).items()}
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **image_args,
                          max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                          eos_token_id=EOS, pad_token_id=0)
     return out[0, len(tokens):].tolist()
@@ -76,9 +79,10 @@ def test_hf_generate_used_its_cache(hf_and_folder):
     hf, _ = hf_and_folder
     grids, images, text = CASES["one_image"]
     tokens = prompt_tokens(grids, text)
-    ids = torch.tensor([tokens])
+    ids = torch.tensor([tokens], device=DEVICE)
     with torch.no_grad():
-        cached = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **hf_inputs(images),
+        cached = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             **{k: v.to(DEVICE) for k, v in hf_inputs(images).items()},
                              max_new_tokens=6, do_sample=False, use_cache=True, eos_token_id=EOS, pad_token_id=0,
                              return_dict_in_generate=True)
     assert cached.past_key_values is not None and cached.past_key_values.get_seq_length() >= len(tokens)
