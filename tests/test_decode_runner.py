@@ -130,7 +130,8 @@ def test_padding_rows_do_not_disturb_real_rows(models):
     """3 rows padded to the bucket of 4 with the scratch block poisoned (NaN): every real row
     matches the oracle at every step, and decodes as it does alone (bucket 1, no padding)."""
     fast, ref = models
-    batch = DecodeBatch(fast, PROMPTS, logprobs=5)
+    batch = DecodeBatch(fast, PROMPTS, logprobs=5, max_batch=8)
+    assert batch.runner.bucket_for(3) == 4
     batch.poison_unowned(float("nan"))
     batched = batch.decode(3)
     assert all(all(out.finite) for out in batched)
