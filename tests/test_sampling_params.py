@@ -82,7 +82,8 @@ def test_float_fields_refuse_non_finite_and_non_numbers(name, value):
 def test_out_of_range_values_name_their_parameter(data):
     name, bad = data.draw(st.sampled_from([
         ("max_new_tokens", st.integers(max_value=0)),
-        ("temperature", st.floats(max_value=-1e-300) | st.floats(min_value=MAX_TEMPERATURE * 1.0001, allow_infinity=False)),
+        ("temperature", st.floats(max_value=-1e-300)
+         | st.floats(min_value=MAX_TEMPERATURE * 1.0001, allow_infinity=False)),
         ("top_p", st.floats(max_value=0.0) | st.floats(min_value=1.0, exclude_min=True, allow_infinity=False)),
         ("top_k", st.integers(max_value=-1)),
         ("logprobs", st.integers(max_value=-1) | st.integers(min_value=MAX_LOGPROBS + 1)),
@@ -98,30 +99,27 @@ def test_stop_token_ids_must_be_a_sequence_of_ints(stops):
         SamplingParams(stop_token_ids=stops)
 
 
+def refused_by_vocab(p: SamplingParams, vocab: int, name: str, bad: bool) -> None:
+    if bad:
+        with pytest.raises(ValueError, match=name):
+            p.check_vocab(vocab)
+    else:
+        p.check_vocab(vocab)
+
+
 @FAST
 @given(st.integers(1, 1000), st.data())
 def test_check_vocab_bounds_what_depends_on_the_model(vocab, data):
     top_k = data.draw(st.integers(0, 2 * vocab))
-    stop = data.draw(st.integers(-2 * vocab, 2 * vocab))
+    refused_by_vocab(SamplingParams(top_k=top_k), vocab, "top_k", top_k > vocab)
     logprobs = data.draw(st.integers(0, MAX_LOGPROBS))
-    p = SamplingParams(top_k=top_k)
-    if top_k > vocab:
-        with pytest.raises(ValueError, match="top_k"):
-            p.check_vocab(vocab)
-    else:
-        p.check_vocab(vocab)
-    p = SamplingParams(stop_token_ids=(0, stop))
-    if not 0 <= stop < vocab:
+    refused_by_vocab(SamplingParams(logprobs=logprobs), vocab, "logprobs", logprobs > vocab)
+    stop = data.draw(st.integers(-2 * vocab, 2 * vocab))
+    if stop < 0:  # never a token id, whatever the model: refused at once
         with pytest.raises(ValueError, match="stop_token_ids"):
-            p.check_vocab(vocab)
+            SamplingParams(stop_token_ids=(0, stop))
     else:
-        p.check_vocab(vocab)
-    p = SamplingParams(logprobs=logprobs)
-    if logprobs > vocab:
-        with pytest.raises(ValueError, match="logprobs"):
-            p.check_vocab(vocab)
-    else:
-        p.check_vocab(vocab)
+        refused_by_vocab(SamplingParams(stop_token_ids=(0, stop)), vocab, "stop_token_ids", stop >= vocab)
 
 
 def test_params_are_frozen_after_validation():

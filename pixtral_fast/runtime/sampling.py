@@ -55,7 +55,7 @@ class SamplingParams:
     max_new_tokens int >= 1; temperature finite in [0, MAX_TEMPERATURE] (0: greedy); top_p finite in
     (0, 1] (the smallest set of most likely tokens whose mass reaches top_p is kept, the token that
     crosses top_p included); top_k int >= 0 (0: no limit); seed None or any int (stored reduced to
-    int64 by reduce_seed); stop_token_ids a tuple/list of ints (empty: the engine stops at EOS);
+    int64 by reduce_seed); stop_token_ids a tuple/list of ints >= 0 (empty: the engine stops at EOS);
     logprobs None (off) or n in 0..MAX_LOGPROBS: the chosen token's logprob plus the n most likely.
     Bounds that depend on the model (top_k, stop ids, logprobs vs the vocabulary) are check_vocab's."""
     max_new_tokens: int = 256
@@ -83,7 +83,7 @@ class SamplingParams:
         stops = self.stop_token_ids
         if isinstance(stops, (str, bytes)) or not isinstance(stops, (tuple, list)):
             raise ValueError(f"stop_token_ids must be a tuple or list of token ids, got {stops!r}")
-        fix("stop_token_ids", tuple(_integer("stop_token_ids", t) for t in stops))
+        fix("stop_token_ids", tuple(_integer("stop_token_ids", t, low=0) for t in stops))
         if self.logprobs is not None:
             fix("logprobs", _integer("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS))
 
