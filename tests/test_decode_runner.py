@@ -6,7 +6,7 @@ import torch
 
 import pixtral_fast as pf
 from pixtral_fast.model.text import AttentionMetadata
-from pixtral_fast.runtime.graphs import DEFAULT_BUCKETS, DecodeRow, DecodeRunner
+from pixtral_fast.runtime.graphs import DEFAULT_BUCKETS, DecodeRow, DecodeRunner, graph_buckets
 from pixtral_fast.runtime.kv_cache import SCRATCH_BLOCK, BlockManager, PagedKVCache, plan_cache
 from pixtral_fast.tiny import make_tiny
 from tests.conftest import DEVICE
@@ -122,6 +122,8 @@ def test_a_batch_replays_the_smallest_bucket_that_holds_it(models):
     for n in range(1, 301):
         bucket = runner.bucket_for(n)
         assert bucket >= n and all(b < n for b in runner.buckets if b < bucket)
+    assert graph_buckets((1, 2, 4, 8, 16, 32), 20) == (1, 2, 4, 8, 16, 20)  # capped at max_batch
+    assert graph_buckets((32, 4, 4, 0), 64) == (4, 32)  # a ladder that stops short: eager past it
     wide = DecodeRunner(fast, PagedKVCache(shape, DEVICE), 600, 4, use_cuda_graphs=False)
     assert wide.buckets == DEFAULT_BUCKETS and wide.bucket_for(513) is None  # past 512: eager, unpadded
 
