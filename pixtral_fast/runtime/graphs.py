@@ -40,7 +40,7 @@ class DecodeRow:
 class StaticBuffers:
     """The device buffers the captured graphs read, with pinned host staging: one copy per dtype
     per step rather than one per field. The staging is rewritten only after the previous step's
-    host read of next_tokens, so no copy from it can still be in flight."""
+    host read of the static outputs, so no copy from it can still be in flight."""
     FIELDS = {torch.int64: ("tokens", "slots", "top_k", "seed", "step"),
               torch.int32: ("positions", "seq_lens"),
               torch.float32: ("temperature", "top_p")}
