@@ -97,3 +97,10 @@ def test_bad_arguments_name_what_is_wrong():
         sample_rows(logits, [SamplingParams()] * 2, seeds=[0], steps=[0, 0])
     with pytest.raises(ValueError, match="top_k"):
         sample_rows(logits, [SamplingParams(top_k=51)] * 2, seeds=[0, 0], steps=[0, 0])
+
+
+def test_seeds_past_int64_sample_as_their_reduction():
+    logits = torch.randn(2, 700)
+    params = [SamplingParams(temperature=1.0)] * 2
+    big = sample_rows(logits, params, seeds=[2**70 + 3, -(2**64) - 1], steps=[2, 2])
+    assert big.tokens == sample_rows(logits, params, seeds=[3, -1], steps=[2, 2]).tokens
