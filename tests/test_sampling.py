@@ -28,8 +28,9 @@ def draw(logits_row: torch.Tensor, n: int = N_DRAWS, **kw) -> torch.Tensor:
 
 
 # Distinct logits 0.4 apart (no two probabilities within float noise of each other), in shuffled
-# token order so that the sorted rank never equals the id.
-SPACED = torch.tensor([0.4 * i for i in range(12)]).flip(0)[torch.randperm(12, generator=torch.Generator().manual_seed(3))]
+# token order so that the sorted order is not the id order (a bug that confuses rank and id shows).
+SPACED = torch.tensor([0.4 * i for i in range(12)]).flip(0)
+SPACED = SPACED[torch.randperm(12, generator=torch.Generator().manual_seed(3))]
 
 
 def ranked(logits: torch.Tensor, temperature: float):
