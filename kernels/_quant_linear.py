@@ -1,0 +1,48 @@
+"""What the two weight-quantized linears (w4a16_linear.py, fp8_linear.py) share: their tile
+configs, the split-K plan of the decode (GEMV) form, and the reduction of split-K partials.
+
+Both kernels compute out[M, N] = x[M, K] @ dequant(W)[N, K].T with W read once in its stored form
+and dequantized in registers, fp32 accumulation. Two forms, one kernel each:
+  * decode (M <= DECODE_MAX_M): tall-skinny. Bound by reading the weights, so the grid must cover
+    every SM even when N / BLOCK_N tiles are few: K is split into SPLIT slices, each program
+    writes an fp32 partial [M, N] and the partials are summed (deterministically, by torch) into
+    x.dtype. BLOCK_M = 16 (the smallest tl.dot) holds the whole batch.
+  * prefill (M > DECODE_MAX_M): ordinary output tiles over the whole K, written in x.dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+DECODE_MAX_M = 32
+MAX_SPLIT = 16
+
+
+def cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> dict:
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
+
+
+# Under the interpreter: small tiles, so that test shapes span several tiles in every dimension
+# with a ragged last one, and few splits still cover K in more than one slice.
+INTERPRETER_DECODE = cfg(16, 32, 32, 4, 1)
+INTERPRETER_PREFILL = cfg(32, 32, 32, 4, 1)
+
+
+def plan_split(m_tiles: int, n_tiles: int, k: int, block_k: int, programs_wanted: int) -> tuple[int, int]:
+    """(split, k_per_split): the fewest K slices that give about programs_wanted programs, each
+    slice a whole number of BLOCK_K (so that no tile straddles two slices)."""
+    k_blocks = triton.cdiv(k, block_k)
+    split = max(1, min(MAX_SPLIT, k_blocks, triton.cdiv(programs_wanted, m_tiles * n_tiles)))
+    k_per_split = triton.cdiv(k_blocks, split) * block_k
+    return triton.cdiv(k, k_per_split), k_per_split
+
+
+def output_buffer(m: int, n: int, split: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Where the kernel writes: the output itself (one slice) or fp32 partials [split, M, N]."""
+    if split == 1:
+        return torch.empty((m, n), dtype=dtype, device=device)
+    return torch.empty((split, m, n), dtype=torch.float32, device=device)
+
+
+def finish(buffer: torch.Tensor, split: int, dtype: torch.dtype) -> torch.Tensor:
+    return buffer if split == 1 else buffer.sum(dim=0).to(dtype)

@@ -1,0 +1,225 @@
+"""compressed-tensors `quantization_config` (in an HF config.json) -> which linears are quantized,
+how, and in which on-disk format. Plain dicts in, frozen dataclasses out: reading a checkpoint
+needs no compressed-tensors install.
+
+Supported, per config group:
+  * W4A16: weights {num_bits 4, type int, symmetric, strategy group (or channel)}, format
+    `pack-quantized`, no input quantization;
+  * FP8: weights {num_bits 8, type float, symmetric, strategy channel or tensor}, format
+    `float-quantized`, inputs none or {num_bits 8, type float, strategy token, dynamic}.
+Anything else is refused with a QuantConfigError (a ValueError) naming the field.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+QUANT_METHOD = "compressed-tensors"
+PACK_QUANTIZED = "pack-quantized"
+FLOAT_QUANTIZED = "float-quantized"
+MIXED_PRECISION = "mixed-precision"
+ACT_NONE = "none"
+ACT_FP8_DYNAMIC_TOKEN = "fp8_dynamic_token"
+
+# The preset names a config group may use instead of a scheme ({"W4A16": ["Linear"]}).
+_PRESETS = {
+    "W4A16": {"weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
+                          "group_size": 128}},
+    "FP8_DYNAMIC": {"weights": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"},
+                    "input_activations": {"num_bits": 8, "type": "float", "symmetric": True,
+                                          "strategy": "token", "dynamic": True}},
+}
+
+
+class QuantConfigError(ValueError):
+    """A quantization_config we cannot run; the message names the field."""
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    kind: str                 # "w4a16" | "fp8"
+    strategy: str             # "group" | "channel" (w4a16); "channel" | "tensor" (fp8)
+    group_size: int | None    # w4a16 "group" only; "channel" means one group of in_features
+    activation: str = ACT_NONE  # ACT_NONE | ACT_FP8_DYNAMIC_TOKEN
+    format: str = PACK_QUANTIZED
+
+    def group_size_for(self, in_features: int) -> int:
+        """The W4A16 group length for a layer with in_features inputs, checked against it."""
+        if self.kind != "w4a16":
+            raise ValueError(f"{self.kind} weights have no groups")
+        size = in_features if self.strategy == "channel" else self.group_size
+        if in_features % size:
+            raise QuantConfigError(f"weights.group_size {size} does not divide in_features {in_features}")
+        return size
+
+
+@dataclass(frozen=True)
+class QuantGroup:
+    name: str
+    targets: tuple[str, ...]
+    scheme: WeightScheme
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    groups: tuple[QuantGroup, ...]
+    ignore: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "QuantConfig":
+        """config: a whole HF config.json dict, or its `quantization_config` alone."""
+        return parse_quantization_config(config.get("quantization_config", config))
+
+    @classmethod
+    def from_folder(cls, path: str | Path) -> "QuantConfig | None":
+        """The folder's config.json quantization, or None when it has none."""
+        data = json.loads((Path(path) / "config.json").read_text())
+        if "quantization_config" not in data:
+            return None
+        return parse_quantization_config(data["quantization_config"])
+
+    @property
+    def kinds(self) -> set[str]:
+        return {g.scheme.kind for g in self.groups}
+
+    def scheme_for(self, module_name: str, class_name: str = "Linear") -> WeightScheme | None:
+        """The scheme of one module (HF name, e.g. `model.language_model.layers.0.mlp.up_proj`),
+        None when no group targets it or `ignore` names it. As compressed-tensors matches: a target
+        is an exact name, `re:<regex>` matched from the start of the name, or a class name; an
+        exact-name target beats a regex, which beats a class name."""
+        if any(_matches(module_name, class_name, t) for t in self.ignore):
+            return None
+        best = None
+        for group in self.groups:
+            for target in group.targets:
+                rank = _match_rank(module_name, class_name, target)
+                if rank is not None and (best is None or rank < best[0]):
+                    best = (rank, group.scheme)
+        return None if best is None else best[1]
+
+
+def _match_rank(name: str, class_name: str, target: str) -> int | None:
+    if target.startswith("re:"):
+        return 1 if re.match(target[3:], name) else None
+    if target == name:
+        return 0
+    return 2 if target == class_name else None
+
+
+def _matches(name: str, class_name: str, target: str) -> bool:
+    return _match_rank(name, class_name, target) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# parsing
+
+
+def _get(d: dict, key: str, default=None):
+    value = d.get(key, default)
+    return default if value is None else value
+
+
+def _lower(value) -> str:
+    return str(value).lower() if value is not None else ""
+
+
+def parse_quantization_config(qc: dict) -> QuantConfig:
+    where = "quantization_config"
+    if not isinstance(qc, dict):
+        raise QuantConfigError(f"{where} must be a JSON object, got {type(qc).__name__}")
+    method = qc.get("quant_method")
+    if method != QUANT_METHOD:
+        raise QuantConfigError(f"{where}.quant_method is {method!r}; only {QUANT_METHOD!r} checkpoints are supported")
+    if qc.get("kv_cache_scheme"):
+        raise QuantConfigError(f"{where}.kv_cache_scheme is set: KV-cache quantization is not supported")
+    for key in ("sparsity_config", "transform_config"):
+        if qc.get(key):
+            raise QuantConfigError(f"{where}.{key} is set: sparse or transformed checkpoints are not supported")
+    status = qc.get("quantization_status", "compressed")
+    if status != "compressed":
+        raise QuantConfigError(f"{where}.quantization_status is {status!r}: only 'compressed' checkpoints "
+                               "(packed weights on disk) are supported")
+    top_format = qc.get("format")
+    groups_raw = qc.get("config_groups")
+    if not isinstance(groups_raw, dict) or not groups_raw:
+        raise QuantConfigError(f"{where}.config_groups must be a non-empty object")
+    groups = []
+    for name, body in groups_raw.items():
+        gwhere = f"{where}.config_groups.{name}"
+        if isinstance(body, list):  # a preset name mapped to its targets
+            if name.upper() not in _PRESETS:
+                raise QuantConfigError(f"{gwhere}: preset {name!r} is not supported; supported: {sorted(_PRESETS)}")
+            body = {"targets": body, **_PRESETS[name.upper()]}
+        if not isinstance(body, dict):
+            raise QuantConfigError(f"{gwhere} must be an object or a list of targets")
+        targets = body.get("targets")
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+            raise QuantConfigError(f"{gwhere}.targets must be a non-empty list of strings")
+        scheme = _parse_scheme(body, gwhere, body.get("format") or top_format)
+        groups.append(QuantGroup(name=name, targets=tuple(targets), scheme=scheme))
+    ignore = qc.get("ignore") or []
+    if not isinstance(ignore, list) or not all(isinstance(t, str) for t in ignore):
+        raise QuantConfigError(f"{where}.ignore must be a list of strings")
+    return QuantConfig(groups=tuple(groups), ignore=tuple(ignore))
+
+
+def _parse_scheme(body: dict, where: str, fmt: str | None) -> WeightScheme:
+    if body.get("output_activations"):
+        raise QuantConfigError(f"{where}.output_activations is set: output quantization is not supported")
+    weights = body.get("weights")
+    if not isinstance(weights, dict):
+        raise QuantConfigError(f"{where}.weights must be an object (activation-only schemes are not supported)")
+    w = f"{where}.weights"
+    if not _get(weights, "symmetric", True):
+        raise QuantConfigError(f"{w}.symmetric is false: asymmetric zero points are not supported")
+    if weights.get("dynamic"):
+        raise QuantConfigError(f"{w}.dynamic is {weights['dynamic']!r}: weights must be statically quantized")
+    actorder = _lower(weights.get("actorder"))
+    if actorder not in ("", "none", "false", "weight", "static"):
+        raise QuantConfigError(f"{w}.actorder is {weights['actorder']!r}: act-order with g_idx is not supported "
+                               "('weight' ordering, which stores no g_idx, is)")
+    num_bits, wtype = weights.get("num_bits"), _lower(weights.get("type", "int"))
+    strategy = _lower(weights.get("strategy"))
+    group_size = weights.get("group_size")
+    if not strategy:  # compressed-tensors infers it from group_size
+        strategy = "tensor" if group_size is None else ("channel" if group_size == -1 else "group")
+    activation = _parse_activation(body.get("input_activations"), f"{where}.input_activations")
+    if num_bits == 4 and wtype == "int":
+        if strategy not in ("group", "channel"):
+            raise QuantConfigError(f"{w}.strategy is {strategy!r}: 4-bit weights need 'group' or 'channel'")
+        if strategy == "group" and (not isinstance(group_size, int) or group_size <= 0 or group_size % 8):
+            raise QuantConfigError(f"{w}.group_size must be a positive multiple of 8 for 4-bit groups, "
+                                   f"got {group_size!r}")
+        if activation != ACT_NONE:
+            raise QuantConfigError(f"{where}.input_activations: 4-bit weights run with unquantized activations only")
+        _check_format(fmt, PACK_QUANTIZED, where)
+        return WeightScheme("w4a16", strategy, group_size if strategy == "group" else None, activation, PACK_QUANTIZED)
+    if num_bits == 8 and wtype == "float":
+        if strategy not in ("channel", "tensor"):
+            raise QuantConfigError(f"{w}.strategy is {strategy!r}: FP8 weights need 'channel' or 'tensor' scales")
+        _check_format(fmt, FLOAT_QUANTIZED, where)
+        return WeightScheme("fp8", strategy, None, activation, FLOAT_QUANTIZED)
+    raise QuantConfigError(f"{w}: num_bits={num_bits!r} type={weights.get('type')!r} is not supported "
+                           "(4-bit int or 8-bit float only)")
+
+
+def _check_format(fmt: str | None, expected: str, where: str) -> None:
+    if fmt in (None, MIXED_PRECISION, expected):
+        return
+    raise QuantConfigError(f"{where}.format is {fmt!r}: these weights are read in the {expected!r} format only")
+
+
+def _parse_activation(act, where: str) -> str:
+    if not act:
+        return ACT_NONE
+    if not isinstance(act, dict):
+        raise QuantConfigError(f"{where} must be an object or null")
+    dynamic = act.get("dynamic")
+    ok = (act.get("num_bits") == 8 and _lower(act.get("type")) == "float" and _lower(act.get("strategy")) == "token"
+          and dynamic is True and _get(act, "symmetric", True))
+    if not ok:
+        raise QuantConfigError(f"{where} = {json.dumps(act, sort_keys=True)}: only dynamic per-token FP8 "
+                               "(num_bits 8, type float, strategy token, dynamic true, symmetric) is supported")
+    return ACT_FP8_DYNAMIC_TOKEN

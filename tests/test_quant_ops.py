@@ -1,0 +1,168 @@
+"""The W4A16 and FP8 linear kernels against the dequantize-then-matmul oracle in fp64, and our packed
+formats against compressed-tensors' own packing and dequantization.
+
+Shapes: N = 45 and K = 160 / 192 / 256 (or 100: a channel-wise group that is no multiple of 8 or
+of any tile) span several ragged tiles of the interpreter configs (32 wide) in every dimension;
+M in {1, 3, 17} runs the decode form with split-K partials, M = 64 the prefill form. Outputs are
+O(1) (weights ~ 1/sqrt(K)), so tests/tolerances.py's per-dtype bounds apply as for dense ops: the
+kernels lose the rounding of the dequantized weight to the dot dtype (as the dense model holds
+its weights) and of the output.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+from pixtral_fast.kernels import fp8_linear as fp8_kernel
+from pixtral_fast.kernels import w4a16_linear as w4_kernel
+from pixtral_fast.quant import formats
+from pixtral_fast.quant import reference as qref
+from tests.conftest import DEVICE, DTYPES
+from tests.tolerances import assert_close
+
+MS = (1, 3, 17, 64)
+GROUPS = (32, 64, 128)
+N = 45
+
+
+def _cases() -> list:
+    # Every M with every dtype; the group cycles so that each dtype meets every group size.
+    return [pytest.param(m, dtype, GROUPS[(i + j) % 3], id=f"M{m}-{str(dtype)[6:]}-g{GROUPS[(i + j) % 3]}")
+            for i, m in enumerate(MS) for j, dtype in enumerate(DTYPES)]
+
+
+def _w4_weights(n: int, k: int, group: int, scale_dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    packed, scales = formats.quantize_w4a16(w, group, scale_dtype)
+    return packed.to(DEVICE), scales.to(DEVICE)
+
+
+def _x(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
+
+
+# ---------------------------------------------------------------------------------------------
+# formats
+
+
+@pytest.mark.parametrize("k", [64, 72, 100])
+def test_pack_int4_matches_compressed_tensors(k):
+    q = torch.randint(-8, 8, (7, k), dtype=torch.int8, generator=torch.Generator().manual_seed(k))
+    packed = formats.pack_int4(q)
+    assert packed.dtype == torch.int32 and packed.shape == (7, formats.packed_words(k))
+    assert torch.equal(packed, pack_to_int32(q, 4))
+    assert torch.equal(formats.unpack_int4(packed, k), q)
+    assert torch.equal(unpack_from_int32(packed, 4, torch.Size((7, k))), q)
+
+
+def test_dequantize_matches_compressed_tensors():
+    """Our dequantization, rounded to the scale dtype, is compressed-tensors' decompress exactly."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    w = torch.randn(24, 128, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    packed, scales = formats.quantize_w4a16(w, 32)
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=4, type="int", symmetric=True, strategy="group", group_size=32))
+    theirs = PackedQuantizationCompressor.decompress(
+        {"weight_packed": packed, "weight_scale": scales, "weight_shape": torch.tensor([24, 128])}, scheme)["weight"]
+    ours = qref.dequantize_w4a16(packed, scales, 32, 128)
+    assert torch.equal(ours.to(torch.bfloat16), theirs)
+    # and the quantizer rounds to nearest: within half a step of the weight, but where the
+    # range [-8, 7] steps clamps it (max|w| maps to +-7.5 steps: 7 is as near as it gets)
+    step = scales.float().repeat_interleave(32, 1)
+    bound = torch.maximum(step / 2, w.float() - 7 * step)
+    assert ((ours - w.float()).abs() <= bound * (1 + 1e-6)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# W4A16
+
+
+@pytest.mark.parametrize("m,dtype,group", _cases())
+def test_w4a16_matches_reference(m, dtype, group):
+    k = {32: 160, 64: 192, 128: 256}[group]
+    packed, scales = _w4_weights(N, k, group, dtype, seed=m)
+    x = _x(m, k, dtype, seed=100 + m)
+    out = w4_kernel.w4a16_matmul(x, packed, scales, group)
+    assert out.dtype == dtype and out.shape == (m, N)
+    assert_close(out, qref.w4a16_linear(x.double(), packed, scales, group), dtype)
+
+
+@pytest.mark.parametrize("m", [1, 17, 64])
+def test_w4a16_channelwise_ragged_k(m):
+    """One group of K = 100 inputs: K no multiple of 8 (a short last word) nor of any tile."""
+    k = 100
+    packed, scales = _w4_weights(N, k, k, torch.float32, seed=7)
+    x = _x(m, k, torch.float32, seed=8)
+    out = w4_kernel.w4a16_matmul(x, packed, scales, k)
+    assert_close(out, qref.w4a16_linear(x.double(), packed, scales, k), torch.float32)
+
+
+@pytest.mark.parametrize("split", [1, 2, 5])
+def test_w4a16_split_k(split):
+    """The decode form with the output written directly (1 slice) and with fp32 partials."""
+    packed, scales = _w4_weights(N, 160, 32, torch.bfloat16, seed=3)
+    x = _x(2, 160, torch.bfloat16, seed=4)
+    out = w4_kernel.w4a16_matmul(x, packed, scales, 32, split=split)
+    assert_close(out, qref.w4a16_linear(x.double(), packed, scales, 32), torch.bfloat16)
+
+
+def test_w4a16_scales_in_another_dtype_and_strided_x():
+    packed, scales = _w4_weights(N, 128, 64, torch.float32, seed=5)
+    base = _x(3, 200, torch.bfloat16, seed=6)
+    x = base[:, 40:168]  # row stride 200: the kernel takes any row stride
+    out = w4_kernel.w4a16_matmul(x, packed, scales, 64)
+    assert_close(out, qref.w4a16_linear(x.double(), packed, scales, 64), torch.bfloat16)
+
+
+def test_w4a16_leading_dimensions():
+    packed, scales = _w4_weights(N, 128, 32, torch.float16, seed=9)
+    x = _x(6, 128, torch.float16, seed=10).view(2, 3, 128)
+    out = w4_kernel.w4a16_linear(x, packed, scales, 32)
+    assert out.shape == (2, 3, N)
+    assert_close(out, qref.w4a16_linear(x.double(), packed, scales, 32), torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8
+
+
+def _fp8_weights(n: int, k: int, per_channel: bool, scale_dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    weight, scales = formats.quantize_fp8(w, per_channel, scale_dtype)
+    return weight.to(DEVICE), scales.to(DEVICE)
+
+
+@pytest.mark.parametrize("m,dtype,per_channel", [
+    pytest.param(m, dtype, (i + j) % 2 == 0, id=f"M{m}-{str(dtype)[6:]}-{'channel' if (i + j) % 2 == 0 else 'tensor'}")
+    for i, m in enumerate(MS) for j, dtype in enumerate(DTYPES)
+])
+def test_fp8_matches_reference(m, dtype, per_channel):
+    k = 150  # no multiple of any tile
+    weight, scales = _fp8_weights(N, k, per_channel, dtype, seed=m)
+    x = _x(m, k, dtype, seed=200 + m)
+    out = fp8_kernel.fp8_matmul(x, weight, scales)
+    assert out.dtype == dtype and out.shape == (m, N)
+    assert_close(out, qref.fp8_linear(x.double(), weight, scales), dtype)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_fp8_split_k(split):
+    weight, scales = _fp8_weights(N, 150, True, torch.float16, seed=11)
+    x = _x(5, 150, torch.float16, seed=12)
+    out = fp8_kernel.fp8_matmul(x, weight, scales.view(-1), split=split)  # scales [N] as well as [N, 1]
+    assert_close(out, qref.fp8_linear(x.double(), weight, scales), torch.float16)
+
+
+def test_fp8_decodes_every_finite_e4m3_value_exactly():
+    """All 254 finite e4m3 bytes through the kernel's own decoding: x = I, scale 1, fp32."""
+    codes = torch.tensor([b for b in range(256) if b not in (0x7F, 0xFF)], dtype=torch.uint8)
+    weight = codes.view(2, 127).view(torch.float8_e4m3fn).to(DEVICE)
+    x = torch.eye(127, dtype=torch.float32, device=DEVICE)
+    out = fp8_kernel.fp8_matmul(x, weight, torch.ones(1, device=DEVICE))
+    assert torch.equal(out.t(), weight.float())
