@@ -216,3 +216,22 @@ def test_a_generated_image_token_survives_preemption(tiny_dir, tok):
     assert reprefilled, "set-up: the request that generated [IMG] was never preempted and re-prefilled"
     assert [c.tokens for c in out] == expected
     assert_clean(eng)
+
+
+# -- engine limits ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("limits, name", [
+    (dict(block_size=24), "block_size"), (dict(block_size=True), "block_size"), (dict(num_blocks=0), "num_blocks"),
+    (dict(num_blocks=2.5), "num_blocks"), (dict(memory_bytes=-1), "memory_bytes"),
+    (dict(max_batch_size=True), "max_batch_size"), (dict(max_batch_size=0), "max_batch_size"),
+    (dict(max_model_len="4096"), "max_model_len"), (dict(max_prefill_tokens=0), "max_prefill_tokens"),
+    (dict(gpu_memory_fraction=math.nan), "gpu_memory_fraction"), (dict(gpu_memory_fraction=1.5), "gpu_memory_fraction"),
+    (dict(graph_buckets=(1, 0)), "graph_buckets"), (dict(graph_buckets=8), "graph_buckets"),
+    (dict(use_cuda_graphs="yes"), "use_cuda_graphs"), (dict(progress=1), "progress"),
+])
+def test_engine_limits_are_checked(limits, name):
+    from pixtral_fast.runtime.config import EngineConfig
+
+    with pytest.raises(ValueError, match=name):
+        EngineConfig(**limits)
+    EngineConfig(num_blocks=8, max_model_len=64, graph_buckets=[1, 2], use_cuda_graphs=None, progress=False)

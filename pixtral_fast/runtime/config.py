@@ -1,11 +1,25 @@
 """Engine limits, kept apart from the model's configuration."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 from pixtral_fast.runtime.graphs import DEFAULT_BUCKETS
 
 CPU_CACHE_BYTES = 512 << 20  # default KV budget on the CPU, where there is no free-memory query
+
+
+def _positive_int(name: str, value, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}")
+
+
+def _flag(name: str, value, optional: bool = False) -> None:
+    if not (isinstance(value, bool) or (optional and value is None)):
+        raise ValueError(f"{name} must be True or False{' or None' if optional else ''}, got {value!r}")
 
 
 @dataclass(slots=True)
@@ -24,9 +38,22 @@ class EngineConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if self.block_size not in (16, 32, 64, 128, 256):
-            raise ValueError(f"block_size must be a power of two in 16..256, got {self.block_size}")
-        if self.max_batch_size < 1 or self.max_prefill_tokens < 1:
-            raise ValueError("max_batch_size and max_prefill_tokens must be >= 1")
-        if not 0 < self.gpu_memory_fraction <= 1:
-            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
+        """Every field checked, with a ValueError naming it (a bool is never taken for a number)."""
+        if isinstance(self.block_size, bool) or self.block_size not in (16, 32, 64, 128, 256):
+            raise ValueError(f"block_size must be a power of two in 16..256, got {self.block_size!r}")
+        for name in ("num_blocks", "memory_bytes", "max_model_len"):
+            _positive_int(name, getattr(self, name), optional=True)
+        for name in ("max_batch_size", "max_prefill_tokens"):
+            _positive_int(name, getattr(self, name))
+        fraction = self.gpu_memory_fraction
+        if (isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not math.isfinite(fraction)
+                or not 0 < fraction <= 1):
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {fraction!r}")
+        if not isinstance(self.graph_buckets, (tuple, list)):
+            raise ValueError(f"graph_buckets must be a tuple of batch sizes, got {self.graph_buckets!r}")
+        for bucket in self.graph_buckets:
+            _positive_int("graph_buckets", bucket)
+        self.graph_buckets = tuple(int(b) for b in self.graph_buckets)
+        _flag("use_cuda_graphs", self.use_cuda_graphs, optional=True)
+        for name in ("capture_on_start", "nvtx", "progress"):
+            _flag(name, getattr(self, name))
