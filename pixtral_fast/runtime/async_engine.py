@@ -92,6 +92,11 @@ class _Handle:
             return False
 
 
+def _deliver(items: list[tuple[_Handle, _Update]]) -> None:
+    for handle, update in items:
+        handle.queue.put_nowait(update)
+
+
 class StopMatcher:
     """Text assembly for one sequence: incremental detokenization plus stop strings. Text that
     could still become a stop string is held back; a matched stop string and all after it are dropped."""
@@ -306,8 +311,8 @@ class AsyncEngine:
                     break
                 if self.engine.has_unfinished():
                     self._step()
+                self.snapshot = self._take_snapshot()  # before the news: callers then see this state
                 self._publish()
-                self.snapshot = self._take_snapshot()
         except BaseException as e:  # the thread dies: say so to everyone waiting
             self.fault = e
             log.exception("engine thread stopped")
@@ -351,6 +356,7 @@ class AsyncEngine:
         handle.seq = seq
         handle.request = None  # its images are the sequence's now
         self._active[seq.id] = handle
+        self.snapshot = self._take_snapshot()  # before the caller hears back: it counts as waiting
         if not handle.post(len(seq.prompt)):
             self._abort(seq)
 
@@ -373,22 +379,29 @@ class AsyncEngine:
                     self.engine.scheduler.fail(handle.seq, f"internal error: {type(e).__name__}: {e}")
 
     def _publish(self) -> None:
+        """Every request's news of this step; one wake-up per event loop, not one per request."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Handle, _Update]]] = {}
         for seq_id, handle in list(self._active.items()):
             seq = handle.seq
             n = len(seq.generated)
             if n == handle.sent and not seq.finished:
                 continue
-            wanted = seq.params.logprobs is not None if hasattr(seq.params, "logprobs") else False
-            logprobs = list(seq.logprobs[handle.sent:n]) if wanted else []
+            logprobs = list(seq.logprobs[handle.sent:n]) if seq.params.logprobs is not None else []
             error = seq.error if seq.finish_reason == "error" else None
-            if error is not None:
-                error = error if error.startswith("internal error") else f"internal error: {error}"
-            ok = handle.post(_Update(list(seq.generated[handle.sent:n]), logprobs, seq.finish_reason, error))
+            if error is not None and not error.startswith("internal error"):
+                error = f"internal error: {error}"
+            batches.setdefault(handle.loop, []).append(
+                (handle, _Update(list(seq.generated[handle.sent:n]), logprobs, seq.finish_reason, error)))
             handle.sent = n
             if seq.finished:
                 del self._active[seq_id]
-            elif not ok:
-                self._abort(seq)
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that event loop is closed: nobody listens to these any more
+                for handle, _ in items:
+                    if not handle.seq.finished:
+                        self._abort(handle.seq)
 
     def _abandon_all(self, message: str) -> None:
         for handle in list(self._active.values()):
@@ -408,9 +421,10 @@ class AsyncEngine:
                 handle.post(EngineClosed(message))
 
     def _take_snapshot(self) -> dict[str, int]:
-        """What the metrics show, taken on the engine thread after each step (never mid-step)."""
+        """What the metrics and the backpressure read, taken on the engine thread between steps.
+        Waiting: our sequences not in the running batch (queued, just added, or preempted)."""
         usage = self.engine.blocks.usage()
-        sched = self.engine.scheduler
+        running = set(self.engine.scheduler.running)
+        waiting = sum(1 for h in self._active.values() if h.seq not in running and not h.seq.finished)
         return {"used_blocks": int(usage["used_blocks"]), "total_blocks": int(usage["total_blocks"]),
-                "running": len(sched.running), "waiting": len(sched.waiting),
-                "unfinished": len(sched.running) + len(sched.waiting) + self._pending}
+                "running": len(running), "waiting": waiting, "unfinished": len(running) + waiting + self._pending}
