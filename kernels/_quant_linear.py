@@ -6,7 +6,7 @@ and dequantized in registers, fp32 accumulation. Two forms, one kernel each:
   * decode (M <= DECODE_MAX_M): tall-skinny. Bound by reading the weights, so the grid must cover
     every SM even when N / BLOCK_N tiles are few: K is split into SPLIT slices, each program
     writes an fp32 partial [M, N] and the partials are summed (deterministically, by torch) into
-    x.dtype. BLOCK_M = 16 (the smallest tl.dot) holds the whole batch.
+    x.dtype. BLOCK_M = 32 holds the whole batch, so each weight byte is read once.
   * prefill (M > DECODE_MAX_M): ordinary output tiles over the whole K, written in x.dtype.
 """
 from __future__ import annotations

@@ -77,17 +77,17 @@ def _w4a16_kernel(
 
 def configs(capability: int, dtype: torch.dtype) -> dict[str, dict]:
     """{"decode": ..., "prefill": ...} for this arch (90: Hopper; 80: Ampere and Ada) and dtype.
-    Decode: 16 rows (the batch), 64 columns, 128 k (64 B of packed weights per row and tile),
-    3 stages in flight to keep HBM busy (8 warps on Ampere, where 4 need ~245 registers).
-    Prefill: 128x128 (Hopper) / 128x64 (Ampere) tiles on 8 warps with BLOCK_K 32: the unpacked
+    Decode: 32 rows (the whole batch: the weights are streamed once), 64 columns, 128 k (64 B of
+    packed weights per row and tile), 3 stages in flight to keep HBM busy, 8 warps (4 need ~255
+    registers). Prefill: 128x128 (Hopper) / 128x64 (Ampere) tiles on 8 warps with BLOCK_K 32: the unpacked
     [BLOCK_K, BLOCK_N] weight tile lives in registers next to the accumulator, and BLOCK_K 64
     takes 255 registers. fp32 (IEEE dots on the FMA units): small tiles. All compile without
     spills, most with margin (tests/test_quant_compile.py prints the table)."""
     if dtype == torch.float32:
-        return {"decode": plan.cfg(16, 64, 32, 8, 2), "prefill": plan.cfg(64, 64, 16, 8, 2)}
+        return {"decode": plan.cfg(32, 64, 16, 8, 2), "prefill": plan.cfg(64, 64, 16, 8, 2)}
     if capability >= 90:
-        return {"decode": plan.cfg(16, 64, 128, 4, 3), "prefill": plan.cfg(128, 128, 32, 8, 3)}
-    return {"decode": plan.cfg(16, 64, 128, 8, 3), "prefill": plan.cfg(128, 64, 32, 8, 3)}
+        return {"decode": plan.cfg(32, 64, 128, 8, 3), "prefill": plan.cfg(128, 128, 32, 8, 3)}
+    return {"decode": plan.cfg(32, 64, 128, 8, 3), "prefill": plan.cfg(128, 64, 32, 8, 3)}
 
 
 def w4a16_matmul(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int,
