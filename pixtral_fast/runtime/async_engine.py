@@ -337,7 +337,7 @@ class AsyncEngine:
                     self._pending -= 1
                 self._add(handle)
             elif kind == "abort" and handle.seq is not None and not handle.seq.finished:
-                self._abort(handle.seq)
+                self.engine.abort(handle.seq)
             self.snapshot = self._take_snapshot()
 
     def _add(self, handle: _Handle) -> None:
@@ -358,16 +358,7 @@ class AsyncEngine:
         self._active[seq.id] = handle
         self.snapshot = self._take_snapshot()  # before the caller hears back: it counts as waiting
         if not handle.post(len(seq.prompt)):
-            self._abort(seq)
-
-    def _abort(self, seq: Sequence) -> None:
-        abort = getattr(self.engine, "abort", None)
-        if abort is not None:
-            abort(seq)
-        else:  # engines before Engine.abort: the same thing by hand
-            if seq in self.engine.scheduler.waiting:
-                self.engine.scheduler.waiting.remove(seq)
-            self.engine.scheduler.finish(seq, "abort")
+            self.engine.abort(seq)
 
     def _step(self) -> None:
         try:
@@ -401,15 +392,12 @@ class AsyncEngine:
             except RuntimeError:  # that event loop is closed: nobody listens to these any more
                 for handle, _ in items:
                     if not handle.seq.finished:
-                        self._abort(handle.seq)
+                        self.engine.abort(handle.seq)
 
     def _abandon_all(self, message: str) -> None:
         for handle in list(self._active.values()):
             if handle.seq is not None and not handle.seq.finished:
-                try:
-                    self._abort(handle.seq)
-                except Exception:  # noqa: BLE001 - best effort while going down
-                    pass
+                self.engine.abort(handle.seq)
             handle.post(_Update([], [], "abort", None))
         self._active.clear()
         while True:  # requests that never reached the engine
