@@ -154,7 +154,11 @@ def run_serve(a) -> None:
     sys.setswitchinterval(0.0005)
     sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((a.host, a.port))  # before loading: a taken port fails fast
+    try:
+        sock.bind((a.host, a.port))  # before loading: a taken port fails fast
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"--host {a.host} --port {a.port}: cannot listen there ({e.strerror or e})") from None
     engine, default_name = build_engine(a)
     settings = build_settings(a, default_name)
     tokenizer = engine.tokenizer
