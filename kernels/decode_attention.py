@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from pixtral_fast.kernels import INTERPRETING, LOG2E, TRITON_DTYPE, arch, sm_count
-from pixtral_fast.kernels.varlen_attention import softmax_update
+from pixtral_fast.kernels.varlen_attention import MAX_HEAD_DIM, _tile_mask, softmax_update, supports_head_dim
 
 MAX_SPLITS = 32  # the merge loads every split of a head at once: [32, D] fp32 at most
 
@@ -29,7 +29,7 @@ def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, out_ptr, m_ptr, l_ptr, acc_ptr,
     qk_scale, block_table_stride, num_kv_heads, num_splits,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -37,13 +37,14 @@ def _decode_split_kernel(
     kv_head = pid_bh % num_kv_heads
 
     offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_DIM_P2)
     offs_n = tl.arange(0, BLOCK_N)
     row_ok = offs_h < GROUP
     q_head = kv_head * GROUP + offs_h  # rows of q / out: query heads of this group
     bh_row = b * (num_kv_heads * GROUP) + q_head
 
-    q = tl.load(q_ptr + bh_row[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    tile_ok = _tile_mask(row_ok, offs_d, HEAD_DIM, HEAD_DIM_P2, False)
+    q = tl.load(q_ptr + bh_row[:, None] * HEAD_DIM + offs_d[None, :], mask=tile_ok, other=0.0)
 
     # This split's tiles: the sequence's own tiles shared evenly, so a long sequence in a batch
     # sized for a much longer context still spreads over every split.
@@ -55,7 +56,7 @@ def _decode_split_kernel(
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM_P2], tl.float32)
     row_stride = num_kv_heads * HEAD_DIM
     table_row = block_table_ptr + b * block_table_stride
     for tile in range(tile_start, tile_end):
@@ -65,8 +66,10 @@ def _decode_split_kernel(
         page = tl.load(table_row + idx // BLOCK_SIZE, mask=key_ok, other=0)
         token = page.to(tl.int64) * BLOCK_SIZE + idx % BLOCK_SIZE
         kv_off = token * row_stride + kv_head * HEAD_DIM
-        k_t = tl.load(k_ptr + kv_off[None, :] + offs_d[:, None], mask=key_ok[None, :], other=0.0)
-        v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        k_t = tl.load(k_ptr + kv_off[None, :] + offs_d[:, None],
+                      mask=_tile_mask(key_ok, offs_d, HEAD_DIM, HEAD_DIM_P2, True), other=0.0)
+        v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :],
+                    mask=_tile_mask(key_ok, offs_d, HEAD_DIM, HEAD_DIM_P2, False), other=0.0)
 
         s = tl.dot(q, k_t, input_precision="ieee") * qk_scale  # log2 domain
         s = tl.where(key_ok[None, :], s, float("-inf"))
@@ -76,34 +79,38 @@ def _decode_split_kernel(
         # One split: it saw the whole sequence (seq_len >= 1), so l_i > 0 on real rows.
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(out_ptr + bh_row[:, None] * HEAD_DIM + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+                 out.to(out_ptr.dtype.element_ty), mask=tile_ok)
     else:
         part = bh_row * num_splits + split
         tl.store(m_ptr + part, m_i, mask=row_ok)
         tl.store(l_ptr + part, l_i, mask=row_ok)
-        tl.store(acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
+        tl.store(acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=tile_ok)
 
 
 @triton.jit
 def _decode_merge_kernel(
     out_ptr, m_ptr, l_ptr, acc_ptr, num_splits,
-    HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr,
+    HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
 ):
     bh_row = tl.program_id(0)  # b * Hq + query head
     offs_s = tl.arange(0, SPLITS_P2)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_DIM_P2)
     split_ok = offs_s < num_splits
     part = bh_row * num_splits + offs_s
     m = tl.load(m_ptr + part, mask=split_ok, other=float("-inf"))
     l = tl.load(l_ptr + part, mask=split_ok, other=0.0)
-    acc = tl.load(acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=split_ok[:, None], other=0.0)
+    acc = tl.load(acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=_tile_mask(split_ok, offs_d, HEAD_DIM, HEAD_DIM_P2, False), other=0.0)
     m_max = tl.max(m, axis=0)
     # All splits empty only if seq_len == 0 (a padded graph slot): give zeros, not NaN.
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.exp2(m - m_max)
     denom = tl.sum(w * l, axis=0)
     out = tl.sum(acc * w[:, None], axis=0) / tl.where(denom > 0.0, denom, 1.0)
-    tl.store(out_ptr + bh_row * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty))
+    if HEAD_DIM == HEAD_DIM_P2:
+        tl.store(out_ptr + bh_row * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(out_ptr + bh_row * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,11 +123,19 @@ def _config(capability: int | None, head_dim: int, dtype: torch.dtype) -> dict:
     K/V pointer tensors in registers (no spills at D=128). num_stages=3 lets Triton's pipeliner
     fetch the page ids two tiles ahead and K/V one tile ahead (more stages add nothing for
     these indirect loads); occupancy (several CTAs per SM) covers the rest of HBM latency.
-    Hopper (90) and Ampere (80) share these values until measured otherwise."""
+    Hopper (90) and Ampere (80) share these values until measured otherwise. head_dim 256 (and
+    the dims padded to it) halves the tile, for the same registers per K/V tile."""
     if capability is None:  # the interpreter ignores warps and stages
         return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     block_n = 32 if dtype == torch.float32 else 64
+    if padded_head_dim(head_dim) > 128:
+        block_n //= 2
     return {"BLOCK_N": block_n, "num_warps": 8, "num_stages": 3}
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Tile width: a power of two, at least tl.dot's 16 columns; the padding is masked."""
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 def choose_num_splits(batch: int, kv_heads: int, max_context: int, block_n: int, sm_count: int) -> int:
@@ -136,8 +151,11 @@ def gqa_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, num_
     seq_lens int32 [B] (>= 1, on the device). Inputs are validated by pixtral_fast.ops.
     num_splits=None: chosen from the shapes and the SM count (never from seq_lens)."""
     batch, q_heads, head_dim = q.shape
+    if not supports_head_dim(head_dim):
+        raise ValueError(f"head_dim {head_dim}: the decode kernel takes multiples of 8 up to {MAX_HEAD_DIM}")
     _, block_size, kv_heads, _ = k_cache.shape
     group = q_heads // kv_heads
+    head_dim_p2 = padded_head_dim(head_dim)
     capability = None if INTERPRETING else arch(q.device)
     cfg = _config(capability, head_dim, q.dtype)
     max_context = block_table.shape[1] * block_size
@@ -163,13 +181,14 @@ def gqa_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, num_
         q, k_cache, v_cache, block_table, seq_lens, out, m_ws, l_ws, acc_ws,
         float(scale) * LOG2E, block_table.stride(0), kv_heads, num_splits,
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"], DIRECT=direct,
+        BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"], DIRECT=direct, HEAD_DIM_P2=head_dim_p2,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:
         _decode_merge_kernel[(batch * q_heads,)](
             out, m_ws, l_ws, acc_ws, num_splits,
-            HEAD_DIM=head_dim, SPLITS_P2=triton.next_power_of_2(num_splits), num_warps=4,
+            HEAD_DIM=head_dim, SPLITS_P2=triton.next_power_of_2(num_splits), HEAD_DIM_P2=head_dim_p2,
+            num_warps=4,
         )
     return out
 
@@ -183,11 +202,17 @@ def gqa_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, num_
 def compile_specs(capability: int) -> list[dict]:
     """Every shipped config for one arch: per (dtype, head_dim), the split kernel (NeMo's group
     of 4, block size 16 so tiles span several pages) writing split-K partials or, with one
-    split, the output directly; and the merge at the largest split count."""
+    split, the output directly; and the merge at the largest split count. Head dims: 64 and 128
+    (the models'), and in bf16 (fp16 compiles the same code with another element type) and fp32
+    256 (half-width key tiles) and 160 (padded to 256, column masks), in bf16 also 80 (-> 128).
+    Dims padded to 16..64 hold fewer registers than the D=64 variant."""
     specs = []
+    extra = {torch.float32: (256, 160), torch.bfloat16: (256, 160, 80), torch.float16: ()}
     for dtype, name in TRITON_DTYPE.items():
-        for head_dim, direct in itertools.product((64, 128), (False, True)):
+        head_dims = (64, 128) + extra[dtype]
+        for head_dim, direct in itertools.product(head_dims, (False, True)):
             cfg = _config(capability, head_dim, dtype)
+            width = padded_head_dim(head_dim)
             ptr = f"*{name}"
             specs.append({
                 "name": f"decode_split_{name}_d{head_dim}_n{cfg['BLOCK_N']}{'_direct' if direct else ''}",
@@ -198,10 +223,10 @@ def compile_specs(capability: int) -> list[dict]:
                     "acc_ptr": "*fp32", "qk_scale": "fp32", "block_table_stride": "i32",
                     "num_kv_heads": "i32", "num_splits": "i32", "GROUP": "constexpr",
                     "BLOCK_H": "constexpr", "HEAD_DIM": "constexpr", "BLOCK_SIZE": "constexpr",
-                    "BLOCK_N": "constexpr", "DIRECT": "constexpr",
+                    "BLOCK_N": "constexpr", "DIRECT": "constexpr", "HEAD_DIM_P2": "constexpr",
                 },
                 "constexprs": {"GROUP": 4, "BLOCK_H": 16, "HEAD_DIM": head_dim, "BLOCK_SIZE": 16,
-                               "BLOCK_N": cfg["BLOCK_N"], "DIRECT": direct},
+                               "BLOCK_N": cfg["BLOCK_N"], "DIRECT": direct, "HEAD_DIM_P2": width},
                 "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
             })
             if direct:
@@ -210,8 +235,9 @@ def compile_specs(capability: int) -> list[dict]:
                 "name": f"decode_merge_{name}_d{head_dim}",
                 "fn": _decode_merge_kernel,
                 "signature": {"out_ptr": ptr, "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32",
-                              "num_splits": "i32", "HEAD_DIM": "constexpr", "SPLITS_P2": "constexpr"},
-                "constexprs": {"HEAD_DIM": head_dim, "SPLITS_P2": MAX_SPLITS},
+                              "num_splits": "i32", "HEAD_DIM": "constexpr", "SPLITS_P2": "constexpr",
+                              "HEAD_DIM_P2": "constexpr"},
+                "constexprs": {"HEAD_DIM": head_dim, "SPLITS_P2": MAX_SPLITS, "HEAD_DIM_P2": width},
                 "num_warps": 4, "num_stages": 1,
             })
     return specs

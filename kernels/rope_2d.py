@@ -67,12 +67,15 @@ def sincos_small(a):
 
 @triton.jit
 def _rotate_block(x_ptr, o_ptr, stride_t, stride_h, n_heads, t0, head0, t_ok, cos, sin,
-                  HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    HALF: tl.constexpr = HEAD_DIM // 2
+                  HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                  HEAD_DIM_P2: tl.constexpr):
+    HALF: tl.constexpr = HEAD_DIM_P2 // 2
     lt = tl.arange(0, BLOCK_T)
     lh = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_DIM_P2)
     mask = t_ok[:, None, None] & (lh < n_heads - head0)[None, :, None]  # broadcast over D by tl.load
+    if HEAD_DIM != HEAD_DIM_P2:  # head_dim padded to a power of two: padding columns masked
+        mask = mask & (offs_d < HEAD_DIM)[None, None, :]
     # 64-bit scalar bases (T x a fused-QKV row stride passes 2^31 in long prefills), 32-bit
     # offsets inside the tile: 64-bit pointer tensors would double the address registers.
     src = x_ptr + t0.to(tl.int64) * stride_t + head0.to(tl.int64) * stride_h
@@ -81,7 +84,7 @@ def _rotate_block(x_ptr, o_ptr, stride_t, stride_h, n_heads, t0, head0, t_ok, co
     x0, x1 = tl.split(tl.reshape(x, [BLOCK_T, BLOCK_H, HALF, 2]))
     c = cos[:, None, :]
     s = sin[:, None, :]
-    y = tl.reshape(tl.join(x0 * c - x1 * s, x0 * s + x1 * c), [BLOCK_T, BLOCK_H, HEAD_DIM])
+    y = tl.reshape(tl.join(x0 * c - x1 * s, x0 * s + x1 * c), [BLOCK_T, BLOCK_H, HEAD_DIM_P2])
     dst = o_ptr + (t0.to(tl.int64) * n_heads + head0) * HEAD_DIM
     tl.store(dst + ((lt[:, None, None] * n_heads + lh[None, :, None]) * HEAD_DIM + offs_d[None, None, :]),
              y.to(o_ptr.dtype.element_ty), mask=mask)
@@ -93,16 +96,21 @@ def _rope_kernel(
     n_tokens, q_heads, k_heads, stride_qt, stride_qh, stride_kt, stride_kh, stride_pt, stride_pc,
     n_q_blocks,
     AXES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
     t0 = pid_t * BLOCK_T
     offs_t = t0 + tl.arange(0, BLOCK_T)
-    offs_p = tl.arange(0, HALF)
+    offs_p = tl.arange(0, HEAD_DIM_P2 // 2)
     t_ok = offs_t < n_tokens
 
-    freq = tl.load(freq_ptr + offs_p)  # already in pair order (see pair_frequencies)
+    # already in pair order (see pair_frequencies); padding pairs turn by 0 and are not stored
+    if HEAD_DIM == HEAD_DIM_P2:
+        freq = tl.load(freq_ptr + offs_p)
+    else:
+        freq = tl.load(freq_ptr + offs_p, mask=offs_p < HALF, other=0.0)
     if AXES == 2:
         row = tl.load(pos_ptr + offs_t * stride_pt, mask=t_ok, other=0)
         col = tl.load(pos_ptr + offs_t * stride_pt + stride_pc, mask=t_ok, other=0)
@@ -115,10 +123,10 @@ def _rope_kernel(
 
     if pid_h < n_q_blocks:
         _rotate_block(q_ptr, qo_ptr, stride_qt, stride_qh, q_heads, t0, pid_h * BLOCK_H, t_ok,
-                      cos, sin, HEAD_DIM, BLOCK_T, BLOCK_H)
+                      cos, sin, HEAD_DIM, BLOCK_T, BLOCK_H, HEAD_DIM_P2)
     else:
         _rotate_block(k_ptr, ko_ptr, stride_kt, stride_kh, k_heads, t0, (pid_h - n_q_blocks) * BLOCK_H,
-                      t_ok, cos, sin, HEAD_DIM, BLOCK_T, BLOCK_H)
+                      t_ok, cos, sin, HEAD_DIM, BLOCK_T, BLOCK_H, HEAD_DIM_P2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,10 +147,26 @@ def pair_frequencies(head_dim: int, theta: float, axes: int, device: torch.devic
     return freq
 
 
+MAX_HEAD_DIM = 256
+
+
+def supports_head_dim(head_dim: int, axes: int) -> bool:
+    """Any head_dim up to 256 that the rotation is defined for: even (1-D), a multiple of 4 (2-D:
+    rows and columns get half the pairs each). Padded inside to a power of two, masked."""
+    return 0 < head_dim <= MAX_HEAD_DIM and head_dim % (2 * axes) == 0
+
+
+def padded_head_dim(head_dim: int) -> int:
+    return max(4, triton.next_power_of_2(head_dim))
+
+
 def _config(head_dim: int) -> dict:
     """~4K elements per program: 8 heads (every model here has a multiple of 8) x 8 tokens at
-    D=64, x 4 tokens at D=128. Memory-bound, so 4 warps, one stage; Hopper and Ampere alike."""
-    return {"BLOCK_T": 4096 // (8 * head_dim), "BLOCK_H": 8, "num_warps": 4, "num_stages": 1}
+    D=64, x 4 tokens at D=128, x 2 at D=256. Memory-bound, so 4 warps, one stage; Hopper and
+    Ampere alike."""
+    width = padded_head_dim(head_dim)
+    return {"BLOCK_T": max(1, 4096 // (8 * width)), "BLOCK_H": 8, "num_warps": 4, "num_stages": 1,
+            "HEAD_DIM_P2": width}
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float, axes: int):
@@ -152,6 +176,9 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float
     if axes not in (1, 2):
         raise ValueError(f"axes must be 1 or 2, got {axes}")
     n_tokens, q_heads, head_dim = q.shape
+    if not supports_head_dim(head_dim, axes):
+        raise ValueError(f"head_dim {head_dim}: the {axes}-D RoPE kernel takes multiples of {2 * axes} "
+                         f"up to {MAX_HEAD_DIM}")
     k_heads = k.shape[1]
     q_out = torch.empty((n_tokens, q_heads, head_dim), dtype=q.dtype, device=q.device)
     k_out = torch.empty((n_tokens, k_heads, head_dim), dtype=k.dtype, device=k.device)
@@ -167,7 +194,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float
         n_tokens, q_heads, k_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         pos.stride(0), stride_pc, n_q_blocks,
         AXES=axes, HEAD_DIM=head_dim, BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HEAD_DIM_P2=cfg["HEAD_DIM_P2"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return q_out, k_out
 
@@ -183,12 +210,16 @@ _ALIGNED_ARGS = ("q_ptr", "k_ptr", "qo_ptr", "ko_ptr", "pos_ptr", "freq_ptr",
 
 def compile_specs(capability: int) -> list[dict]:
     """Every shipped config: per dtype, 2-D RoPE at D=64 (the ViT) and D=128, 1-D RoPE at D=128
-    (the decoder) and D=64. The config does not depend on the arch."""
+    (the decoder) and D=64; in bf16 and fp32 also 1-D at 256 (2 tokens a program) and padded head
+    dims (masked columns: 2-D at 80, and 1-D at 40, whose strides are not multiples of 16).
+    fp16 compiles the bf16 code with another element type. The config does not depend on the arch."""
     specs = []
     for dtype, name in TRITON_DTYPE.items():
         ptr = f"*{name}"
-        for axes, head_dim in ((2, 64), (2, 128), (1, 64), (1, 128)):
+        extra = () if dtype == torch.float16 else ((1, 256), (2, 80), (1, 40))
+        for axes, head_dim in ((2, 64), (2, 128), (1, 64), (1, 128)) + extra:
             cfg = _config(head_dim)
+            aligned = _ALIGNED_ARGS if head_dim % 16 == 0 else _ALIGNED_ARGS[:6]
             specs.append({
                 "name": f"rope{axes}d_{name}_d{head_dim}",
                 "fn": _rope_kernel,
@@ -198,11 +229,11 @@ def compile_specs(capability: int) -> list[dict]:
                     "stride_qt": "i32", "stride_qh": "i32", "stride_kt": "i32", "stride_kh": "i32",
                     "stride_pt": "i32", "stride_pc": "i32", "n_q_blocks": "i32",
                     "AXES": "constexpr", "HEAD_DIM": "constexpr", "BLOCK_T": "constexpr",
-                    "BLOCK_H": "constexpr",
+                    "BLOCK_H": "constexpr", "HEAD_DIM_P2": "constexpr",
                 },
                 "constexprs": {"AXES": axes, "HEAD_DIM": head_dim, "BLOCK_T": cfg["BLOCK_T"],
-                               "BLOCK_H": cfg["BLOCK_H"]},
-                "attrs": {arg: [["tt.divisibility", 16]] for arg in _ALIGNED_ARGS},
+                               "BLOCK_H": cfg["BLOCK_H"], "HEAD_DIM_P2": cfg["HEAD_DIM_P2"]},
+                "attrs": {arg: [["tt.divisibility", 16]] for arg in aligned},
                 "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
             })
     return specs

@@ -19,7 +19,6 @@ operand makes Triton redo the rotation in every warp, which spills on sm_80.
 """
 from __future__ import annotations
 
-import itertools
 import torch
 import triton
 import triton.language as tl
@@ -29,21 +28,39 @@ from pixtral_fast.kernels.rope_2d import pair_frequencies, sincos_small
 
 
 @triton.jit
+def _tile_mask(ok, cols, N_COLS: tl.constexpr, WIDTH: tl.constexpr, KEY_MAJOR: tl.constexpr):
+    """Mask of a [len(ok), WIDTH] tile ([WIDTH, len(ok)] for KEY_MAJOR) whose columns past N_COLS
+    are padding (head_dim rounded up to a power of two); no column test when nothing is padded."""
+    if N_COLS == WIDTH:
+        if KEY_MAJOR:
+            return ok[None, :]
+        else:
+            return ok[:, None]
+    else:
+        if KEY_MAJOR:
+            return ok[None, :] & (cols < N_COLS)[:, None]
+        else:
+            return ok[:, None] & (cols < N_COLS)[None, :]
+
+
+@triton.jit
 def _rotated_pairs(ptr, tokens, tok_ok, stride_t, pos_ptr, stride_pt, stride_pc, freq,
-                   KEY_MAJOR: tl.constexpr, HALF: tl.constexpr, PAIR_WORDS: tl.constexpr):
+                   KEY_MAJOR: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
+                   PAIR_WORDS: tl.constexpr):
     """RoPE-2D of rows `tokens` of a [T, D] view: the rotated even and odd elements (x0', x1') of
-    every pair, fp32, laid out [tokens, D/2], or [D/2, tokens] for KEY_MAJOR (the B operand of
-    q @ k^T). PAIR_WORDS (even strides, aligned base): a pair is read as one integer word twice
-    the element's width, so loads stay contiguous (coalesced, vectorised, cp.async); otherwise
-    two strided element loads."""
-    pair = tl.arange(0, HALF)
+    every pair, fp32, laid out [tokens, HALF_P2], or [HALF_P2, tokens] for KEY_MAJOR (the B
+    operand of q @ k^T); HALF = D/2 pairs, padding pairs are zero. PAIR_WORDS (even strides,
+    aligned base): a pair is read as one integer word twice the element's width, so loads stay
+    contiguous (coalesced, vectorised, cp.async); otherwise two strided element loads."""
+    pair = tl.arange(0, HALF_P2)
     row = tl.load(pos_ptr + tokens * stride_pt, mask=tok_ok, other=0)
     col = tl.load(pos_ptr + tokens * stride_pt + stride_pc, mask=tok_ok, other=0)
+    mask = _tile_mask(tok_ok, pair, HALF, HALF_P2, KEY_MAJOR)
     if KEY_MAJOR:
-        tok, mask, idx, f = tokens[None, :], tok_ok[None, :], pair[:, None], freq[:, None]
+        tok, idx, f = tokens[None, :], pair[:, None], freq[:, None]
         p = tl.where(idx < HALF // 2, row[None, :], col[None, :])
     else:
-        tok, mask, idx, f = tokens[:, None], tok_ok[:, None], pair[None, :], freq[None, :]
+        tok, idx, f = tokens[:, None], pair[None, :], freq[None, :]
         p = tl.where(idx < HALF // 2, row[:, None], col[:, None])
     dtype = ptr.dtype.element_ty
     if PAIR_WORDS:
@@ -79,20 +96,22 @@ def softmax_update(s, v, acc, m_i, l_i):
 def _attend(acc, m_i, l_i, q0, q1, k_base, v_base, pos_base, freq, offs_m, seq_len, lo, hi,
             stride_kt, stride_vt, stride_pt, stride_pc, qk_scale,
             MASKED: tl.constexpr, CAUSAL: tl.constexpr, ROPE: tl.constexpr, PAIR_WORDS: tl.constexpr,
-            HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+            HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_DIM_P2)
     for n0 in range(lo, hi, BLOCK_N):
         keys = n0 + offs_n
         key_ok = keys < seq_len  # all true in the unmasked phase; only the row mask of the loads
-        v = tl.load(v_base + keys[:, None] * stride_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_base + keys[:, None] * stride_vt + offs_d[None, :],
+                    mask=_tile_mask(key_ok, offs_d, HEAD_DIM, HEAD_DIM_P2, False), other=0.0)
         if ROPE:
             k0, k1 = _rotated_pairs(k_base, keys, key_ok, stride_kt, pos_base, stride_pt, stride_pc, freq,
-                                    True, HEAD_DIM // 2, PAIR_WORDS)
+                                    True, HEAD_DIM // 2, HEAD_DIM_P2 // 2, PAIR_WORDS)
             s = tl.dot(q0, k0.to(v.dtype), input_precision="ieee")
             s = tl.dot(q1, k1.to(v.dtype), s, input_precision="ieee")
         else:
-            k_t = tl.load(k_base + keys[None, :] * stride_kt + offs_d[:, None], mask=key_ok[None, :], other=0.0)
+            k_t = tl.load(k_base + keys[None, :] * stride_kt + offs_d[:, None],
+                          mask=_tile_mask(key_ok, offs_d, HEAD_DIM, HEAD_DIM_P2, True), other=0.0)
             s = tl.dot(q0, k_t, input_precision="ieee")
         s = s * qk_scale  # log2 domain
         if MASKED:
@@ -111,7 +130,7 @@ def _varlen_fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_pt, stride_pc,
     qk_scale, group,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, ROPE: tl.constexpr, PAIR_WORDS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
 ):
     if CAUSAL:  # the last tiles of a causal sequence have the most keys: launch them first
         tile = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -135,22 +154,24 @@ def _varlen_fwd_kernel(
     pos_base = pos_ptr + row0 * stride_pt
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_DIM_P2)
     row_ok = offs_m < seq_len
+    tile_ok = _tile_mask(row_ok, offs_d, HEAD_DIM, HEAD_DIM_P2, False)
     if ROPE:
-        freq = tl.load(freq_ptr + tl.arange(0, HEAD_DIM // 2))
+        pairs = tl.arange(0, HEAD_DIM_P2 // 2)
+        freq = tl.load(freq_ptr + pairs, mask=pairs < HEAD_DIM // 2, other=0.0)
         q0, q1 = _rotated_pairs(q_base, offs_m, row_ok, stride_qt, pos_base, stride_pt, stride_pc, freq,
-                                False, HEAD_DIM // 2, PAIR_WORDS)
+                                False, HEAD_DIM // 2, HEAD_DIM_P2 // 2, PAIR_WORDS)
         q0 = q0.to(q_ptr.dtype.element_ty)
         q1 = q1.to(q_ptr.dtype.element_ty)
     else:
         freq = 0.0
-        q0 = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        q0 = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=tile_ok, other=0.0)
         q1 = q0
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P2], tl.float32)
     if CAUSAL:  # keys before the tile are all visible; the diagonal block is masked
         free_end = m0
         end = tl.minimum(m0 + BLOCK_M, seq_len)
@@ -159,51 +180,82 @@ def _varlen_fwd_kernel(
         end = seq_len
     acc, m_i, l_i = _attend(acc, m_i, l_i, q0, q1, k_base, v_base, pos_base, freq, offs_m, seq_len, 0,
                             free_end, stride_kt, stride_vt, stride_pt, stride_pc, qk_scale,
-                            False, CAUSAL, ROPE, PAIR_WORDS, HEAD_DIM, BLOCK_N)
+                            False, CAUSAL, ROPE, PAIR_WORDS, HEAD_DIM, HEAD_DIM_P2, BLOCK_N)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q0, q1, k_base, v_base, pos_base, freq, offs_m, seq_len, free_end,
                             end, stride_kt, stride_vt, stride_pt, stride_pc, qk_scale,
-                            True, CAUSAL, ROPE, PAIR_WORDS, HEAD_DIM, BLOCK_N)
+                            True, CAUSAL, ROPE, PAIR_WORDS, HEAD_DIM, HEAD_DIM_P2, BLOCK_N)
 
     out = acc / l_i[:, None]  # every row (padding rows too) saw at least one key: l_i > 0
     n_heads = tl.num_programs(2)
     o_rows = (row0 + offs_m) * n_heads + head
     tl.store(out_ptr + o_rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None])
+             mask=tile_ok)
 
 
 # ---------------------------------------------------------------------------------------------
 # configs
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (arch, 16-bit or fp32, head_dim, in-kernel RoPE),
-# each compiled causal (and with RoPE where keyed so): no spills, 126-251 registers. BLOCK_M is
-# a multiple of BLOCK_N (the causal diagonal starts on a key-tile boundary).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (arch, 16-bit or fp32, padded head_dim, in-kernel
+# RoPE), each compiled causal (and with RoPE where keyed so): no spills, 126-251 registers.
+# BLOCK_M is a multiple of BLOCK_N (the causal diagonal starts on a key-tile boundary).
 # - Hopper: 128-query tiles over 8 warps (wgmma reads the rotated K tile from shared memory).
 #   The ViT (D=64, RoPE) and the decoder prefill (D=128, no RoPE) get two candidates each.
 # - Ampere: mma.sync takes the K tile from registers in every warp, so the rotation is repeated
 #   per warp and narrow key tiles keep it in registers.
 # - fp32 (IEEE dots run on FMA units, operands held whole per thread): small tiles; one config
 #   serves with and without RoPE.
+# - head_dim 256 (padded from 136..256): fewer query rows than D=128 for the same registers.
+#   Padded dims below 64 run the D=64 configs (smaller tiles than they were sized for).
 _CANDIDATES = {
     (90, 16, 64, True): [(128, 64, 8, 3), (128, 32, 8, 3)],
     (90, 16, 64, False): [(128, 64, 8, 3), (128, 64, 4, 3)],
     (90, 16, 128, True): [(128, 32, 8, 2)],
     (90, 16, 128, False): [(128, 64, 8, 3), (128, 128, 8, 2)],
+    (90, 16, 256, True): [(32, 16, 8, 2)],  # (64, 32): spills
+    (90, 16, 256, False): [(64, 32, 8, 2)],  # (64, 64): spills at D=160
     (90, 32, 64, True): [(32, 16, 8, 2)],  # 4 warps: 184 regs on Triton 3.9, spills on 3.6
     (90, 32, 128, True): [(32, 16, 8, 2)],
+    (90, 32, 256, True): [(16, 16, 8, 2)],
     (80, 16, 64, True): [(64, 16, 4, 2)],
     (80, 16, 64, False): [(128, 64, 8, 3)],
     (80, 16, 128, True): [(32, 32, 4, 2)],
     (80, 16, 128, False): [(128, 64, 8, 2)],
+    (80, 16, 256, True): [(16, 16, 8, 2)],
+    (80, 16, 256, False): [(64, 32, 8, 2)],
     (80, 32, 64, True): [(32, 16, 4, 2)],
     (80, 32, 128, True): [(16, 16, 4, 2)],
+    (80, 32, 256, True): [(16, 16, 8, 1)],  # 2 stages: 255 registers at D=160
+}
+# Padded head dims add column masks (a few registers): where a candidate then sits at the
+# 255-register limit, the padded dims keep only the others.
+_PADDED_CANDIDATES = {
+    (90, 16, 64, True): [(128, 32, 8, 3)],
+    (90, 16, 64, False): [(128, 64, 8, 3)],
+    (90, 16, 128, False): [(128, 64, 8, 3)],
 }
 _INTERPRETER_CONFIG = (64, 32, 4, 1)  # small enough that CPU tests cross several tiles
+MAX_HEAD_DIM = 256
+
+
+def supports_head_dim(head_dim: int) -> bool:
+    """Multiples of 8 up to 256 (padded inside to a power of two, masked, as flash-attn does)."""
+    return 8 <= head_dim <= MAX_HEAD_DIM and head_dim % 8 == 0
+
+
+def padded_head_dim(head_dim: int, rope: bool) -> int:
+    """The tile width: a power of two; tl.dot needs 16 columns per operand, and with RoPE the
+    dots run on half-width (even/odd) tiles, hence 32."""
+    return max(32 if rope else 16, triton.next_power_of_2(head_dim))
 
 
 def _candidates(capability: int, dtype: torch.dtype, head_dim: int, rope: bool) -> list[tuple]:
     arch = 90 if capability >= 90 else 80
     bits = 32 if dtype == torch.float32 else 16
-    return _CANDIDATES[(arch, bits, head_dim, rope or bits == 32)]
+    width = padded_head_dim(head_dim, rope)
+    key = (arch, bits, max(64, width), rope or bits == 32)
+    if head_dim != width and key in _PADDED_CANDIDATES:
+        return _PADDED_CANDIDATES[key]
+    return _CANDIDATES[key]
 
 
 def _as_config(c: tuple) -> triton.Config:
@@ -212,7 +264,7 @@ def _as_config(c: tuple) -> triton.Config:
 
 def _prune(configs, named_args, **kwargs):
     """The candidates for this GPU, dtype, head_dim and RoPE flag (the autotuner's key holds
-    HEAD_DIM, CAUSAL, ROPE and every tensor's dtype)."""
+    HEAD_DIM, HEAD_DIM_P2, CAUSAL, ROPE and every tensor's dtype)."""
     q = named_args["q_ptr"]
     wanted = set(_candidates(arch(q.device), q.dtype, kwargs["HEAD_DIM"], kwargs["ROPE"]))
     return [c for c in configs
@@ -223,7 +275,7 @@ if INTERPRETING:  # its autotuner cannot time several configs
     _kernel = triton.autotune([_as_config(_INTERPRETER_CONFIG)], key=[])(_varlen_fwd_kernel)
 else:
     _ALL = sorted({c for cands in _CANDIDATES.values() for c in cands})
-    _kernel = triton.autotune([_as_config(c) for c in _ALL], key=["HEAD_DIM", "CAUSAL", "ROPE"],
+    _kernel = triton.autotune([_as_config(c) for c in _ALL], key=["HEAD_DIM", "HEAD_DIM_P2", "CAUSAL", "ROPE"],
                               prune_configs_by={"early_config_prune": _prune})(_varlen_fwd_kernel)
 
 
@@ -237,11 +289,14 @@ def _pairs_aligned(*views: torch.Tensor) -> bool:
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, pos, rope_theta, config=None):
-    """q [T, Hq, D], k/v [T, Hkv, D] (last dim contiguous, other strides free), cu_seqlens int32
-    [n+1], pos None or int32 [T, 2]. Returns a new contiguous [T, Hq, D] in q's dtype. Inputs are
-    validated by pixtral_fast.ops. config=(BLOCK_M, BLOCK_N, num_warps, num_stages) bypasses the
-    autotuner (tests run every shipped candidate this way)."""
+    """q [T, Hq, D], k/v [T, Hkv, D] (last dim contiguous, other strides free; D a multiple of 8
+    up to 256), cu_seqlens int32 [n+1], pos None or int32 [T, 2]. Returns a new contiguous
+    [T, Hq, D] in q's dtype. Inputs are validated by pixtral_fast.ops.
+    config=(BLOCK_M, BLOCK_N, num_warps, num_stages) bypasses the autotuner (tests run every
+    shipped candidate this way)."""
     n_tokens, q_heads, head_dim = q.shape
+    if not supports_head_dim(head_dim):
+        raise ValueError(f"head_dim {head_dim}: the varlen kernel takes multiples of 8 up to {MAX_HEAD_DIM}")
     out = torch.empty((n_tokens, q_heads, head_dim), dtype=q.dtype, device=q.device)
     n_seqs = cu_seqlens.numel() - 1
     if n_tokens == 0 or max_seqlen == 0 or n_seqs == 0:
@@ -252,8 +307,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, pos, rope_t
     args = (q, k, v, out, cu_seqlens, pos_arg, freq,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_pt, stride_pc,
             float(scale) * LOG2E, q_heads // k.shape[1])
-    flags = {"HEAD_DIM": head_dim, "CAUSAL": bool(causal), "ROPE": rope,
-             "PAIR_WORDS": rope and _pairs_aligned(q, k)}
+    flags = {"HEAD_DIM": head_dim, "HEAD_DIM_P2": padded_head_dim(head_dim, rope), "CAUSAL": bool(causal),
+             "ROPE": rope, "PAIR_WORDS": rope and _pairs_aligned(q, k)}
 
     def grid(meta):
         return (triton.cdiv(max_seqlen, meta["BLOCK_M"]), n_seqs, q_heads)
@@ -270,18 +325,30 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, pos, rope_t
 # ---------------------------------------------------------------------------------------------
 # ahead-of-time compile specs
 
+# (head_dim, RoPE) compiled besides the models' 64 and 128 (every dtype, both masking modes): 256
+# (its own configs) and padded dims with column masks (40 -> 64, 80 -> 128, 160 -> 256), causal
+# only (the masked diagonal phase holds the most live registers), in bf16 (fp16 compiles the same
+# code with another element type) and, for the 256 family, fp32 with RoPE (fp32 has one config
+# with and without RoPE; without, it needs a third of the registers). Dims padded to 16 or 32 run
+# the D=64 configs on narrower tiles: fewer registers than the D=64 variants compiled here.
+_EXTRA_VARIANTS = {
+    torch.bfloat16: [(d, rope) for d in (256, 160, 80, 40) for rope in (True, False)],
+    torch.float32: [(256, True), (160, True)],
+    torch.float16: [],
+}
 
 
 def compile_specs(capability: int) -> list[dict]:
     """Every candidate config of the arch, per (dtype, head_dim, RoPE), in both masking modes:
     non-causal is what the ViT launches, causal (its masked diagonal phase holds more live
-    registers) what decoder prefill launches."""
+    registers) what decoder prefill launches; and padded head dims (see _PADDED_DIMS)."""
     # What a launch specialises on at run time for the model's tensors (Triton marks 16-byte
     # aligned pointers and ints divisible by 16): without it the loads compile to scalar
     # accesses and the register count says nothing about the kernel that really runs. pos [T, 2]
     # has token stride 2: no mark.
     names = _varlen_fwd_kernel.arg_names
     attrs = {a: [["tt.divisibility", 16]] for a in names[:13]}  # pointers, q/k/v strides
+    pointer_attrs = {a: [["tt.divisibility", 16]] for a in names[:7]}  # head_dim 40: strides are not
     specs = []
     for dtype, name in TRITON_DTYPE.items():
         signature = {a: ("*i32" if a in ("cu_ptr", "pos_ptr") else "*fp32" if a == "freq_ptr" else f"*{name}")
@@ -289,15 +356,18 @@ def compile_specs(capability: int) -> list[dict]:
         signature.update({a: "i32" for a in names[7:15]})
         signature.update({"qk_scale": "fp32", "group": "i32"})
         signature.update({a: "constexpr" for a in names[17:]})
-        for head_dim in (64, 128):
-            for rope, causal in itertools.product((True, False), (False, True)):
-                for block_m, block_n, warps, stages in _candidates(capability, dtype, head_dim, rope):
-                    specs.append({
-                        "name": f"varlen_{name}_d{head_dim}{'_rope' if rope else ''}{'_causal' if causal else ''}"
-                                f"_m{block_m}_n{block_n}_w{warps}_s{stages}",
-                        "fn": _varlen_fwd_kernel, "signature": dict(signature),
-                        "constexprs": {"HEAD_DIM": head_dim, "CAUSAL": causal, "ROPE": rope, "PAIR_WORDS": True,
-                                       "BLOCK_M": block_m, "BLOCK_N": block_n},
-                        "attrs": attrs, "num_warps": warps, "num_stages": stages,
-                    })
+        variants = [(d, rope, causal) for d in (64, 128) for rope in (True, False) for causal in (False, True)]
+        variants += [(d, rope, True) for d, rope in _EXTRA_VARIANTS[dtype]]
+        for head_dim, rope, causal in variants:
+            width = padded_head_dim(head_dim, rope)
+            for block_m, block_n, warps, stages in _candidates(capability, dtype, head_dim, rope):
+                specs.append({
+                    "name": f"varlen_{name}_d{head_dim}{'_rope' if rope else ''}{'_causal' if causal else ''}"
+                            f"_m{block_m}_n{block_n}_w{warps}_s{stages}",
+                    "fn": _varlen_fwd_kernel, "signature": dict(signature),
+                    "constexprs": {"HEAD_DIM": head_dim, "CAUSAL": causal, "ROPE": rope, "PAIR_WORDS": True,
+                                   "BLOCK_M": block_m, "BLOCK_N": block_n, "HEAD_DIM_P2": width},
+                    "attrs": attrs if head_dim % 16 == 0 else pointer_attrs,
+                    "num_warps": warps, "num_stages": stages,
+                })
     return specs

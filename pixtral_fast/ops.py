@@ -5,10 +5,17 @@ the CUDA extension where it exists (decode attention), else the Triton kernel.
 
 These ops never fall back silently to slow code: on a CPU tensor they need Triton's interpreter
 (TRITON_INTERPRET=1); otherwise use `pixtral_fast.reference`, whose functions share these
-signatures (the model's backend="auto" makes that choice and says so).
+signatures (the model's backend="auto" makes that choice and says so). The one exception is a
+head_dim the kernels do not take (attention: multiples of 8 up to 256; RoPE: even, up to 256):
+the op then runs its reference twin, and says so once in the "pixtral_fast" log.
+
+Every launch happens on its tensors' device (`torch.cuda.device(...)` around it), whatever the
+current device is.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 
 import torch
 
@@ -19,7 +26,8 @@ from pixtral_fast.kernels import rope_2d as _rope
 from pixtral_fast.kernels import varlen_attention as _attn
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-HEAD_DIMS = (64, 128)
+MAX_HEAD_DIM = _attn.MAX_HEAD_DIM
+CUDA_DECODE_HEAD_DIMS = (64, 128)  # csrc/decode_plan.h dispatches these two only
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACTIVATIONS = reference.ACTIVATIONS
 
@@ -35,11 +43,42 @@ def kernels_can_run(device: torch.device | str) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and interpreter_active())
 
 
-def decode_backend(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> str:
-    """Which implementation gqa_decode_attention launches: 'cuda' (the C++ extension, fp16/bf16 on
-    a GPU, when built) or 'triton' (the Triton twin: everything else)."""
+log = logging.getLogger("pixtral_fast")
+
+
+def attention_head_dim_ok(head_dim: int) -> bool:
+    """Whether the attention kernels (varlen prefill, paged decode) take this head_dim."""
+    return _attn.supports_head_dim(head_dim)
+
+
+def decode_backend(device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
+                   head_dim: int | None = None) -> str:
+    """Which implementation gqa_decode_attention launches: 'cuda' (the C++ extension: fp16/bf16 on
+    a GPU, head_dim 64 or 128, when built), 'triton' (the Triton twin: other dtypes and head dims
+    that are multiples of 8 up to 256) or 'reference' (any other head_dim). head_dim=None: the
+    choice for a head_dim both kernels take."""
+    if head_dim is not None and not attention_head_dim_ok(head_dim):
+        return "reference"
     on_gpu = torch.device(device).type == "cuda"
-    return "cuda" if on_gpu and dtype != torch.float32 and _cuda_decode.available() else "triton"
+    cuda_dim = head_dim is None or head_dim in CUDA_DECODE_HEAD_DIMS
+    return "cuda" if on_gpu and dtype != torch.float32 and cuda_dim and _cuda_decode.available() else "triton"
+
+
+_fallbacks_logged: set[tuple[str, int]] = set()
+
+
+def _reference_fallback(op: str, head_dim: int, supported: str):
+    """The reference twin of `op`, after one log line (per op and head_dim) saying why."""
+    if (op, head_dim) not in _fallbacks_logged:
+        _fallbacks_logged.add((op, head_dim))
+        log.warning("pixtral_fast.ops.%s: head_dim %d is not one the kernels take (%s); running "
+                    "pixtral_fast.reference.%s instead (slow)", op, head_dim, supported, op)
+    return getattr(reference, op)
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on t's GPU, not the current one (a model on cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,8 +109,8 @@ def _runnable(name: str, t: torch.Tensor) -> None:
 
 
 def _head_dim(name: str, t: torch.Tensor) -> None:
-    if t.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"{name} has head_dim {t.shape[-1]}; supported: {HEAD_DIMS}")
+    if t.shape[-1] == 0:
+        raise ValueError(f"{name} has head_dim 0")
     if t.stride(-1) != 1:
         raise ValueError(f"{name} must be contiguous in its last dimension (stride {t.stride(-1)})")
 
@@ -102,12 +141,14 @@ def _check_rope_pair(q, k, pos, pos_cols: int | None):
 
 @torch.library.custom_op("pixtral_fast::rope_2d", mutates_args=())
 def _rope_2d_op(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rope.apply_rope(q, k, pos, theta, axes=2)
+    with _on_device(q):
+        return _rope.apply_rope(q, k, pos, theta, axes=2)
 
 
 @torch.library.custom_op("pixtral_fast::rope_1d", mutates_args=())
 def _rope_1d_op(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rope.apply_rope(q, k, pos, theta, axes=1)
+    with _on_device(q):
+        return _rope.apply_rope(q, k, pos, theta, axes=1)
 
 
 @_rope_2d_op.register_fake
@@ -121,12 +162,18 @@ def rope_2d(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float = 
     _check_rope_pair(q, k, pos, 2)
     if q.shape[-1] % 4:
         raise ValueError(f"q head_dim {q.shape[-1]} must be a multiple of 4 for RoPE-2D")
+    if not _rope.supports_head_dim(q.shape[-1], 2):
+        return _reference_fallback("rope_2d", q.shape[-1], f"up to {_rope.MAX_HEAD_DIM}")(q, k, pos, theta)
     return _rope_2d_op(q, k, pos, float(theta))
 
 
 def rope_1d(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float = 1e9):
     """RoPE on interleaved pairs for 1-D positions (the decoder); pos int32 [T]."""
     _check_rope_pair(q, k, pos, None)
+    if q.shape[-1] % 2:
+        raise ValueError(f"q head_dim {q.shape[-1]} must be even for RoPE (it rotates pairs)")
+    if not _rope.supports_head_dim(q.shape[-1], 1):
+        return _reference_fallback("rope_1d", q.shape[-1], f"up to {_rope.MAX_HEAD_DIM}")(q, k, pos, theta)
     return _rope_1d_op(q, k, pos, float(theta))
 
 
@@ -138,7 +185,8 @@ def rope_1d(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float = 
 def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                          max_seqlen: int, scale: float, causal: bool, pos: torch.Tensor | None,
                          rope_theta: float) -> torch.Tensor:
-    return _attn.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, pos, rope_theta)
+    with _on_device(q):
+        return _attn.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, pos, rope_theta)
 
 
 @_varlen_attention_op.register_fake
@@ -154,11 +202,11 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, causal=False, 
     built it on the host themselves; it is skipped anyway during graph capture."""
     _tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
     _runnable("q", q)
+    _head_dim("q", q)
     for name, t in (("k", k), ("v", v)):
         _tensor(name, t, ndim=3)
         _same(name, t, "q", q)
         _head_dim(name, t)
-    _head_dim("q", q)
     if k.shape != v.shape:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
     if k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
@@ -187,7 +235,12 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, causal=False, 
         _same("pos", pos, "q", q, dtype=False)
         if tuple(pos.shape) != (q.shape[0], 2):
             raise ValueError(f"pos must have shape ({q.shape[0]}, 2), got {tuple(pos.shape)}")
+        if q.shape[-1] % 4:
+            raise ValueError(f"q head_dim {q.shape[-1]} must be a multiple of 4 for RoPE-2D (pos given)")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not attention_head_dim_ok(q.shape[-1]):
+        fallback = _reference_fallback("varlen_attention", q.shape[-1], f"multiples of 8 up to {MAX_HEAD_DIM}")
+        return fallback(q, k, v, cu_seqlens, max_seqlen, scale, bool(causal), pos, float(rope_theta))
     return _varlen_attention_op(q, k, v, cu_seqlens, max_seqlen, scale, bool(causal), pos, float(rope_theta))
 
 
@@ -198,7 +251,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, causal=False, 
 @torch.library.custom_op("pixtral_fast::gated_ffn", mutates_args=())
 def _gated_ffn_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                   activation: str) -> torch.Tensor:
-    return _ffn.gated_ffn(x, w_gate, w_up, w_down, activation)
+    with _on_device(x):
+        return _ffn.gated_ffn(x, w_gate, w_up, w_down, activation)
 
 
 @_gated_ffn_op.register_fake
@@ -236,9 +290,10 @@ def gated_ffn(x, w_gate, w_up, w_down, activation="silu"):
 @torch.library.custom_op("pixtral_fast::gqa_decode_attention", mutates_args=())
 def _gqa_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                    seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    if decode_backend(q.device, q.dtype) == "cuda":
-        return _cuda_decode.gqa_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale)
-    return _decode.gqa_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale)
+    with _on_device(q):
+        if decode_backend(q.device, q.dtype, q.shape[-1]) == "cuda":
+            return _cuda_decode.gqa_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale)
+        return _decode.gqa_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale)
 
 
 @_gqa_decode_op.register_fake
@@ -282,6 +337,9 @@ def gqa_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale=None,
     if validate_indices and not _capturing():
         _check_pages(block_table.cpu(), seq_lens.cpu(), num_blocks, block_size)
     scale = head_dim ** -0.5 if scale is None else float(scale)
+    if not attention_head_dim_ok(head_dim):
+        fallback = _reference_fallback("gqa_decode_attention", head_dim, f"multiples of 8 up to {MAX_HEAD_DIM}")
+        return fallback(q, k_cache, v_cache, block_table, seq_lens, scale)
     return _gqa_decode_op(q, k_cache, v_cache, block_table, seq_lens, scale)
 
 

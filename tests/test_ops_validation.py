@@ -32,8 +32,10 @@ def test_rope_2d_bad_inputs():
         ops.rope_2d(q, k, pos.long())
     with raises(r"pos must have shape \(5, 2\)"):
         ops.rope_2d(q, k, i32([[0, 0]] * 4))
-    with raises(r"q has head_dim 48; supported: \(64, 128\)"):
-        ops.rope_2d(t(5, 2, 48), t(5, 2, 48), pos)
+    with raises("q head_dim 6 must be a multiple of 4 for RoPE-2D"):
+        ops.rope_2d(t(5, 2, 6), t(5, 2, 6), pos)
+    with raises("q head_dim 7 must be even for RoPE"):
+        ops.rope_1d(t(5, 2, 7), t(5, 2, 7), pos[:, 0].contiguous())
     with raises("q must be contiguous in its last dimension"):
         ops.rope_2d(t(5, 2, 128)[..., ::2], k, pos)
     with raises("k .* must match q"):
@@ -54,7 +56,8 @@ def attn_args(**over):
 @pytest.mark.parametrize("over, match", [
     (dict(q=t(7, 4, 64, 1)), "q must have 3 dimensions"),
     (dict(k=t(7, 2, 64, dtype=BF16)), "k has dtype torch.bfloat16 but q has torch.float32"),
-    (dict(v=t(7, 2, 32)), "v has head_dim 32"),
+    (dict(v=t(7, 2, 32)), r"k \(7, 2, 64\) and v \(7, 2, 32\) must have the same shape"),
+    (dict(q=t(7, 4, 0), k=t(7, 2, 0), v=t(7, 2, 0)), "q has head_dim 0"),
     (dict(k=t(7, 3, 64), v=t(7, 3, 64)), r"q heads \(4\) must be a multiple of k/v heads \(3\)"),
     (dict(v=t(7, 1, 64)), "k .* and v .* must have the same shape"),
     (dict(cu_seqlens=torch.tensor([0, 3, 7], device=DEVICE)), r"cu_seqlens must have dtype in \['torch.int32'\]"),
@@ -71,6 +74,8 @@ def test_varlen_attention_bad_inputs(over, match):
 
 
 def test_varlen_attention_bad_pos():
+    with raises("q head_dim 10 must be a multiple of 4 for RoPE-2D"):
+        ops.varlen_attention(**attn_args(q=t(7, 4, 10), k=t(7, 2, 10), v=t(7, 2, 10)), pos=i32([[0, 0]] * 7))
     with raises(r"pos must have shape \(7, 2\)"):
         ops.varlen_attention(**attn_args(), pos=i32([[0, 0]] * 6))
     with raises("pos must have dtype"):
@@ -109,6 +114,8 @@ def decode_args(**over):
     (dict(q=t(2, 8, 64, 1, dtype=BF16)), "q must have 3 dimensions"),
     (dict(k_cache=t(6, 16, 2, 64)), "k_cache has dtype torch.float32 but q has torch.bfloat16"),
     (dict(v_cache=t(6, 16, 1, 64, dtype=BF16)), "k_cache .* and v_cache .* differ"),
+    (dict(k_cache=t(6, 16, 2, 32, dtype=BF16), v_cache=t(6, 16, 2, 32, dtype=BF16)),
+     "k_cache head_dim 32 != q head_dim 64"),
     (dict(k_cache=t(6, 12, 2, 64, dtype=BF16), v_cache=t(6, 12, 2, 64, dtype=BF16)), "block_size 12 must be one of"),
     (dict(q=t(2, 7, 64, dtype=BF16)), r"q heads \(7\) must be a multiple of k_cache heads \(2\)"),
     (dict(block_table=i32([[1, 2]])), "block_table has 1 rows but q has batch 2"),
@@ -151,3 +158,37 @@ def test_mixed_devices():
         ops.rope_2d(q, q.cpu(), torch.zeros(3, 2, dtype=torch.int32, device="cuda"))
     with raises("pos is on cpu but q is on cuda"):
         ops.rope_2d(q, q, torch.zeros(3, 2, dtype=torch.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_every_op_launches_on_its_tensors_device():
+    """Tensors on cuda:1 while cuda:0 is current: each op runs on cuda:1 (a launch on the wrong
+    device reads foreign memory or fails) and matches the same op run with cuda:1 current."""
+    dev = torch.device("cuda:1")
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(dev, torch.bfloat16)  # noqa: E731
+    q, k, v = rnd(40, 4, 128), rnd(40, 2, 128), rnd(40, 2, 128)
+    pos1 = torch.arange(40, dtype=torch.int32, device=dev)
+    pos2 = torch.stack([pos1 // 8, pos1 % 8], -1).contiguous()
+    cu = torch.tensor([0, 15, 40], dtype=torch.int32, device=dev)
+    x, wg, wu, wd = rnd(5, 64), rnd(96, 64), rnd(96, 64), rnd(64, 96)
+    kc, vc = rnd(6, 16, 2, 128), rnd(6, 16, 2, 128)
+    table = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32, device=dev)
+    lens = torch.tensor([40, 7], dtype=torch.int32, device=dev)
+    calls = {
+        "rope_1d": (q, k, pos1, 1e9), "rope_2d": (q, k, pos2, 1e4),
+        "varlen_attention": (q, k, v, cu, 25, None, True, pos2),
+        "gated_ffn": (x, wg, wu, wd, "silu"), "gqa_decode_attention": (q[:2], kc, vc, table, lens),
+    }
+    with torch.cuda.device(0):
+        got = {name: getattr(ops, name)(*args) for name, args in calls.items()}
+    with torch.cuda.device(1):
+        expected = {name: getattr(ops, name)(*args) for name, args in calls.items()}
+    torch.cuda.synchronize(dev)
+    for name in calls:
+        outs = got[name] if isinstance(got[name], tuple) else (got[name],)
+        refs = expected[name] if isinstance(expected[name], tuple) else (expected[name],)
+        for out, ref in zip(outs, refs):
+            assert out.device == dev, name
+            assert torch.equal(out, ref), name

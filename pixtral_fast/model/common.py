@@ -2,18 +2,31 @@
 choice of op backend (pixtral_fast.ops or pixtral_fast.reference, which share signatures)."""
 from __future__ import annotations
 
+import logging
 import types
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 BACKENDS = ("auto", "fast", "reference")
+log = logging.getLogger("pixtral_fast")
 
 
-def resolve_backend(name: str, device: torch.device | str) -> tuple[str, types.ModuleType]:
+def attention_head_dims(args) -> tuple[int, ...]:
+    """The head dims a model's attention runs at: the decoder's, and the ViT's if it has one."""
+    dims = [args.text.head_dim]
+    if getattr(args, "vision", None) is not None:
+        dims.append(args.vision.head_dim)
+    return tuple(dims)
+
+
+def resolve_backend(name: str, device: torch.device | str,
+                    head_dims: Iterable[int] = ()) -> tuple[str, types.ModuleType]:
     """('fast', pixtral_fast.ops) or ('reference', pixtral_fast.reference): the module whose
     functions implement the ops. 'auto' picks our kernels wherever they can run (CUDA, or the
-    CPU under TRITON_INTERPRET=1)."""
+    CPU under TRITON_INTERPRET=1) and the attention kernels take every head dim in `head_dims`
+    (multiples of 8 up to 256); otherwise the reference, with one log line saying why."""
     from pixtral_fast import ops, reference
 
     if name not in BACKENDS:
@@ -22,7 +35,15 @@ def resolve_backend(name: str, device: torch.device | str) -> tuple[str, types.M
     if name == "fast" and not can_run:
         raise ValueError(f"backend='fast' needs a CUDA device (or TRITON_INTERPRET=1 on the CPU); "
                          f"the model is on {device}. Use backend='reference' or 'auto'.")
+    odd = sorted({d for d in head_dims if not ops.attention_head_dim_ok(d)})
+    if odd and name == "fast":
+        raise ValueError(f"backend='fast': the attention kernels take head dims that are multiples of 8 up to "
+                         f"{ops.MAX_HEAD_DIM}, this model has {odd}. Use backend='reference' or 'auto'.")
     if name == "reference" or (name == "auto" and not can_run):
+        return "reference", reference
+    if odd:  # name == "auto"
+        log.warning("backend='auto' runs the plain-PyTorch reference: head_dim %s is not one the attention "
+                    "kernels take (multiples of 8 up to %d)", ", ".join(map(str, odd)), ops.MAX_HEAD_DIM)
         return "reference", reference
     return "fast", ops
 
