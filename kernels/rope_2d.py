@@ -5,10 +5,12 @@ One launch rotates q and k: the grid's second axis walks q's head blocks, then k
 BLOCK_T tokens x BLOCK_H heads, computes each pair's angle once for its tokens and reuses it
 across heads.
 
-Angles: pos * inv_freq in fp32, with inv_freq made on the host by
-`reference.rope_frequencies` (so the fp32 angle is bit-identical to the oracle's), reordered so
-that pair i reads entry i. The decoder's angles reach 1.3e5 rad (position 131071, f[0] = 1), so
-cos/sin (computed here, no table) reduce them exactly, in fp64, before a polynomial (_sincos).
+Angles: pos * inv_freq in fp32, with inv_freq passed in precomputed by
+`reference.rope_frequencies` (fp64 on the CPU, rounded once: never a device pow; the fp32 angle
+is bit-identical to the oracle's), reordered so that pair i reads entry i. The decoder's angles
+reach 1.3e5 rad (position 131071, f[0] = 1), so cos/sin (computed here, no table) reduce them
+exactly, in fp64, before a polynomial (_sincos). Any head_dim up to 256 (even; 2-D: a multiple
+of 4): tiles are padded to a power of two and the padding columns masked.
 """
 from __future__ import annotations
 
