@@ -10,6 +10,8 @@ and writes a partial (max, sum, unnormalised acc); a second kernel merges the sp
 CUDA-graph safe: the grid depends only on shapes (never on seq_lens, which stay on the device);
 each split's share of its sequence is computed in the kernel, and splits with nothing to do
 write neutral partials (max -inf, sum 0) that the merge weighs to zero.
+
+head_dim: any multiple of 8 up to 256, on tiles padded to a power of two (masked columns).
 """
 from __future__ import annotations
 

@@ -16,6 +16,10 @@ never go to HBM. Angles are pos * inv_freq in fp32, inv_freq from `reference.rop
 result is `rope_2d` followed by attention. Each tile is kept as its pairs' even and odd halves
 (q.k = q0.k0 + q1.k1: two dots), because re-interleaving them (reshape/join) in front of a dot
 operand makes Triton redo the rotation in every warp, which spills on sm_80.
+
+head_dim: any multiple of 8 up to 256. Tiles are HEAD_DIM_P2 wide (the next power of two, at
+least tl.dot's 16, or 32 with RoPE's half-width tiles); the padding columns load as zeros and are
+never stored, as flash-attention pads its head dims.
 """
 from __future__ import annotations
 
