@@ -24,6 +24,9 @@ from pixtral_fast.kernels import decode_attention as _decode
 from pixtral_fast.kernels import gated_ffn as _ffn
 from pixtral_fast.kernels import rope_2d as _rope
 from pixtral_fast.kernels import varlen_attention as _attn
+# The weight-quantized linears (compressed-tensors W4A16 and FP8), defined with their validation
+# in pixtral_fast/quant/ops.py to keep this file to the dense ops; public here.
+from pixtral_fast.quant.ops import fp8_linear, w4a16_linear  # noqa: F401
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = _attn.MAX_HEAD_DIM

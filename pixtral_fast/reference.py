@@ -10,6 +10,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+# The quantized linears' twins: dequantize, then matmul (pixtral_fast/quant/reference.py).
+from pixtral_fast.quant.reference import fp8_linear, w4a16_linear  # noqa: F401
+
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
 
