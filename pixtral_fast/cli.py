@@ -1,7 +1,7 @@
-"""The `pixtral-fast` command: generate, demo, bench, make-tiny, convert-hf.
+"""The `pixtral-fast` command: generate, demo, bench, make-tiny, convert-hf, serve.
 
-Each subcommand is one `add_*(subparsers)` registration in COMMANDS (a serve command plugs in the
-same way). Errors follow the habits of standard tools:
+Each subcommand is one `add_*(subparsers)` registration in COMMANDS (serve's lives in
+pixtral_fast/serve/command.py, which imports FastAPI and uvicorn only when it runs). Errors follow the habits of standard tools:
 - a user error (bad arguments, device, config, checkpoint, image, sampling parameter; any
   ValueError or OSError) prints one line `pixtral-fast: error: ...` on stderr and exits 2;
 - Ctrl-C prints `pixtral-fast: error: interrupted` and exits 130;
@@ -18,6 +18,8 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from pixtral_fast.serve.command import add_serve_command
 
 PROG = "pixtral-fast"
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # torch names, resolved lazily
@@ -205,7 +207,7 @@ def add_convert_hf(sub) -> argparse.ArgumentParser:
 
 # Each registration adds one subparser (with `func` set) to the subparsers it is given.
 COMMANDS: list[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = [
-    add_generate, add_demo, add_bench, add_make_tiny, add_convert_hf,
+    add_generate, add_demo, add_bench, add_make_tiny, add_convert_hf, add_serve_command,
 ]
 
 

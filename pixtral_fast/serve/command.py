@@ -100,11 +100,11 @@ def engine_limits(a) -> dict:
 def build_engine(a):
     import torch
 
-    from pixtral_fast.model.load import default_device, read_args
+    from pixtral_fast.model.load import read_args, resolve_device
     from pixtral_fast.runtime.engine import Engine
     from pixtral_fast.tokenizer import Tokenizer
 
-    device = torch.device(a.device) if a.device else default_device()
+    device = resolve_device(a.device)
     name = DTYPE_NAMES[a.dtype] or ("bfloat16" if device.type == "cuda" else "float32")
     dtype = getattr(torch, name)
     limits = engine_limits(a)
