@@ -11,14 +11,15 @@
 #   report.json (everything folded, rooflines vs 4.8 TB/s AND the measured copy bandwidth),
 #   stages.json (per stage: seconds, limit, exit status, pytest summary and failures),
 #   env.json (versions, GPU, copy bandwidth), bench.json (kernel benchmarks), e2e.json,
-#   hf_e2e.json (the HF peer, written as it goes), logs.tar.gz (every log, the build's included).
+#   hf_e2e.json (the HF peer, written as it goes), serve_load.json (server vs offline engine),
+#   logs.tar.gz (every log, the build's included).
 # Commit report.json under bench/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 # ------------------------------------------------------------------------------------------
-# The budget (seconds). Sum 400 s = 6 min 40 s: with the 5 s SIGKILL grace of every stage
-# (40 s) and the fold + tar after each (< 1 s: bench/report.py imports no torch) it stays under
+# The budget (seconds). Sum 405 s = 6 min 45 s: with the 5 s SIGKILL grace of every stage
+# (45 s) and the fold + tar after each (< 1 s: bench/report.py imports no torch) it stays under
 # 8 minutes by 30 s or more. Per stage: what it does, the expected device time, and what the CPU
 # stand-in took here (DEVICE_CHECK_MODE=cpu, 2 cores at load ~10 shared with other jobs, so
 # fixed costs here are several times the device's 16 cores'):
@@ -34,9 +35,11 @@ cd "$(dirname "$0")/.."
 #                 the reference before timing
 #   e2e           full-size random-weight engine bench, batch 1/8/32        ~45 s   47 s (tiny model)
 #   hf_e2e        the HF transformers peer of the e2e bench, batch 1/8      ~30 s   35 s (tiny model, bf16 CPU)
-STAGES=(packages env build_varlen model gpu_rest kernels e2e hf_e2e)
-declare -A BUDGET=([packages]=10 [env]=20 [build_varlen]=85 [model]=55 [gpu_rest]=75 [kernels]=65
-                   [e2e]=55 [hf_e2e]=35)
+#   serve         `pixtral-fast serve` on random full-size weights vs the   ~35 s   (tiny model: tests/test_serve*)
+#                 offline engine, 16 streaming clients, 32 requests
+STAGES=(packages env build_varlen model gpu_rest kernels e2e hf_e2e serve)
+declare -A BUDGET=([packages]=10 [env]=15 [build_varlen]=80 [model]=50 [gpu_rest]=70 [kernels]=60
+                   [e2e]=50 [hf_e2e]=30 [serve]=40)
 TOTAL_LIMIT=480  # what the device run may take at most (8 minutes)
 
 if [ "${1:-}" = "--print-budget" ]; then
@@ -224,8 +227,18 @@ stage_hf_e2e() {
   return $rc
 }
 
+stage_serve() {
+  local args=(--model tests/data --load-format dummy --kv-cache-memory 8GiB --max-model-len 4096)
+  [ "$MODE" = cpu ] && args=(--tiny --device cpu)
+  limit "${BUDGET[serve]}" $PY -m bench.serve_load "${args[@]}" --offline --concurrency 16 --num-requests 32 \
+    --max-tokens 32 --repeat 1 --out "$OUT/serve_load.json" > "$LOGS/serve_load.log" 2>&1
+  local rc=$?
+  tail -2 "$LOGS/serve_load.log"
+  return $rc
+}
+
 # ------------------------------------------------------------------------------------------
-rm -f "$OUT"/{report,stages,env,bench,e2e,hf_e2e}.json "$OUT/logs.tar.gz"
+rm -f "$OUT"/{report,stages,env,bench,e2e,hf_e2e,serve_load}.json "$OUT/logs.tar.gz"
 say "device check, mode=$MODE, out=$OUT, work=$WORK"
 for s in "${STAGES[@]}"; do
   run_stage "$s" "stage_$s"

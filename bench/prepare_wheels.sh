@@ -13,7 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-REQUIREMENTS=("mistral_common[opencv]>=1.8" "pycountry" "fastapi>=0.110" "uvicorn>=0.29" "prometheus_client>=0.20")
+REQUIREMENTS=("mistral_common[opencv]>=1.8" "pycountry" "fastapi>=0.110" "uvicorn>=0.29" "prometheus_client>=0.20"
+              "httpx>=0.27")  # httpx: bench/serve_load.py's clients
 DEVICE_HAS="torch triton safetensors numpy pillow opencv-python opencv-python-headless tiktoken requests urllib3 \
 idna certifi charset-normalizer regex attrs pytest pytest-benchmark hypothesis transformers tqdm huggingface-hub \
 tokenizers pyyaml packaging filelock fsspec"

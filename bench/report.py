@@ -83,7 +83,7 @@ def main(out: Path) -> None:
         report["kernels"] = with_copy_rooflines(rows, copy_bw)
         report["ratios_vs_peers"] = ratio_table(groups)
         report["speedup_vs_fastest_peer"] = speedups(groups)
-    for name in ("env", "stages", "e2e", "hf_e2e"):
+    for name in ("env", "stages", "e2e", "hf_e2e", "serve_load"):
         data = read_json(out / f"{name}.json")
         if data is not None:
             report[name] = with_copy_rooflines(data, copy_bw)

@@ -17,7 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "device_check.sh"
 DEVICE_MINUTES = 8
-ORDER = ["packages", "env", "build_varlen", "model", "gpu_rest", "kernels", "e2e", "hf_e2e"]
+ORDER = ["packages", "env", "build_varlen", "model", "gpu_rest", "kernels", "e2e", "hf_e2e", "serve"]
 
 
 def bash(*args, env=None, timeout=60):
