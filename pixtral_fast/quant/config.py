@@ -84,12 +84,16 @@ class QuantConfig:
     def kinds(self) -> set[str]:
         return {g.scheme.kind for g in self.groups}
 
-    def scheme_for(self, module_name: str, class_name: str = "Linear") -> WeightScheme | None:
+    def ignored(self, module_name: str, class_name: str | tuple[str, ...] = "Linear") -> bool:
+        return any(_matches(module_name, class_name, t) for t in self.ignore)
+
+    def scheme_for(self, module_name: str, class_name: str | tuple[str, ...] = "Linear") -> WeightScheme | None:
         """The scheme of one module (HF name, e.g. `model.language_model.layers.0.mlp.up_proj`),
         None when no group targets it or `ignore` names it. As compressed-tensors matches: a target
-        is an exact name, `re:<regex>` matched from the start of the name, or a class name; an
-        exact-name target beats a regex, which beats a class name."""
-        if any(_matches(module_name, class_name, t) for t in self.ignore):
+        is an exact name, `re:<regex>` matched from the start of the name, or a class name (any of
+        class_name, e.g. the names along the module's MRO); an exact-name target beats a regex,
+        which beats a class name."""
+        if self.ignored(module_name, class_name):
             return None
         best = None
         for group in self.groups:
@@ -100,15 +104,16 @@ class QuantConfig:
         return None if best is None else best[1]
 
 
-def _match_rank(name: str, class_name: str, target: str) -> int | None:
+def _match_rank(name: str, class_name: str | tuple[str, ...], target: str) -> int | None:
     if target.startswith("re:"):
         return 1 if re.match(target[3:], name) else None
     if target == name:
         return 0
-    return 2 if target == class_name else None
+    classes = (class_name,) if isinstance(class_name, str) else class_name
+    return 2 if target in classes else None
 
 
-def _matches(name: str, class_name: str, target: str) -> bool:
+def _matches(name: str, class_name: str | tuple[str, ...], target: str) -> bool:
     return _match_rank(name, class_name, target) is not None
 
 

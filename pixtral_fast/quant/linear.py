@@ -1,0 +1,82 @@
+"""nn.Modules that hold a linear layer's weights in their quantized form and run them through the
+quantized ops: what replaces nn.Linear in a model loaded from a compressed-tensors checkpoint.
+
+State-dict names follow compressed-tensors, under the layer's own name, so a checkpoint's tensors
+load as they are: W4A16 `weight_packed` int32 [N, ceil(K/8)] + `weight_scale` [N, K/group];
+FP8 `weight` float8_e4m3fn [N, K] + `weight_scale` ([N, 1] or [1]).
+
+The op backend (pixtral_fast.ops or pixtral_fast.reference) is the owning model's: each
+QuantLinear keeps a weak reference to the model and reads `model.kernels` at call time, so
+`model.set_backend(...)` switches these layers too. A gated FFN whose w1/w3/w2 are quantized
+runs as the unfused trio (QuantFeedForward): each projection streams its packed weights once,
+which is what bounds decode; the fused dense kernel would need a quantized twin to save the one
+[tokens, hidden] round trip of the intermediate.
+"""
+from __future__ import annotations
+
+import types
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pixtral_fast.quant.config import ACT_FP8_DYNAMIC_TOKEN, WeightScheme
+from pixtral_fast.quant.formats import FP8_DTYPE, packed_words
+from pixtral_fast.quant.reference import fake_quant_fp8_per_token
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, scheme: WeightScheme, scale_dtype: torch.dtype,
+                 device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        kw = dict(device=device)
+        if scheme.kind == "w4a16":
+            self.group_size = scheme.group_size_for(in_features)
+            self.register_buffer("weight_packed", torch.empty(out_features, packed_words(in_features),
+                                                              dtype=torch.int32, **kw))
+            self.register_buffer("weight_scale", torch.empty(out_features, in_features // self.group_size,
+                                                             dtype=scale_dtype, **kw))
+        elif scheme.kind == "fp8":
+            self.register_buffer("weight", torch.empty(out_features, in_features, dtype=FP8_DTYPE, **kw))
+            scale_shape = (out_features, 1) if scheme.strategy == "channel" else (1,)
+            self.register_buffer("weight_scale", torch.empty(scale_shape, dtype=scale_dtype, **kw))
+        else:
+            raise ValueError(f"scheme.kind must be 'w4a16' or 'fp8', got {scheme.kind!r}")
+        self._owner = None
+
+    def bind(self, owner: nn.Module) -> None:
+        """The model whose `.kernels` this layer runs with."""
+        self._owner = weakref.ref(owner)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.scheme.kind == "w4a16" else ""
+        return f"{self.in_features} -> {self.out_features}, {self.scheme.kind}{group}, act={self.scheme.activation}"
+
+    def linear(self, x: torch.Tensor, kernels: types.ModuleType) -> torch.Tensor:
+        if self.scheme.kind == "w4a16":
+            return kernels.w4a16_linear(x, self.weight_packed, self.weight_scale, self.group_size)
+        if self.scheme.activation == ACT_FP8_DYNAMIC_TOKEN:  # W8A8 checkpoint: inputs as it quantizes them
+            x = fake_quant_fp8_per_token(x)
+        return kernels.fp8_linear(x, self.weight, self.weight_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        owner = self._owner() if self._owner is not None else None
+        if owner is None:
+            raise RuntimeError("QuantLinear is not bound to a model: call pixtral_fast.quant.loading.bind_quant_layers")
+        return self.linear(x, owner.kernels)
+
+
+class QuantFeedForward(nn.Module):
+    """w2(silu(w1 x) * w3 x) with quantized projections; called as FeedForward is."""
+
+    def __init__(self, w1: QuantLinear, w2: QuantLinear, w3: QuantLinear):
+        super().__init__()
+        self.w1, self.w2, self.w3 = w1, w2, w3
+
+    def forward(self, x: torch.Tensor, kernels: types.ModuleType) -> torch.Tensor:
+        gate = self.w1.linear(x, kernels)
+        up = self.w3.linear(x, kernels)
+        hidden = (F.silu(gate.float()) * up.float()).to(x.dtype)  # fp32 product, rounded once
+        return self.w2.linear(hidden, kernels)

@@ -1,0 +1,212 @@
+"""Loading an HF folder in the compressed-tensors format (config.json with quantization_config)
+into a Pixtral whose quantized linears stay packed: each file tensor is read once, moved to the
+device as it is stored (int32 packed words, e4m3 bytes, scales in their stored dtype), and the
+module is swapped for a QuantLinear before load_state_dict. Nothing is dequantized.
+
+Which layers are quantized is read from the file (a module with `weight_packed`, or an e4m3
+`weight`), and must agree with the config's targets/ignore (scheme_for); the config gives the
+group size and the activation scheme. HF's rotate-half row order of wq/wk is undone on the packed
+rows and their scales alike (quantization is per row, so rows permute with their scales).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from pixtral_fast.quant.config import QuantConfig, WeightScheme
+from pixtral_fast.quant.formats import FP8_DTYPE, packed_words
+from pixtral_fast.quant.linear import QuantFeedForward, QuantLinear
+from pixtral_fast.weights import (_HF_PREFIXES, CheckpointError, _rope_heads, check_keys, expected_shapes,
+                                  hf_files, hf_to_consolidated_name, undo_hf_rope_permutation)
+
+_QUANT_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape")
+_REFUSED_SUFFIXES = {"weight_zero_point": "an asymmetric zero point", "weight_g_idx": "act-order (g_idx)",
+                     "input_scale": "static activation scales", "weight_global_scale": "a global scale"}
+
+
+def _module_names(hf_module: str) -> list[str]:
+    """The module's name in both HF spellings (transformers >= 4.52 and older): configs use either."""
+    names = [hf_module]
+    for new, old in _HF_PREFIXES:
+        for a, b in ((new, old), (old, new)):
+            if (hf_module + ".").startswith(a):
+                names.append((b + (hf_module + ".")[len(a):])[:-1])
+    return names
+
+
+def _scheme(qconfig: QuantConfig, hf_module: str, classes: tuple[str, ...]) -> WeightScheme | None:
+    """Ignored under either spelling means ignored (compressed-tensors writes the spelling of the
+    model it quantized; the file may hold the other)."""
+    names = _module_names(hf_module)
+    if any(qconfig.ignored(name, classes) for name in names):
+        return None
+    for name in names:
+        scheme = qconfig.scheme_for(name, classes)
+        if scheme is not None:
+            return scheme
+    return None
+
+
+def _classes(model, cons_module: str) -> tuple[str, ...]:
+    """Class names along the MRO of our module of that name ('Linear' for every nn.Linear), as
+    compressed-tensors matches class targets; () for a name the model does not have."""
+    try:
+        module = model.get_submodule(cons_module)
+    except AttributeError:
+        return ()
+    return tuple(c.__name__ for c in type(module).__mro__)
+
+
+def read_quantized_state(folder: str | Path, args, qconfig: QuantConfig, model, device, dtype: torch.dtype,
+                         progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, WeightScheme]]:
+    """(state dict in consolidated names, {consolidated module name: scheme} of the quantized ones).
+    model: the dense model (on the meta device) whose module types the class targets match."""
+    folder = Path(folder)
+    files = hf_files(folder)
+    tensors: dict[str, tuple[Path, torch.dtype, tuple[int, ...]]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as st:
+            for key in st.keys():
+                sl = st.get_slice(key)
+                dtype_name = sl.get_dtype()
+                tensors[key] = (f, _SAFETENSORS_DTYPES.get(dtype_name), tuple(sl.get_shape()))
+    for key in tensors:
+        suffix = key.rsplit(".", 1)[-1]
+        if suffix in _REFUSED_SUFFIXES:
+            raise CheckpointError(f"{folder}: tensor {key} holds {_REFUSED_SUFFIXES[suffix]}: not supported")
+    quantized: dict[str, tuple[str, WeightScheme]] = {}  # consolidated module -> (hf module, scheme)
+    for key, (_, dt, _) in tensors.items():
+        module, suffix = key.rsplit(".", 1)
+        kind = "w4a16" if suffix == "weight_packed" else "fp8" if (suffix == "weight" and dt == FP8_DTYPE) else None
+        cons = hf_to_consolidated_name(module + ".weight")[: -len(".weight")]
+        scheme = _scheme(qconfig, module, _classes(model, cons))
+        if kind is None:
+            if suffix == "weight" and scheme is not None and len(tensors[key][2]) == 2:
+                raise CheckpointError(f"{folder}: quantization_config targets {module} ({scheme.kind}) but the "
+                                      f"file holds a dense {dt} weight for it")
+            continue
+        if scheme is None or scheme.kind != kind:
+            raise CheckpointError(f"{folder}: {key} is {kind} but quantization_config gives {module} "
+                                  f"{'no scheme' if scheme is None else scheme.kind} (targets / ignore)")
+        quantized[cons] = (module, scheme)
+
+    expected = expected_shapes(args)
+    q_modules = {m for m, _ in quantized.values()}
+    dense = {hf_to_consolidated_name(k): k for k in tensors if k.rsplit(".", 1)[0] not in q_modules}
+    check_keys({c: tensors[k][2] for c, k in dense.items()},
+               {c: s for c, s in expected.items() if c.rsplit(".", 1)[0] not in quantized}, str(folder))
+
+    state: dict[str, torch.Tensor] = {}
+    with contextlib.ExitStack() as stack, tqdm(total=len(dense) + len(quantized), desc="loading weights",
+                                               unit="tensor", disable=not progress) as bar:
+        opened = {f: stack.enter_context(safe_open(str(f), framework="pt", device="cpu")) for f in files}
+        _read(folder, args, tensors, opened, dense, quantized, expected, device, dtype, state, bar)
+    return state, {cons: scheme for cons, (_, scheme) in quantized.items()}
+
+
+def _read(folder, args, tensors, opened, dense, quantized, expected, device, dtype, state, bar) -> None:
+    for cons, key in dense.items():
+        t = opened[tensors[key][0]].get_tensor(key)
+        heads = _rope_heads(cons, args)
+        state[cons] = (undo_hf_rope_permutation(t, heads) if heads else t).to(device=device, dtype=dtype)
+        bar.update()
+    for cons, (module, scheme) in quantized.items():
+        n, k = expected.get(cons + ".weight", (None, None))
+        if n is None:
+            raise CheckpointError(f"{folder}: {module} is not a weight of this model ({cons})")
+        read = {s: opened[tensors[f"{module}.{s}"][0]].get_tensor(f"{module}.{s}")
+                for s in ("weight_packed", "weight_scale", "weight_shape", "weight") if f"{module}.{s}" in tensors}
+        _check_quantized(folder, module, scheme, read, n, k)
+        heads = _rope_heads(cons + ".weight", args)
+        for s, t in read.items():
+            if s == "weight_shape":
+                continue
+            if heads and t.dim() == 2 and t.shape[0] == n:  # rows of wq/wk: packed, e4m3 or per-row scales
+                t = undo_hf_rope_permutation(t, heads)
+            state[f"{cons}.{s}"] = t.contiguous().to(device)
+        bar.update()
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F8_E4M3": FP8_DTYPE, "I64": torch.int64, "I32": torch.int32, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _check_quantized(folder, module: str, scheme: WeightScheme, read: dict, n: int, k: int) -> None:
+    def bad(msg):
+        raise CheckpointError(f"{folder}: {module}: {msg}")
+
+    if "weight_scale" not in read:
+        bad("weight_scale is missing")
+    scale = read["weight_scale"]
+    if not scale.dtype.is_floating_point:
+        bad(f"weight_scale has dtype {scale.dtype}")
+    if scheme.kind == "w4a16":
+        if "weight_shape" in read and tuple(int(v) for v in read["weight_shape"].tolist()) != (n, k):
+            bad(f"weight_shape {read['weight_shape'].tolist()} != this model's [{n}, {k}]")
+        group = scheme.group_size_for(k)
+        if read["weight_packed"].dtype != torch.int32 or tuple(read["weight_packed"].shape) != (n, packed_words(k)):
+            bad(f"weight_packed {read['weight_packed'].dtype} {tuple(read['weight_packed'].shape)} != int32 "
+                f"[{n}, {packed_words(k)}]")
+        if tuple(scale.shape) != (n, k // group):
+            bad(f"weight_scale {tuple(scale.shape)} != [{n}, {k // group}] (group_size {group})")
+    else:
+        if tuple(read["weight"].shape) != (n, k):
+            bad(f"weight {tuple(read['weight'].shape)} != [{n}, {k}]")
+        want = (n, 1) if scheme.strategy == "channel" else (1,)
+        if tuple(scale.shape) != want and not (scheme.strategy == "tensor" and math.prod(scale.shape) == 1):
+            bad(f"weight_scale {tuple(scale.shape)} != {list(want)} ({scheme.strategy} strategy)")
+
+
+def swap_quantized_modules(model, schemes: dict[str, WeightScheme], state: dict[str, torch.Tensor]) -> None:
+    """Replaces the nn.Linear of every quantized module (consolidated name) with a QuantLinear, and
+    a feed-forward whose three projections are quantized with a QuantFeedForward."""
+    ffns: dict[str, dict[str, QuantLinear]] = {}
+    for cons, scheme in schemes.items():
+        parent_name, attr = cons.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        dense = getattr(parent, attr)
+        if getattr(dense, "bias", None) is not None:
+            raise CheckpointError(f"{cons}: quantized layers with a bias are not supported (keep it dense: ignore)")
+        layer = QuantLinear(dense.in_features, dense.out_features, scheme, state[f"{cons}.weight_scale"].dtype,
+                            device="meta")
+        if parent_name.endswith("feed_forward"):
+            ffns.setdefault(parent_name, {})[attr] = layer
+        else:
+            setattr(parent, attr, layer)
+    for name, layers in ffns.items():
+        if set(layers) != {"w1", "w2", "w3"}:
+            raise CheckpointError(f"{name}: w1, w2 and w3 must be quantized together (found {sorted(layers)})")
+        owner_name, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(owner_name), attr, QuantFeedForward(layers["w1"], layers["w2"], layers["w3"]))
+
+
+def bind_quant_layers(model) -> None:
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.bind(model)
+
+
+def load_quantized_model(path: str | Path, device=None, dtype: torch.dtype = torch.bfloat16, backend: str = "auto",
+                         progress: bool = True):
+    """pf.load_model for a compressed-tensors HF folder."""
+    from pixtral_fast.model.load import check_dtype, read_args, resolve_device
+    from pixtral_fast.model.pixtral import build_model
+
+    device, dtype = resolve_device(device), check_dtype(dtype)
+    qconfig = QuantConfig.from_folder(path)
+    if qconfig is None:
+        raise CheckpointError(f"{path}: config.json has no quantization_config")
+    args = read_args(path)
+    model = build_model(args, device="meta", dtype=dtype)
+    state, schemes = read_quantized_state(path, args, qconfig, model, device, dtype, progress=progress)
+    swap_quantized_modules(model, schemes, state)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.set_backend(backend).eval().requires_grad_(False)
+    bind_quant_layers(model)
+    return model
