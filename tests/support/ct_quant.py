@@ -15,12 +15,21 @@ IGNORE = ["lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
 
 
 def save_ct_quantized(folder: Path, preset: str, group_size: int = 32, seed: int = 0) -> Path:
+    """preset: a compressed-tensors preset name (W4A16, FP8_DYNAMIC) or FP8_WEIGHT_ONLY (e4m3 with
+    per-channel scales, activations unquantized: what `pixtral-fast quantize --scheme fp8` writes)."""
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 apply_quantization_config)
     from compressed_tensors.quantization.utils import calculate_qparams
 
     model = tiny_hf_model(seed)
-    config = QuantizationConfig(config_groups={preset: ["Linear"]}, ignore=IGNORE)
+    if preset == "FP8_WEIGHT_ONLY":
+        weights = QuantizationArgs(num_bits=8, type="float", strategy="channel", symmetric=True)
+        config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+                                    ignore=IGNORE)
+        preset = "group_0"
+    else:
+        config = QuantizationConfig(config_groups={preset: ["Linear"]}, ignore=IGNORE)
     if config.config_groups[preset].weights.strategy == "group":
         config.config_groups[preset].weights.group_size = group_size
     apply_quantization_config(model, config)
