@@ -163,9 +163,11 @@ def _check_quantized(folder, module: str, scheme: WeightScheme, read: dict, n: i
             bad(f"weight_scale {tuple(scale.shape)} != {list(want)} ({scheme.strategy} strategy)")
 
 
-def swap_quantized_modules(model, schemes: dict[str, WeightScheme], state: dict[str, torch.Tensor]) -> None:
-    """Replaces the nn.Linear of every quantized module (consolidated name) with a QuantLinear, and
-    a feed-forward whose three projections are quantized with a QuantFeedForward."""
+def swap_quantized_modules(model, schemes: dict[str, WeightScheme], scale_dtype) -> None:
+    """Replaces the nn.Linear of every quantized module (consolidated name) with a QuantLinear (on
+    the meta device: load_state_dict(assign=True) fills it), and a feed-forward whose three
+    projections are quantized with a QuantFeedForward. scale_dtype: one dtype, or a callable of
+    the module name giving it."""
     ffns: dict[str, dict[str, QuantLinear]] = {}
     for cons, scheme in schemes.items():
         parent_name, attr = cons.rsplit(".", 1)
@@ -173,8 +175,8 @@ def swap_quantized_modules(model, schemes: dict[str, WeightScheme], state: dict[
         dense = getattr(parent, attr)
         if getattr(dense, "bias", None) is not None:
             raise CheckpointError(f"{cons}: quantized layers with a bias are not supported (keep it dense: ignore)")
-        layer = QuantLinear(dense.in_features, dense.out_features, scheme, state[f"{cons}.weight_scale"].dtype,
-                            device="meta")
+        dtype = scale_dtype(cons) if callable(scale_dtype) else scale_dtype
+        layer = QuantLinear(dense.in_features, dense.out_features, scheme, dtype, device="meta")
         if parent_name.endswith("feed_forward"):
             ffns.setdefault(parent_name, {})[attr] = layer
         else:
@@ -205,7 +207,7 @@ def load_quantized_model(path: str | Path, device=None, dtype: torch.dtype = tor
     args = read_args(path)
     model = build_model(args, device="meta", dtype=dtype)
     state, schemes = read_quantized_state(path, args, qconfig, model, device, dtype, progress=progress)
-    swap_quantized_modules(model, schemes, state)
+    swap_quantized_modules(model, schemes, lambda cons: state[f"{cons}.weight_scale"].dtype)
     model.load_state_dict(state, assign=True, strict=True)
     model.set_backend(backend).eval().requires_grad_(False)
     bind_quant_layers(model)
