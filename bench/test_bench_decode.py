@@ -48,7 +48,7 @@ def test_gqa_decode(benchmark, impl, batch, context):
     q, kc, vc, table, lens = paged_case(batch, context)
     expected, output = None, lambda out: out
     if impl == OURS + "_cuda":
-        if ops.decode_backend(q.device, q.dtype) != "cuda":
+        if ops.decode_backend(q.device, q.dtype, q.shape[-1]) != "cuda":
             pytest.skip("the CUDA extension is not built or this is not a GPU")
         fn = lambda: ops.gqa_decode_attention(q, kc, vc, table, lens, validate_indices=False)  # noqa: E731
     elif impl == OURS + "_triton":

@@ -167,8 +167,11 @@ def _self_check_on(device: torch.device) -> tuple[bool, str]:
 
 
 def _cuda_index(device) -> int | None:
+    """The CUDA device index to self-check on; None where no CUDA device can run (a CPU torch)."""
+    if not torch.cuda.is_available():
+        return None
     if device is None:
-        return torch.cuda.current_device() if torch.cuda.is_available() else None
+        return torch.cuda.current_device()
     device = torch.device(device)
     if device.type != "cuda":
         return None

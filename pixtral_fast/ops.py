@@ -62,9 +62,10 @@ def decode_backend(device: torch.device | str, dtype: torch.dtype = torch.bfloat
     choice for a head_dim both kernels take."""
     if head_dim is not None and not attention_head_dim_ok(head_dim):
         return "reference"
-    on_gpu = torch.device(device).type == "cuda"
+    device = torch.device(device)
     cuda_dim = head_dim is None or head_dim in CUDA_DECODE_HEAD_DIMS
-    return "cuda" if on_gpu and dtype != torch.float32 and cuda_dim and _cuda_decode.available() else "triton"
+    eligible = device.type == "cuda" and dtype != torch.float32 and cuda_dim
+    return "cuda" if eligible and _cuda_decode.available(device) else "triton"  # self-checked per device
 
 
 _fallbacks_logged: set[tuple[str, int]] = set()

@@ -10,7 +10,7 @@ from torch import nn
 
 from pixtral_fast.config import ModelArgs
 from pixtral_fast.model.adapter import VisionLanguageAdapter
-from pixtral_fast.model.common import RMSNorm, resolve_backend
+from pixtral_fast.model.common import RMSNorm, attention_head_dims, resolve_backend
 from pixtral_fast.model.patch_merger import merged_grid
 from pixtral_fast.model.text import AttentionMetadata, DecoderLayer, KVCache
 from pixtral_fast.model.vision import VisionEncoder
@@ -34,7 +34,8 @@ class Pixtral(nn.Module):
 
     def set_backend(self, backend: str) -> "Pixtral":
         """'fast' (our kernels), 'reference' (plain PyTorch) or 'auto' (fast where it can run)."""
-        self.backend, self.kernels = resolve_backend(backend, self.output.weight.device)
+        device = self.output.weight.device
+        self.backend, self.kernels = resolve_backend(backend, device, attention_head_dims(self.args))
         return self
 
     @property

@@ -77,7 +77,7 @@ class Engine:
     def describe(self) -> str:
         """Which implementation runs what: said once, never silently chosen."""
         model, shape = self.model, self.cache.shape
-        decode = ops.decode_backend(model.device, model.dtype) if model.backend == "fast" else "reference"
+        decode = ops.decode_backend(model.device, model.dtype, model.args.text.head_dim) if model.backend == "fast" else "reference"
         if decode == "triton" and model.device.type == "cuda":
             decode += f" (CUDA extension unavailable: {_cuda_decode.status()})"
         return (f"{model.device} {str(model.dtype).removeprefix('torch.')}, kernels={model.backend}, "
