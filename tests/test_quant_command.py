@@ -82,3 +82,23 @@ def test_refuses_a_non_empty_destination(dense_folder, tmp_path):
     (tmp_path / "q" / "x").write_text("")
     with pytest.raises(ValueError, match=r"dst .* exists and is not empty"):
         quantize_checkpoint(dense_folder, tmp_path / "q", "fp8", progress=False)
+
+
+def test_command_registration(dense_folder, tmp_path, capsys):
+    """The `quantize` subcommand as pixtral_fast.cli registers it (add_quantize_command)."""
+    import argparse
+
+    from pixtral_fast.quant.command import add_quantize_command
+
+    p = argparse.ArgumentParser(prog="pixtral-fast")
+    add_quantize_command(p.add_subparsers(dest="command", required=True))
+    a = p.parse_args(["quantize", str(dense_folder), str(tmp_path / "q"), "--scheme", "fp8"])
+    a.func(a)
+    assert capsys.readouterr().out.strip() == str(tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "float-quantized"
+    for bad in (["--scheme", "int3"], ["--scheme", "w4a16", "--group-size", "12"],
+                ["--scheme", "w4a16", "--group-size", "x"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(["quantize", "a", "b", *bad])
+    assert "--group-size: must be a positive multiple of 8" in capsys.readouterr().err
