@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from pixtral_fast.quant.command import add_quantize_command
 from pixtral_fast.serve.command import add_serve_command
 
 PROG = "pixtral-fast"
@@ -208,6 +209,7 @@ def add_convert_hf(sub) -> argparse.ArgumentParser:
 # Each registration adds one subparser (with `func` set) to the subparsers it is given.
 COMMANDS: list[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = [
     add_generate, add_demo, add_bench, add_make_tiny, add_convert_hf, add_serve_command,
+    add_quantize_command,
 ]
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import pixtral_fast as pf
 from pixtral_fast.quant.linear import QuantFeedForward, QuantLinear
-from pixtral_fast.quant.loading import load_quantized_model
 from tests.support.ct_quant import save_ct_quantized
 from tests.support.hf_peer import hf_logits, image_tokens, tiny_hf_model
 
@@ -40,7 +40,7 @@ def quantized(request, tmp_path_factory):
 
     folder = save_ct_quantized(tmp_path_factory.mktemp(request.param), request.param)
     hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-    ours = load_quantized_model(folder, device="cpu", dtype=torch.float32, backend="reference", progress=False)
+    ours = pf.load_model(folder, device="cpu", dtype=torch.float32, backend="reference", progress=False)
     return request.param, hf, ours
 
 

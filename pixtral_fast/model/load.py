@@ -65,10 +65,22 @@ def check_dtype(dtype) -> torch.dtype:
     return dtype
 
 
+def is_quantized(path: str | Path) -> bool:
+    """An HF folder whose config.json carries a compressed-tensors quantization_config."""
+    from pixtral_fast.quant.config import QuantConfig
+
+    folder = Path(path)
+    return not (folder / "params.json").is_file() and QuantConfig.from_folder(folder) is not None
+
+
 def load_model(path: str | Path, device=None, dtype: torch.dtype = torch.bfloat16, backend: str = "auto",
                progress: bool = True) -> Pixtral:
     device, dtype = resolve_device(device), check_dtype(dtype)
     args = read_args(path)
+    if is_quantized(path):  # compressed-tensors: the weights stay packed (pixtral_fast/quant/)
+        from pixtral_fast.quant.loading import load_quantized_model
+
+        return load_quantized_model(path, device, dtype, backend, progress)
     state = load_state_dict(path, args, device, dtype, progress=progress)
     model = build_model(args, device="meta", dtype=dtype)
     model.load_state_dict(state, assign=True, strict=True)
