@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import numbers
 
 import torch
 
@@ -119,6 +121,15 @@ def _head_dim(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous in its last dimension (stride {t.stride(-1)})")
 
 
+def _positive_real(name: str, value) -> float:
+    """A finite real number > 0 (theta, scale), as a float; a NaN or negative one would give NaN
+    or nonsense output silently, and a str or bool is a caller's mistake, not a number."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not math.isfinite(value) or value <= 0):
+        raise ValueError(f"{name} must be a finite real number > 0, got {value!r}")
+    return float(value)
+
+
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
@@ -164,21 +175,23 @@ def _(q, k, pos, theta):
 def rope_2d(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0):
     """RoPE-2D on interleaved pairs; q [T, Hq, D], k [T, Hk, D], pos int32 [T, 2] = (row, col)."""
     _check_rope_pair(q, k, pos, 2)
+    theta = _positive_real("theta", theta)
     if q.shape[-1] % 4:
         raise ValueError(f"q head_dim {q.shape[-1]} must be a multiple of 4 for RoPE-2D")
     if not _rope.supports_head_dim(q.shape[-1], 2):
         return _reference_fallback("rope_2d", q.shape[-1], f"up to {_rope.MAX_HEAD_DIM}")(q, k, pos, theta)
-    return _rope_2d_op(q, k, pos, float(theta))
+    return _rope_2d_op(q, k, pos, theta)
 
 
 def rope_1d(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float = 1e9):
     """RoPE on interleaved pairs for 1-D positions (the decoder); pos int32 [T]."""
     _check_rope_pair(q, k, pos, None)
+    theta = _positive_real("theta", theta)
     if q.shape[-1] % 2:
         raise ValueError(f"q head_dim {q.shape[-1]} must be even for RoPE (it rotates pairs)")
     if not _rope.supports_head_dim(q.shape[-1], 1):
         return _reference_fallback("rope_1d", q.shape[-1], f"up to {_rope.MAX_HEAD_DIM}")(q, k, pos, theta)
-    return _rope_1d_op(q, k, pos, float(theta))
+    return _rope_1d_op(q, k, pos, theta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,11 +254,12 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, causal=False, 
             raise ValueError(f"pos must have shape ({q.shape[0]}, 2), got {tuple(pos.shape)}")
         if q.shape[-1] % 4:
             raise ValueError(f"q head_dim {q.shape[-1]} must be a multiple of 4 for RoPE-2D (pos given)")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else _positive_real("scale", scale)
+    rope_theta = _positive_real("rope_theta", rope_theta)
     if not attention_head_dim_ok(q.shape[-1]):
         fallback = _reference_fallback("varlen_attention", q.shape[-1], f"multiples of 8 up to {MAX_HEAD_DIM}")
-        return fallback(q, k, v, cu_seqlens, max_seqlen, scale, bool(causal), pos, float(rope_theta))
-    return _varlen_attention_op(q, k, v, cu_seqlens, max_seqlen, scale, bool(causal), pos, float(rope_theta))
+        return fallback(q, k, v, cu_seqlens, max_seqlen, scale, bool(causal), pos, rope_theta)
+    return _varlen_attention_op(q, k, v, cu_seqlens, max_seqlen, scale, bool(causal), pos, rope_theta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +354,7 @@ def gqa_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale=None,
         raise ValueError("block_table and seq_lens must be contiguous")
     if validate_indices and not _capturing():
         _check_pages(block_table.cpu(), seq_lens.cpu(), num_blocks, block_size)
-    scale = head_dim ** -0.5 if scale is None else float(scale)
+    scale = head_dim ** -0.5 if scale is None else _positive_real("scale", scale)
     if not attention_head_dim_ok(head_dim):
         fallback = _reference_fallback("gqa_decode_attention", head_dim, f"multiples of 8 up to {MAX_HEAD_DIM}")
         return fallback(q, k_cache, v_cache, block_table, seq_lens, scale)

@@ -192,3 +192,35 @@ def test_every_op_launches_on_its_tensors_device():
         for out, ref in zip(outs, refs):
             assert out.device == dev, name
             assert torch.equal(out, ref), name
+
+
+# -- scalar arguments: theta / scale ----------------------------------------------------------------
+
+BAD_POSITIVE_REALS = [float("nan"), float("inf"), -1.0, 0.0, "1e4", True, None, torch.tensor(2.0)]
+
+
+@pytest.mark.parametrize("bad", BAD_POSITIVE_REALS, ids=repr)
+def test_theta_and_scale_must_be_finite_positive_reals(bad):
+    """A NaN / negative / str theta or scale used to run and return NaN (or garbage) silently."""
+    q, k, pos = t(5, 2, 64), t(5, 2, 64), i32([[0, 0]] * 5)
+    with raises("theta must be a finite real number > 0"):
+        ops.rope_2d(q, k, pos, bad)
+    with raises("theta must be a finite real number > 0"):
+        ops.rope_1d(q, k, pos[:, 0].contiguous(), bad)
+    with raises("rope_theta must be a finite real number > 0"):
+        ops.varlen_attention(**attn_args(), rope_theta=bad)
+    if bad is not None:  # scale=None means the default head_dim ** -0.5
+        with raises("scale must be a finite real number > 0"):
+            ops.varlen_attention(**attn_args(), scale=bad)
+        with raises("scale must be a finite real number > 0"):
+            ops.gqa_decode_attention(**decode_args(), scale=bad)
+
+
+def test_integer_and_numpy_theta_and_scale_are_accepted():
+    import numpy as np
+    q, k, pos = t(5, 2, 64), t(5, 2, 64), i32([[0, 0]] * 5)
+    a, _ = ops.rope_2d(q, k, pos, 10000)
+    b, _ = ops.rope_2d(q, k, pos, np.float64(10000.0))
+    assert torch.isfinite(a).all() and torch.equal(a, b)
+    out = ops.gqa_decode_attention(**decode_args(), scale=1)
+    assert torch.isfinite(out).all()
