@@ -135,3 +135,24 @@ def test_stop_matcher_keeps_characters_whole_and_holds_back_stop_prefixes():
     assert m.push(9) == "" and m.finish() == ""  # the stop token adds no text
     m = StopMatcher(decode, stop_ids=[9], stops=["dST"])
     assert m.push(4) == "c" and m.finish() == "d"  # at the end, a held prefix is text
+
+
+def test_a_plain_string_stop_is_one_stop_string_and_bad_arguments_are_refused(tiny):
+    full = engine(tiny).generate(requests()[1], max_new_tokens=24)
+    stop = full.text[5:9]
+    assert any(c in full.text[:full.text.find(stop)] for c in stop)  # split into characters, it would stop early
+
+    async def main():
+        async with AsyncEngine(engine(tiny)) as ae:
+            result = await ae.generate(requests()[1], greedy(24), stop=stop)
+            for bad in ("", ["x", ""]):
+                with pytest.raises(ValueError, match="stop"):
+                    await ae.generate(requests()[1], greedy(4), stop=bad)
+            with pytest.raises(TypeError, match="SamplingParams"):
+                await ae.generate(requests()[1], {"max_new_tokens": 2})
+            await asyncio.to_thread(wait_idle, ae)
+            return result, ae.snapshot
+
+    result, snapshot = asyncio.run(main())
+    assert result.text == full.text[:full.text.find(stop)] and result.finish_reason == "stop"
+    assert snapshot["unfinished"] == 0

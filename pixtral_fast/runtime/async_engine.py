@@ -129,6 +129,15 @@ class StopMatcher:
         return out
 
 
+def stop_strings(stop: str | Seq[str] | None) -> list[str]:
+    """One str is one stop string (not its characters); empty ones are refused."""
+    stops = [stop] if isinstance(stop, str) else list(stop or ())
+    for s in stops:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"stop: stop strings must be non-empty strings, got {s!r}")
+    return stops
+
+
 class RequestStream:
     """One submitted request: async-iterate for Deltas. Leaving early (break, cancel, close)
     aborts it; its KV blocks are freed at the engine's next step."""
@@ -260,10 +269,14 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return self._pending + self.snapshot["waiting"]
 
-    async def submit(self, request: Any, params: SamplingParams, stop: Seq[str] = ()) -> RequestStream:
+    async def submit(self, request: Any, params: SamplingParams, stop: str | Seq[str] = ()) -> RequestStream:
         """Queues a request (Encoded, or messages: encoded in the pool first) and waits until the
-        engine thread has taken it. RequestError if it cannot be served, QueueFull past
-        max_waiting, EngineClosed while shutting down."""
+        engine thread has taken it. `stop`: one stop string or several. TypeError for params that
+        are not SamplingParams, ValueError for an empty stop string, RequestError if it cannot be
+        served, QueueFull past max_waiting, EngineClosed while shutting down."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        stop = stop_strings(stop)
         if not self.alive:
             raise EngineClosed("the engine is shutting down" if self._closing else "the engine is not running")
         with self._lock:
@@ -288,12 +301,12 @@ class AsyncEngine:
             raise accepted
         return RequestStream(self, handle, accepted, stop)
 
-    async def stream(self, request: Any, params: SamplingParams, stop: Seq[str] = ()) -> AsyncIterator[Delta]:
+    async def stream(self, request: Any, params: SamplingParams, stop: str | Seq[str] = ()) -> AsyncIterator[Delta]:
         async with await self.submit(request, params, stop) as s:
             async for delta in s:
                 yield delta
 
-    async def generate(self, request: Any, params: SamplingParams, stop: Seq[str] = ()) -> Result:
+    async def generate(self, request: Any, params: SamplingParams, stop: str | Seq[str] = ()) -> Result:
         text, logprobs = [], []
         async with await self.submit(request, params, stop) as s:
             async for delta in s:
