@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -19,9 +20,17 @@ class CheckpointNotFound(CheckpointError, FileNotFoundError):
     """No checkpoint at the given path (a FileNotFoundError too, for callers that catch that)."""
 
 
+def checkpoint_path(path) -> Path:
+    """`path` as a Path; ValueError naming it when it is not a str or os.PathLike (pf.load_model(5)
+    would otherwise fail with a TypeError from deep inside pathlib)."""
+    if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path must be a str or os.PathLike (a checkpoint folder), got {type(path).__name__}")
+    return Path(path)
+
+
 def read_args(path: str | Path) -> ModelArgs:
     """params.json (Mistral format) wins over config.json (HF format)."""
-    path = Path(path)
+    path = checkpoint_path(path)
     if not path.exists():
         raise CheckpointNotFound(f"{path}: no such checkpoint folder")
     if not path.is_dir():
@@ -75,6 +84,7 @@ def is_quantized(path: str | Path) -> bool:
 
 def load_model(path: str | Path, device=None, dtype: torch.dtype = torch.bfloat16, backend: str = "auto",
                progress: bool = True) -> Pixtral:
+    path = checkpoint_path(path)
     device, dtype = resolve_device(device), check_dtype(dtype)
     args = read_args(path)
     if is_quantized(path):  # compressed-tensors: the weights stay packed (pixtral_fast/quant/)
