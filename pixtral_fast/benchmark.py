@@ -1,6 +1,10 @@
 """`pixtral-fast bench`: end-to-end speed of a full-size model with random weights made on the
 device (no checkpoint exists there): time to first token for one image, decode tokens/s per batch
-size, each next to its roofline (DESIGN §4: weights + KV bytes per step over HBM bandwidth)."""
+size, each next to its roofline (DESIGN §4: weights + KV bytes per step over HBM bandwidth).
+
+With `scheme` ("w4a16" or "fp8"), the decoder's linears are quantized on the device as
+`pixtral-fast quantize` would (round-to-nearest, pixtral_fast.quant.model.quantize_model) and run
+packed; the roofline then counts the bytes the quantized model reads (packed weights and scales)."""
 from __future__ import annotations
 
 import json
@@ -13,6 +17,8 @@ import torch
 from pixtral_fast.config import IMG_BREAK_ID, IMG_END_ID, IMG_ID, ModelArgs
 from pixtral_fast.model.load import check_dtype, resolve_device
 from pixtral_fast.model.pixtral import Pixtral, build_model
+from pixtral_fast.quant.describe import describe_scheme
+from pixtral_fast.quant.memory import decode_step_bytes, held_bytes
 from pixtral_fast.runtime.engine import Engine
 from pixtral_fast.tokenizer import Encoded
 
@@ -43,14 +49,49 @@ def image_prompt(size: int, patch: int) -> Encoded:
 
 
 def decode_bytes(model: Pixtral, batch: int, context: int) -> int:
-    """HBM bytes one decode step must read: every decoder weight once (embedding rows aside), and
-    each sequence's K and V for every layer."""
+    """HBM bytes one decode step must read: every decoder weight once as it is stored (quantized
+    layers: packed words and scales), one embedding row per sequence, and each sequence's K and V
+    for every layer."""
     t = model.args.text
-    elem = model.dtype.itemsize
-    weights = sum(p.numel() for n, p in model.named_parameters()
-                  if not n.startswith(("vision_encoder.", "vision_language_adapter.", "tok_embeddings.")))
-    kv = 2 * t.n_layers * t.n_kv_heads * t.head_dim * elem * context * batch
-    return weights * elem + kv
+    row = model.tok_embeddings.weight[0]
+    kv = 2 * t.n_layers * t.n_kv_heads * t.head_dim * model.dtype.itemsize * context * batch
+    return decode_step_bytes(model) + (batch - 1) * row.numel() * row.element_size() + kv
+
+
+def parameter_count(model: Pixtral) -> int:
+    """The model's weights as numbers (a quantized linear counts its in x out, not its words)."""
+    from pixtral_fast.quant.linear import QuantLinear
+
+    return (sum(p.numel() for p in model.parameters())
+            + sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear)))
+
+
+def check_scheme(args: ModelArgs, scheme: str | None, group_size: int) -> None:
+    """A ValueError naming the argument before any weight is made."""
+    if scheme is None:
+        return
+    if scheme not in ("w4a16", "fp8"):
+        raise ValueError(f"scheme must be 'w4a16' or 'fp8', got {scheme!r}")
+    if scheme == "w4a16":
+        t = args.text
+        ins = {"dim": t.dim, "n_heads * head_dim": t.n_heads * t.head_dim, "hidden_dim": t.hidden_dim}
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or group_size % 8:
+            raise ValueError(f"group_size must be a positive multiple of 8, got {group_size!r}")
+        for what, k in ins.items():
+            if k % group_size:
+                raise ValueError(f"group_size {group_size} does not divide the decoder's {what} ({k}): "
+                                 "every quantized linear's in_features must be a whole number of groups")
+
+
+def random_quantized_model(args: ModelArgs, device, dtype, scheme: str, group_size: int, backend: str) -> Pixtral:
+    """random_model with its decoder linears quantized in place on the device; the dense weights
+    are freed once their packed form exists (the peak is the dense model plus the packed one)."""
+    from pixtral_fast.quant.model import quantize_model
+
+    model = quantize_model(random_model(args, device, dtype).set_backend(backend), scheme, group_size)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return model
 
 
 def _sync(device) -> None:
@@ -108,9 +149,10 @@ def engine_params(max_new_tokens: int, vocab_size: int):
 
 def run(params, batches=(1, 8, 32), image_size=1024, decode_steps=32, context=None, device=None,
         dtype=torch.bfloat16, backend="auto", nvtx=False, reps: int = 3, out: str | Path | None = None,
-        cuda_graphs: bool = True) -> dict:
+        cuda_graphs: bool = True, scheme: str | None = None, group_size: int = 128) -> dict:
     """The report; with `out`, also written there after each section, so that a run cut short
-    still leaves what it measured."""
+    still leaves what it measured. scheme: None (bf16/fp16/fp32 weights), "w4a16" (int4, one
+    scale per group_size inputs) or "fp8" (e4m3, one scale per output channel)."""
     args = ModelArgs.from_params_json(params)
     device, dtype = resolve_device(device), check_dtype(dtype)
     if args.vision is None:
@@ -125,7 +167,11 @@ def run(params, batches=(1, 8, 32), image_size=1024, decode_steps=32, context=No
         raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
     if context is not None and context < 2:
         raise ValueError(f"context must be >= 2 (BOS + one token), got {context}")
-    model = random_model(args, device, dtype).set_backend(backend)
+    check_scheme(args, scheme, group_size)
+    if scheme is None:
+        model = random_model(args, device, dtype).set_backend(backend)
+    else:
+        model = random_quantized_model(args, device, dtype, scheme, group_size, backend)
     prompt = image_prompt(image_size, args.vision.patch_size)
     context = context or len(prompt.tokens)
     longest = max(context, len(prompt.tokens)) + decode_steps + 8
@@ -136,7 +182,10 @@ def run(params, batches=(1, 8, 32), image_size=1024, decode_steps=32, context=No
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "engine": engine.describe(),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "quantization": describe_scheme(model),
+        "parameters": parameter_count(model),
+        "weights_held_GB": held_bytes(model) / 1e9,
+        "decode_weight_bytes_per_step_GB": decode_bytes(model, 1, 0) / 1e9,
         "hbm_bytes_per_s_assumed": HBM_BYTES_PER_S,
     }
 
