@@ -121,6 +121,7 @@ def prepare_image(img: Image.Image, max_side: int, where: str = "image", owned: 
     8-bit mode mistral_common converts right. Pixels are decoded here, after the header checks.
     owned: the image was opened here (not the caller's object), so a JPEG may be decoded shrunk."""
     target = mistral_target_size(img.width, img.height, max_side)
+    sixteen_bit = _sixteen_bit_source(img)  # read from the decoder before load() clears it
     try:
         if owned and target != img.size and img.format == "JPEG" and img.tile:
             img.draft(img.mode, target)  # decode at 1/2, 1/4 or 1/8 scale: never the full pixels
@@ -129,28 +130,42 @@ def prepare_image(img: Image.Image, max_side: int, where: str = "image", owned: 
         raise
     except Exception as e:
         raise ValueError(f"{where}: the image cannot be decoded ({type(e).__name__}: {e})") from None
-    scale = _sample_scale(img, where)
+    scale = _sample_scale(img, where, sixteen_bit)
     if target != img.size:
         img = _resizable(img).resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
     return _eight_bit(img, scale, where)
 
 
-def _sample_scale(img: Image.Image, where: str) -> float:
-    """The divisor that brings an I or F image's samples to the 0..255 scale, read before resizing
-    (bicubic overshoot must not change the reading). Non-finite float pixels are refused."""
-    if img.mode in _SIXTEEN_BIT:
+def _sample_scale(img: Image.Image, where: str, sixteen_bit_source: bool) -> float:
+    """The divisor that brings an I or F image's samples to the 0..255 scale, decided by what the
+    samples declare, never by their range (a range rule jumps: 255 stays 255 but 256 turns to 1):
+    - I;16 modes, and mode I decoded from 16-bit samples (a 16-bit PNG or TIFF in a Pillow that
+      opens it as I): 16-bit data, divided by 257 (65535 -> 255);
+    - any other mode I (an 8-bit image widened, 32-bit TIFF samples, an in-memory int32 array):
+      taken on the 0..255 scale, clipped;
+    - F: floats on the unit scale, as float TIFFs and numpy/scikit-image images are: [0, 1] ->
+      0..255, clipped (so 100.0 is white, like 1.0). Non-finite float pixels are refused.
+    Read before resizing: bicubic overshoot must not change the reading."""
+    if img.mode in _SIXTEEN_BIT or (img.mode == "I" and sixteen_bit_source):
         return 257.0
-    if img.mode == "I":
-        low, high = img.getextrema()
-        # 16-bit PNG/TIFF samples open as I; an 8-bit image widened to I stays within 0..255.
-        return 1.0 if low >= 0 and high <= 255 else 257.0
     if img.mode == "F":
-        values = np.asarray(img)
-        if not np.isfinite(values).all():
+        if not np.isfinite(np.asarray(img)).all():
             raise ValueError(f"{where}: the image holds non-finite pixels (NaN or inf)")
-        # Float images in [0, 1] are on the unit scale; anything else on PIL's 0..255 scale.
-        return 1 / 255 if values.size and values.min() >= 0 and values.max() <= 1 else 1.0
+        return 1 / 255
     return 1.0
+
+
+def _sixteen_bit_source(img: Image.Image) -> bool:
+    """A not yet decoded mode-I image whose file stores 16-bit samples (its decoder's raw mode
+    says so; PNG's 16-bit grey reads as I;16B, TIFF's as I;16). Unknown once decoded: False."""
+    if img.mode != "I":
+        return False
+    for tile in getattr(img, "tile", None) or ():
+        args = tile.args if hasattr(tile, "args") else tile[3]
+        rawmode = args[0] if isinstance(args, tuple) and args else args
+        if isinstance(rawmode, str) and rawmode.startswith("I;16"):
+            return True
+    return False
 
 
 def _resizable(img: Image.Image) -> Image.Image:

@@ -3,6 +3,7 @@ written here from the modes' definitions (numpy, not PIL): the tokenizer's outpu
 de-normalised, is compared pixel by pixel (after mistral_common's own resize to whole patches,
 applied to the expected image too, where the size is not a multiple of the patch size)."""
 import colorsys
+import io
 
 import cv2
 
@@ -94,14 +95,14 @@ def make(mode: str, h: int, w: int, rng: np.random.Generator, variant: int):
         raw = v.astype("<u2" if mode == "I;16" else ">u2").tobytes()
         return Image.frombytes(mode, (w, h), raw), gray(v / 257.0), 0.5
     if mode == "I":
-        top = [255, 65535, 100000][variant % 3]   # 8-bit data widened, 16-bit samples, out of range
+        top = [255, 65535, 100000][variant % 3]   # 8-bit data widened, large values, out of range
         v = rng.integers(-1000 if top > 65535 else 0, top + 1, (h, w)).astype(np.int32)
-        scale = 1.0 if top == 255 else 257.0
-        return Image.frombytes("I", (w, h), v.tobytes()), gray(np.clip(v / scale, 0, 255)), 0.5
+        # in-memory mode I declares no 16-bit source: the 0..255 scale, clipped (whatever the range)
+        return Image.frombytes("I", (w, h), v.tobytes()), gray(np.clip(v, 0, 255)), 0.5
     if mode == "F":
         unit = variant % 2 == 0
         v = (rng.random((h, w)) if unit else rng.uniform(-50, 400, (h, w))).astype(np.float32)
-        expected = v * 255.0 if unit else np.clip(v, 0, 255)
+        expected = np.clip(v * 255.0, 0, 255)  # F is on the unit scale, whatever its range
         return Image.frombytes("F", (w, h), v.tobytes()), gray(expected), 0.5
     if mode in ("La", "RGBa"):  # premultiplied: a colour never exceeds its alpha
         c = 2 if mode == "La" else 4
@@ -154,8 +155,11 @@ def test_every_mode_against_its_definition(tok, mode, height, width, seed, varia
     ("LAB", (0, 128, 128), (0, 0, 0)),             # black (was white before the fix)
     ("LAB", (255, 128, 128), (255, 255, 255)),
     ("I;16", 65535, (255, 255, 255)), ("I;16", 32896, (128, 128, 128)), ("I;16B", 257 * 40, (40, 40, 40)),
-    ("I", 30000, (117, 117, 117)),                 # 16-bit samples: 30000 / 257 (was white: clipped at 255)
-    ("F", 0.5, (128, 128, 128)), ("F", 100.0, (100, 100, 100)),
+    ("I", 200, (200, 200, 200)), ("I", 255, (255, 255, 255)),
+    ("I", 256, (255, 255, 255)),                   # was 1 (256 / 257): the range switched the scale
+    ("I", 30000, (255, 255, 255)),                 # in memory, I declares 8-bit meaning: clipped
+    ("F", 0.5, (128, 128, 128)), ("F", 1.0, (255, 255, 255)),
+    ("F", 1.01, (255, 255, 255)), ("F", 100.0, (255, 255, 255)),  # unit scale, clipped (1.01 was 1)
     ("CMYK", (0, 0, 0, 255), (0, 0, 0)), ("RGBA", (9, 9, 9, 0), (255, 255, 255)), ("LA", (0, 0), (255, 255, 255)),
 ])
 def test_solid_colours(tok, mode, fill, rgb):
@@ -180,3 +184,18 @@ def test_non_finite_float_image_refused(tok, bad):
     v[3, 4] = bad
     with pytest.raises(ValueError, match=r"messages\[0\].content\[0\]: the image holds non-finite pixels"):
         tok.encode([{"role": "user", "content": [{"type": "image", "image": Image.frombytes("F", (16, 16), v.tobytes())}]}])
+
+
+def test_mode_I_from_a_16_bit_file_is_scaled_by_257(tok):
+    """A 16-bit PGM opens as mode I (raw mode I;16B): its samples are 16-bit, 30000 -> 117."""
+    data = b"P5\n32 16\n65535\n" + np.full((16, 32), 30000, ">u2").tobytes()
+    img = Image.open(io.BytesIO(data))
+    assert img.mode == "I"
+    np.testing.assert_allclose(seen_rgb(tok, img), np.full((16, 32, 3), 117), atol=1.01)
+
+
+@pytest.mark.parametrize("mode, values", [("I", range(250, 262)), ("F", np.linspace(0.9, 1.1, 11))])
+def test_i_and_f_readings_are_monotone_in_the_pixel_value(tok, mode, values):
+    """No jump where the image's range crosses 255 (I) or 1.0 (F)."""
+    seen = [seen_rgb(tok, Image.new(mode, (16, 16), float(v) if mode == "F" else int(v)))[0, 0, 0] for v in values]
+    assert all(b >= a - 1.01 for a, b in zip(seen, seen[1:])), seen
