@@ -156,3 +156,22 @@ def test_a_plain_string_stop_is_one_stop_string_and_bad_arguments_are_refused(ti
     result, snapshot = asyncio.run(main())
     assert result.text == full.text[:full.text.find(stop)] and result.finish_reason == "stop"
     assert snapshot["unfinished"] == 0
+
+
+def test_max_waiting_counts_only_requests_the_next_step_cannot_admit(tiny):
+    async def main():
+        ae = AsyncEngine(engine(tiny, max_batch_size=4), max_waiting=1).start()
+        try:  # four at once: the batch has room for all, none of them waits
+            burst = await asyncio.gather(*(ae.submit(requests()[1], greedy(10_000)) for _ in range(4)))
+            for s in burst:
+                await s.__anext__()
+            queued = await ae.submit(requests()[0], greedy(4))  # the batch is full: this one waits
+            with pytest.raises(QueueFull, match="max_waiting=1"):
+                await ae.submit(requests()[2], greedy(4))
+            for s in burst:
+                s.abort()
+            return [d.finish_reason async for d in queued][-1]
+        finally:
+            await ae.aclose()
+
+    assert asyncio.run(main()) == "length"

@@ -267,7 +267,11 @@ class AsyncEngine:
             raise RequestError(str(e)) from None
 
     def num_waiting(self) -> int:
-        return self._pending + self.snapshot["waiting"]
+        """Requests that will still wait after the next step: those past the free batch slots.
+        A request the next step admits (max_batch_size - running slots are free) does not count,
+        so a burst of up to max_batch_size arrivals is never refused by max_waiting."""
+        free_slots = max(0, self.engine.config.max_batch_size - self.snapshot["running"])
+        return max(0, self._pending + self.snapshot["waiting"] - free_slots)
 
     async def submit(self, request: Any, params: SamplingParams, stop: str | Seq[str] = ()) -> RequestStream:
         """Queues a request (Encoded, or messages: encoded in the pool first) and waits until the
