@@ -13,6 +13,9 @@ import binascii
 import functools
 import io
 import re
+import stat
+import threading
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -87,10 +90,11 @@ def _open_str(image: str | Path, where: str, max_pixels: int) -> Image.Image:
             raise ValueError(f"{where}: unsupported image URL scheme {scheme!r} (data:, file://)")
         image = Path(unquote(parsed.path))
     path = Path(image)
-    if not path.is_file():
-        raise ValueError(f"{where}: no such image file: {path}")
+    mode = _stat_mode(path)
+    if mode is None or not stat.S_ISREG(mode):
+        raise ValueError(f"{where}: {_not_a_file(path, mode)}")
     try:
-        return Image.open(path)
+        return _quiet_open(path)
     except Image.DecompressionBombError as e:
         raise _bomb(where, e, max_pixels) from None
     except MemoryError:
@@ -99,9 +103,45 @@ def _open_str(image: str | Path, where: str, max_pixels: int) -> Image.Image:
         raise ValueError(f"{where}: {path} is not a readable image ({type(e).__name__}: {e})") from None
 
 
+_open_lock = threading.Lock()
+
+
+def _quiet_open(source) -> Image.Image:
+    """Image.open without PIL's DecompressionBombWarning (printed to stderr for 89..179 MP): our
+    own max_pixels cap is checked right after, from the same header. The lock: warning filters
+    are process-wide, and catch_warnings must not interleave between tokenizing threads."""
+    with _open_lock, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(source)
+
+
+def _stat_mode(path: Path) -> int | None:
+    """path's st_mode, None where there is nothing (or a name the filesystem cannot take: a
+    base64 payload without its data: prefix is longer than NAME_MAX)."""
+    try:
+        return path.stat().st_mode
+    except (OSError, ValueError):
+        return None
+
+
+def _not_a_file(path: Path, mode: int | None) -> str:
+    """Why `path` cannot be read as an image file, echoing at most ~80 characters of it (a base64
+    payload passed without its data: prefix would otherwise be echoed whole)."""
+    text = str(path)
+    shown = text if len(text) <= 80 else f"{text[:77]}... ({len(text)} characters)"
+    if mode is not None:
+        if stat.S_ISDIR(mode):
+            return f"{shown} is a directory, not an image file"
+        return f"{shown} is not a regular file (a device, pipe or socket)"
+    if len(text) > 80 and re.fullmatch(r"[A-Za-z0-9+/=\s]+", text):
+        return (f"no such image file: {shown}; it looks like base64 image data: pass it as a data URL, "
+                f"'data:image/png;base64,<data>'")
+    return f"no such image file: {shown}"
+
+
 def _open_bytes(data: bytes, where: str, what: str, max_pixels: int) -> Image.Image:
     try:
-        return Image.open(io.BytesIO(data))
+        return _quiet_open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise _bomb(where, e, max_pixels) from None
     except MemoryError:
