@@ -8,6 +8,11 @@ from dataclasses import dataclass
 from pixtral_fast.runtime.graphs import DEFAULT_BUCKETS
 
 CPU_CACHE_BYTES = 512 << 20  # default KV budget on the CPU, where there is no free-memory query
+# The decode runner keeps a [max_batch_size, max_blocks] block table (and its host copies) per
+# engine: 4096 rows x 8192 blocks (a 128k context in 16-token blocks) is ~130 MB each, and no
+# single GPU holds the KV cache for 4096 sequences of a 12B model anyway.
+MAX_BATCH_SIZE_LIMIT = 4096
+DEFAULT_MAX_BATCH_SIZE = 32
 
 
 def _positive_int(name: str, value, optional: bool = False) -> None:
@@ -28,7 +33,7 @@ class EngineConfig:
     num_blocks: int | None = None            # the cache's size in blocks, or:
     memory_bytes: int | None = None          # its size in bytes, or:
     gpu_memory_fraction: float = 0.9         # this fraction of the GPU memory still free
-    max_batch_size: int = 32
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE  # at most MAX_BATCH_SIZE_LIMIT (4096)
     max_model_len: int | None = None         # prompt + generation; default: the model's context
     max_prefill_tokens: int = 16384          # tokens prefilled together in one step
     graph_buckets: tuple[int, ...] = DEFAULT_BUCKETS
@@ -45,6 +50,11 @@ class EngineConfig:
             _positive_int(name, getattr(self, name), optional=True)
         for name in ("max_batch_size", "max_prefill_tokens"):
             _positive_int(name, getattr(self, name))
+        if self.max_batch_size > MAX_BATCH_SIZE_LIMIT:
+            raise ValueError(f"max_batch_size must be at most {MAX_BATCH_SIZE_LIMIT}, got {self.max_batch_size}")
+        if self.num_blocks is not None and self.memory_bytes is not None:
+            raise ValueError(f"give num_blocks or memory_bytes, not both (got num_blocks={self.num_blocks}, "
+                             f"memory_bytes={self.memory_bytes}): each sets the KV cache's size")
         fraction = self.gpu_memory_fraction
         if (isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not math.isfinite(fraction)
                 or not 0 < fraction <= 1):

@@ -29,11 +29,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from pixtral_fast import _cuda_decode, ops
 from pixtral_fast.model.pixtral import Pixtral
-from pixtral_fast.runtime.config import CPU_CACHE_BYTES, EngineConfig
+from pixtral_fast.runtime.config import CPU_CACHE_BYTES, DEFAULT_MAX_BATCH_SIZE, EngineConfig
 from pixtral_fast.runtime.detokenize import IncrementalDetokenizer
 from pixtral_fast.runtime.graphs import DecodeRow, DecodeRunner
 from pixtral_fast.runtime.kv_cache import BlockManager, PagedKVCache, plan_cache
@@ -49,6 +50,19 @@ __all__ = ["Engine", "Completion", "EngineStats", "RequestError", "is_batch"]
 log = logging.getLogger("pixtral_fast")
 
 
+def _image_tensors(images: Any) -> list[torch.Tensor]:
+    """Encoded.images as tensors; ValueError naming images / images[i] and what it got, rather
+    than a raw torch error, or a lone [3, H, W] tensor silently taken for 3 images (its channels)."""
+    if not isinstance(images, (list, tuple)):
+        raise ValueError(f"images must be a list of [3, H, W] pixel arrays (numpy or torch), "
+                         f"got {type(images).__name__}")
+    for i, img in enumerate(images):
+        if not isinstance(img, (np.ndarray, torch.Tensor)):
+            raise ValueError(f"images[{i}] must be a [3, H, W] pixel array (numpy or torch), "
+                             f"got {type(img).__name__}")
+    return [torch.as_tensor(img) for img in images]
+
+
 class Engine:
     def __init__(self, model: Pixtral, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None):
         self.model = model
@@ -59,8 +73,15 @@ class Engine:
             memory_bytes = CPU_CACHE_BYTES  # no free-memory query on the CPU
         shape = plan_cache(model.args.text, model.dtype, model.device, config.block_size, config.num_blocks,
                            memory_bytes, config.gpu_memory_fraction)
-        self.cache = PagedKVCache(shape, model.device)
         self.blocks = BlockManager(shape.num_blocks, shape.block_size)
+        usable = len(self.blocks.free_blocks)
+        if config.max_batch_size > max(usable, DEFAULT_MAX_BATCH_SIZE):
+            # each running sequence holds at least one block: rows past `usable` could never run,
+            # and the decode runner would still allocate buffers for them (the default always passes)
+            raise ValueError(f"max_batch_size={config.max_batch_size} is more sequences than the KV cache "
+                             f"could ever run at once ({usable} blocks of {shape.block_size} tokens, each running "
+                             f"sequence holding at least one): lower max_batch_size or give the cache more memory")
+        self.cache = PagedKVCache(shape, model.device)
         self.max_model_len = min(config.max_model_len or model.args.text.max_seq_len, model.args.text.max_seq_len)
         self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_prefill_tokens, self.max_model_len)
         max_blocks = -(-self.max_model_len // shape.block_size)
@@ -126,7 +147,7 @@ class Engine:
                        seed=params.seed if params.seed is not None else secrets.randbits(62))
         try:
             encoded = request if isinstance(request, Encoded) else self.tokenizer.encode(request)
-            images = [torch.as_tensor(img) for img in encoded.images]
+            images = _image_tensors(encoded.images)
             self.model.check_request(encoded.tokens, images)
             seq.prompt, seq.images = [int(t) for t in encoded.tokens], images
         except Exception as e:  # whatever the tokenizer or the checks raise, the request fails alone
@@ -176,6 +197,8 @@ class Engine:
         early ends the request and frees its cache blocks."""
         params = self._admissible(SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                                  top_p=top_p, top_k=top_k, seed=seed))
+        if is_batch(request):  # a list of conversations is not one conversation: say so, not pydantic
+            raise ValueError("stream() takes one request, not a batch; use generate() for batches")
         return self._stream(request, params)
 
     def _stream(self, request: Any, params: SamplingParams) -> Iterator[str]:
