@@ -10,10 +10,12 @@ import argparse
 import contextlib
 import faulthandler
 import logging
+import math
 import re
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 DTYPE_NAMES = {"auto": None, "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
@@ -30,10 +32,63 @@ def byte_size(text: str) -> int:
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is in 0..65535 (0: any free port), got {value}")
+    return value
+
+
+def seconds(positive: bool) -> Callable[[str], float]:
+    """A finite number of seconds, > 0 (positive) or >= 0."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise argparse.ArgumentTypeError(f"must be a finite number of seconds {'>' if positive else '>='} 0, "
+                                             f"got {text}")
+        return value
+
+    parse.__name__ = "seconds"
+    return parse
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def folder(flag: str) -> Callable[[str], Path]:
+    """An existing folder, checked while parsing: before anything loads."""
+    def parse(text: str) -> Path:
+        path = Path(text)
+        if not path.exists():
+            raise argparse.ArgumentTypeError(f"{text}: no such folder")
+        if not path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+        return path
+
+    parse.__name__ = f"{flag} folder"
+    return parse
 
 
 def add_serve_command(subparsers) -> argparse.ArgumentParser:
@@ -45,13 +100,13 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
 
 def add_serve_arguments(s: argparse.ArgumentParser) -> None:
     src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="checkpoint folder (consolidated or HF format)")
+    src.add_argument("--model", type=folder("--model"), help="checkpoint folder (consolidated or HF format)")
     src.add_argument("--tiny", action="store_true", help="serve the embedded tiny checkpoint (random weights, "
                      "made on first use): try the server with no download")
     s.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                    help="dummy: random weights from --model's params.json/config.json (benchmarks)")
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
-    s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on stderr)")
+    s.add_argument("--port", type=port_number, default=8000, help="0 picks a free port (printed on stderr)")
     s.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     s.add_argument("--dtype", choices=DTYPE_NAMES, default="auto", help="auto: bfloat16 on a GPU, float32 on the CPU")
     s.add_argument("--backend", choices=("auto", "fast", "reference"), default="auto")
@@ -62,12 +117,12 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
                    help="largest decoded input image, in pixels (checked before decoding)")
     s.add_argument("--max-image-bytes", type=byte_size, default=20 << 20, help="largest encoded image")
     s.add_argument("--max-request-bytes", type=byte_size, default=32 << 20, help="largest request body (413 past it)")
-    s.add_argument("--media-fetch-timeout", type=float, default=10.0, help="seconds to fetch an http(s) image")
-    s.add_argument("--allowed-local-media-path", type=Path, default=None,
+    s.add_argument("--media-fetch-timeout", type=seconds(positive=True), default=10.0, help="seconds to fetch the http(s) images of a request, all reads included")
+    s.add_argument("--allowed-local-media-path", type=folder("--allowed-local-media-path"), default=None,
                    help="allow file:// image URLs under this folder (refused otherwise)")
     s.add_argument("--max-waiting", type=positive_int, default=256,
-                   help="waiting sequences before new requests get 503 + Retry-After")
-    s.add_argument("--shutdown-grace", type=float, default=10.0,
+                   help="sequences waiting beyond the free batch slots before new requests get 503 + Retry-After")
+    s.add_argument("--shutdown-grace", type=seconds(positive=False), default=10.0,
                    help="on SIGTERM/SIGINT, seconds in-flight requests get to finish before they are aborted")
     s.add_argument("--disable-uvicorn-access-log", action="store_true")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -76,7 +131,7 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
                    help="sequences decoded together (default: the engine's)")
     e.add_argument("--max-model-len", type=positive_int, default=None, help="prompt + generation (default: the model's)")
     e.add_argument("--max-num-batched-tokens", type=positive_int, default=None, help="prompt tokens prefilled per step")
-    e.add_argument("--gpu-memory-utilization", type=float, default=None,
+    e.add_argument("--gpu-memory-utilization", type=fraction, default=None,
                    help="fraction of the free GPU memory the KV cache takes")
     e.add_argument("--kv-cache-memory", type=byte_size, default=None, help="KV cache size in bytes (e.g. 8GiB)")
     e.add_argument("--num-gpu-blocks-override", type=positive_int, default=None, help="KV cache size in blocks")
@@ -177,7 +232,7 @@ def run_serve(a) -> None:
 
 def _graceful_server(config, engine, grace: float):
     """uvicorn's Server, except that on SIGTERM/SIGINT (1) the engine gets `grace` seconds to
-    finish in-flight requests, then ends the rest with finish_reason 'abort', so that their
+    finish in-flight requests, then ends the rest (a 503, or an error event in a stream), so that their
     streams close properly before uvicorn would cut them, and (2) the process exits 0: uvicorn
     re-raises the signal once it has shut down, which would end the process *by* that signal."""
     import asyncio
@@ -203,7 +258,9 @@ def _graceful_server(config, engine, grace: float):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="pixtral-fast serve", description="OpenAI-compatible HTTP server")
+    from pixtral_fast.cli import Parser  # here: pixtral_fast.cli imports this module
+
+    p = Parser(prog="pixtral-fast serve", description="OpenAI-compatible HTTP server")
     add_serve_arguments(p)
     a = p.parse_args(argv)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack on stderr
