@@ -6,9 +6,11 @@ timeout and a byte cap (async); `load_images` decodes every image (base64, file,
 pixel cap, in the engine's thread pool, just before tokenization."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,26 +108,36 @@ def _user_parts(content: Any, at: str, sources: list[ImageSource]) -> Any:
 
 
 async def fetch_remote(sources: list[ImageSource], limits: MediaLimits, client: httpx.AsyncClient) -> None:
-    """Downloads the http(s) images (bytes only; decoding happens in the pool)."""
-    for s in sources:
-        scheme = urlparse(s.url).scheme.lower()
-        if scheme not in ("http", "https"):
-            continue
-        try:
-            async with client.stream("GET", s.url, timeout=limits.fetch_timeout) as response:
-                if response.status_code != 200:
-                    raise _bad(s.param, f"fetching the image gave HTTP {response.status_code}")
-                chunks, size = [], 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > limits.max_image_bytes:
-                        raise _bad(s.param, f"the image is over {limits.max_image_bytes} bytes")
-                    chunks.append(chunk)
-                s.data = b"".join(chunks)
-        except httpx.TimeoutException:
-            raise _bad(s.param, f"fetching the image timed out after {limits.fetch_timeout} s") from None
-        except httpx.HTTPError as e:
-            raise _bad(s.param, f"could not fetch the image ({type(e).__name__}: {e})") from None
+    """Downloads the http(s) images (bytes only; decoding happens in the pool). One deadline,
+    `limits.fetch_timeout` seconds, covers the whole fetch (connecting and every read of every
+    image): httpx's own timeout is per read, which a server trickling bytes never trips."""
+    remote = [s for s in sources if urlparse(s.url).scheme.lower() in ("http", "https")]
+    current = None
+    try:
+        async with asyncio.timeout(limits.fetch_timeout):
+            for current in remote:
+                await _fetch_one(current, limits, client)
+    except (TimeoutError, httpx.TimeoutException):
+        raise _bad(current.param, f"fetching the image did not finish within {limits.fetch_timeout} s "
+                                  "(--media-fetch-timeout)") from None
+
+
+async def _fetch_one(s: ImageSource, limits: MediaLimits, client: httpx.AsyncClient) -> None:
+    try:
+        async with client.stream("GET", s.url, timeout=limits.fetch_timeout) as response:
+            if response.status_code != 200:
+                raise _bad(s.param, f"fetching the image gave HTTP {response.status_code}")
+            chunks, size = [], 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > limits.max_image_bytes:
+                    raise _bad(s.param, f"the image is over {limits.max_image_bytes} bytes")
+                chunks.append(chunk)
+            s.data = b"".join(chunks)
+    except httpx.TimeoutException:
+        raise
+    except httpx.HTTPError as e:
+        raise _bad(s.param, f"could not fetch the image ({type(e).__name__}: {e})") from None
 
 
 def load_images(sources: list[ImageSource], limits: MediaLimits) -> None:
@@ -149,6 +161,9 @@ def _raw_bytes(s: ImageSource, limits: MediaLimits) -> bytes:
         except (binascii.Error, ValueError):
             raise _bad(s.param, "the data URL's payload is not valid base64") from None
     parsed = urlparse(url)
+    if not parsed.scheme:
+        raise _bad(s.param, f"{url[:80]!r} is not a URL: give the image as a data:image/...;base64, URL, "
+                            "an http(s):// URL or a file:// URL")
     if parsed.scheme == "file":
         return _read_local(Path(unquote(parsed.path)), s.param, limits)
     raise _bad(s.param, f"unsupported image URL scheme {parsed.scheme or url[:16]!r} (data:, http(s)://, file://)")
@@ -178,7 +193,12 @@ def _decode(data: bytes, param: str, limits: MediaLimits) -> Image.Image:
         if pixels == 0:
             raise _bad(param, f"the image has zero size ({img.width}x{img.height})")
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # PIL refuses it from the header, before our own check
+        size = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = f"{size.group(1)} pixels" if size else "more pixels than PIL decodes"
+        raise _bad(param, f"the image is too large: it has {pixels}; at most {limits.max_image_pixels} "
+                          "are allowed (--max-image-pixels)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise _bad(param, f"not a readable image ({type(e).__name__}: {e})") from None
     return img
 
