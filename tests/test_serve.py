@@ -2,6 +2,8 @@
 (one per module) on the tiny checkpoint, driven by the official openai client (sync and async).
 Every answer is compared with the offline Engine on the same checkpoint."""
 import asyncio
+import base64
+import io
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -10,6 +12,7 @@ import httpx
 import openai
 import pytest
 import torch
+from PIL import Image
 
 import pixtral_fast as pf
 from pixtral_fast.tiny import make_tiny
@@ -18,6 +21,7 @@ from tests.support.serve_server import CPU_ARGS, ServerProcess, data_url, metric
 KEY = "sk-test-key"
 MODEL = "tiny-pixtral"
 MAX_MODEL_LEN = 512
+FETCH_TIMEOUT_S = 2
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +41,7 @@ def server(tiny_dir, media_dir, tmp_path_factory, request):
     args = ["--model", str(tiny_dir), *CPU_ARGS, "--served-model-name", MODEL, "--api-key", KEY,
             "--num-gpu-blocks-override", "512", "--max-model-len", str(MAX_MODEL_LEN), "--max-images-per-prompt", "3",
             "--max-image-pixels", "40000", "--max-request-bytes", "1MiB", "--allowed-local-media-path", str(media_dir),
-            "--media-fetch-timeout", "5", "--disable-uvicorn-access-log"]
+            "--media-fetch-timeout", str(FETCH_TIMEOUT_S), "--disable-uvicorn-access-log"]
     proc = ServerProcess(args, tmp_path_factory.mktemp("log") / "server.log", wait=False)
     request.getfixturevalue("offline")  # loads while the server starts
     proc.wait_ready()
@@ -288,6 +292,8 @@ BAD_INPUTS = {
                                "messages[0].content[0].image_url.url"),
     "file url": (400, _chat(user_message("?", "file:///etc/passwd")), "messages[0].content[0].image_url.url"),
     "tools": (400, _chat(user_message("?"), tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+    "top_k over the vocabulary": (400, _chat(user_message("?"), top_k=10**9), "top_k"),
+    "a plain path for a url": (400, _chat(user_message("?", "/tmp/x.png")), "messages[0].content[0].image_url.url"),
     "unknown model": (404, _chat(user_message("?"), model="gpt-4o"), "model"),
 }
 
@@ -302,12 +308,79 @@ def test_bad_input_gets_an_openai_error(server, status, body, param):
     assert error["type"] == "invalid_request_error"
 
 
+def _bomb_png() -> bytes:
+    """20000 x 20000 one-bit pixels: past PIL's own decompression-bomb limit, yet 50 kB."""
+    buf = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_error_messages_say_what_is_wrong(server):
+    cases = [
+        (_chat(user_message("?", "/tmp/x.png")), ["is not a URL", "data:", "http(s)://", "file://"]),
+        (_chat(user_message("?", "data:image/png;base64," + base64.b64encode(_bomb_png()).decode())),
+         ["too large", "400000000 pixels", "at most 40000", "--max-image-pixels"]),
+        (_chat(user_message("?"), top_k=10**9), ["top_k", "vocabulary size"]),
+    ]
+    for body, phrases in cases:
+        response = _post(server, body)
+        assert response.status_code == 400, response.text
+        message = response.json()["error"]["message"]
+        assert all(p in message for p in phrases), message
+
+
+def _trickle(every: float = 0.2):
+    """A local http server that answers 200 and then 10 bytes every `every` seconds, for ever."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            try:
+                for _ in range(1000):
+                    self.wfile.write(b"0123456789")
+                    self.wfile.flush()
+                    time.sleep(every)
+            except OSError:  # the server under test hung up: what it should do
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
+def test_a_trickling_image_server_is_cut_at_the_fetch_deadline(server):
+    httpd = _trickle()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/slow.png"
+        t0 = time.monotonic()
+        response = _post(server, _chat(user_message("?", url)))
+        elapsed = time.monotonic() - t0
+    finally:
+        httpd.shutdown()
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert f"within {FETCH_TIMEOUT_S}" in error["message"] and "--media-fetch-timeout" in error["message"]
+    assert error["param"] == "messages[0].content[0].image_url.url"
+    assert FETCH_TIMEOUT_S - 0.5 < elapsed < FETCH_TIMEOUT_S + 3
+
+
 def test_raw_http_errors_and_the_server_still_answers(server, client, offline):
     nan = _post(server, content=b'{"model": "%s", "messages": [{"role": "user", "content": "?"}], "top_p": NaN}'
                 % MODEL.encode(), headers={"Content-Type": "application/json"})
     assert nan.status_code == 400 and nan.json()["error"]["param"] == "top_p"
     assert _post(server, content=b"{not json", headers={"Content-Type": "application/json"}).status_code == 400
     assert _post(server, content=b"[1, 2]", headers={"Content-Type": "application/json"}).status_code == 400
+    deep = _post(server, content=b"[" * 100_000 + b"]" * 100_000, headers={"Content-Type": "application/json"})
+    assert deep.status_code == 400 and "too deeply nested" in deep.json()["error"]["message"]
+    deep_inside = b'{"messages": [{"role": "user", "content": %s}]}' % (b"[" * 900 + b"]" * 900)
+    assert _post(server, content=deep_inside, headers={"Content-Type": "application/json"}).status_code == 400
     big = _post(server, _chat(user_message("x" * (1 << 20))))
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
     for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}):

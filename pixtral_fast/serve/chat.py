@@ -1,8 +1,15 @@
 """POST /v1/chat/completions: request -> encoded prompt -> n sequences on the AsyncEngine ->
-one JSON answer, or an SSE stream of chat.completion.chunk objects ending in `data: [DONE]`."""
+one JSON answer, or an SSE stream of chat.completion.chunk objects ending in `data: [DONE]`.
+
+finish_reason on the wire is only ever OpenAI's 'stop' or 'length'. A request the engine ends
+before it finishes (shutdown past its grace period, or the engine stopping) is not a 'length':
+a plain request then gets a 503 error body (code 'shutting_down', Retry-After); a stream, whose
+200 is already out, ends with an OpenAI-style `data: {"error": {...}}` event and then
+`data: [DONE]`. An internal fault is the same with a 500."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -42,17 +49,25 @@ async def read_body(request: Request, cap: int) -> bytes:
     return b"".join(chunks)
 
 
-def sampling_params(req: ChatRequest, prompt_tokens: int, max_model_len: int, index: int) -> SamplingParams:
+def sampling_params(req: ChatRequest, prompt_tokens: int, max_model_len: int, vocab_size: int,
+                    index: int) -> SamplingParams:
     """Choice `index` of the request. Seeded requests give choice i the seed + i, so that the n
-    choices differ and each is reproducible alone."""
+    choices differ and each is reproducible alone. A bad value is a 400 naming its parameter
+    (also the bounds that depend on the model, such as top_k <= the vocabulary)."""
     max_new = req.max_completion_tokens or req.max_tokens or max(1, max_model_len - prompt_tokens)
     extra = {"logprobs": req.top_logprobs or 0} if req.logprobs else {}
     try:
-        return SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p,
-                              top_k=max(req.top_k, 0), seed=None if req.seed is None else req.seed + index, **extra)
+        params = SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p,
+                                top_k=max(req.top_k, 0), seed=None if req.seed is None else req.seed + index,
+                                **extra)
+        params.check_vocab(vocab_size)
+        return params
     except ValueError as e:
         name = str(e).split()[0]
-        raise APIError(400, str(e), SAMPLING_PARAM_NAMES.get(name)) from None
+        param = SAMPLING_PARAM_NAMES.get(name)
+        if param == "max_tokens" and req.max_completion_tokens:
+            param = "max_completion_tokens"
+        raise APIError(400, str(e), param) from None
 
 
 class ChatHandler:
@@ -67,13 +82,17 @@ class ChatHandler:
             payload = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON ({e})") from None
+        except RecursionError:
+            raise APIError(400, "the request body is too deeply nested JSON") from None
         req = wire.parse_request(payload)
         if req.model is not None and req.model != s.settings.model_name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
                                 f"{s.settings.model_name!r}", "model", "model_not_found")
         stops = req.stop_strings()
         encoded = await self._encode(req)
-        params = [sampling_params(req, len(encoded.tokens), s.engine.engine.max_model_len, i) for i in range(req.n)]
+        engine = s.engine.engine
+        params = [sampling_params(req, len(encoded.tokens), engine.max_model_len, engine.model.args.text.vocab_size, i)
+                  for i in range(req.n)]
         streams = await self._submit(encoded, params, stops)
         s.metrics.prompt_tokens.inc(sum(st.prompt_tokens for st in streams))
         timers = [ChoiceTimer(s.metrics, arrival) for _ in streams]
@@ -148,6 +167,8 @@ class ChatHandler:
             for st in streams:
                 if st.finish_reason is None:
                     st.abort()
+        if any(st.finish_reason == "abort" for st in streams):
+            raise _cut_short()
         stop_ids = streams[0].stop_token_ids
         choices = [wire.completion_choice(i, text, st.finish_reason,
                                           self._logprobs(lps, stop_ids) if req.logprobs else None)
@@ -168,23 +189,37 @@ class ChatHandler:
         for i in range(len(streams)):
             yield event([wire.chunk_choice(i, {"role": "assistant", "content": ""},
                                            logprobs=None)])
+        error: APIError | None = None
         try:
-            async for i, delta in _merge(streams):
-                timers[i].tokens(len(delta.token_ids))
-                logprobs = self._logprobs(delta.logprobs, stop_ids) if req.logprobs else None
-                if delta.text or logprobs:
-                    yield event([wire.chunk_choice(i, {"content": delta.text}, logprobs=logprobs)])
-                if delta.finish_reason is not None:
-                    timers[i].finish(delta.finish_reason)
-                    yield event([wire.chunk_choice(i, {}, delta.finish_reason)])
+            async with contextlib.aclosing(_merge(streams)) as merged:
+                async for i, delta in merged:
+                    timers[i].tokens(len(delta.token_ids))
+                    logprobs = self._logprobs(delta.logprobs, stop_ids) if req.logprobs else None
+                    if delta.text or logprobs:
+                        yield event([wire.chunk_choice(i, {"content": delta.text}, logprobs=logprobs)])
+                    if delta.finish_reason == "abort":  # not an OpenAI finish_reason: an error event
+                        timers[i].finish("abort")
+                        error = _cut_short()
+                        break
+                    if delta.finish_reason is not None:
+                        timers[i].finish(delta.finish_reason)
+                        yield event([wire.chunk_choice(i, {}, delta.finish_reason)])
         except EngineFault as e:
-            self.server.metrics.errors.labels("500").inc()
-            yield b"data: " + json.dumps(APIError(500, str(e), code="internal_error").body()).encode() + b"\n\n"
-        else:
-            if include_usage:
-                used = wire.usage(streams[0].prompt_tokens, sum(len(st.token_ids) for st in streams))
-                yield event([], used)
+            error = APIError(500, str(e), code="internal_error")
+        if error is not None:
+            self.server.metrics.errors.labels(str(error.status)).inc()
+            yield b"data: " + json.dumps(error.body()).encode() + b"\n\n"
+        elif include_usage:
+            used = wire.usage(streams[0].prompt_tokens, sum(len(st.token_ids) for st in streams))
+            yield event([], used)
         yield b"data: [DONE]\n\n"
+
+
+def _cut_short() -> APIError:
+    """A request the engine ended before it finished: the server is shutting down (the grace
+    period ran out) or its engine stopped. Not finish_reason 'length': it did not hit max_tokens."""
+    return APIError(503, "the request was cut short before it finished: the server is shutting down",
+                    code="shutting_down", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def _token_entry(tok, token: int, logprob: float) -> dict:
