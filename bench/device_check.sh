@@ -31,8 +31,10 @@ cd "$(dirname "$0")/.."
 #   model         fast model vs reference, engine vs recompute, fp32 and    ~40 s   40 s (collection 15 s)
 #                 bf16 (the CUDA decode extension end to end), eager+graphs
 #   gpu_rest      every other gpu-marked test, two pytest processes         ~50 s   85 s (two collections)
-#   kernels       kernel benchmarks vs peers, each output checked against   ~55 s   70 s (interpreter, tiny shapes)
-#                 the reference before timing
+#   kernels       kernel benchmarks vs peers, each output checked against   ~63 s   70 s (interpreter, tiny shapes)
+#                 the reference before timing; the quantized linears run
+#                 last (~8 s of it: 4 JIT compiles, 48 cases of a few dozen
+#                 rounds), so a stage cut at its limit loses only those
 #   e2e           full-size random-weight engine bench, batch 1/8/32        ~45 s   47 s (tiny model)
 #   hf_e2e        the HF transformers peer of the e2e bench, batch 1/8      ~30 s   35 s (tiny model, bf16 CPU)
 #   serve         `pixtral-fast serve` on random full-size weights vs the   ~35 s   (tiny model: tests/test_serve*)

@@ -7,9 +7,8 @@ the end.
 
 The kernel reads the weights as bytes and decodes e4m3 itself (_e4m3_to_fp16: two integer ops,
 one bitcast, one multiply per element, hidden behind the weight loads of the decode form). One
-code path for every arch: Triton refuses the fp8e4nv type before sm_89, and its interpreter
-mishandles e4m3 (to bf16 it casts the raw bits as an integer, through the bf16 fix in
-_interpreter.py; to fp32 it is right but for NaN), while integer ops and fp16 are exact there.
+code path for every arch: Triton refuses the fp8e4nv type before sm_89 (the interpreter's e4m3
+casts are right only through the fix in _interpreter.py; integer ops and fp16 need none).
 
 Prefill uses this same kernel with prefill tiles (no activation quantization, no _scaled_mm): the
 result is the dequantized model's, on every arch. Decode and prefill forms: _quant_linear.py.
@@ -36,7 +35,9 @@ def _e4m3_to_fp16(bits):
     return half.to(tl.float16, bitcast=True) * 256.0
 
 
-@triton.jit
+# M (the batch rows) is not specialized: decode batches 1..32 would otherwise compile three
+# variants per kernel (M == 1, M % 16 == 0, other); M only bounds masks.
+@triton.jit(do_not_specialize=["M"])
 def _fp8_kernel(
     x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_s, k_per_split, stride_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,

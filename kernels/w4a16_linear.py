@@ -21,7 +21,9 @@ from pixtral_fast.kernels import INTERPRETING, TRITON_DTYPE, arch, sm_count
 from pixtral_fast.kernels import _quant_linear as plan
 
 
-@triton.jit
+# M (the batch rows) is not specialized: decode batches 1..32 would otherwise compile three
+# variants per kernel (M == 1, M % 16 == 0, other); M only bounds masks.
+@triton.jit(do_not_specialize=["M"])
 def _w4a16_kernel(
     x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_sg, group_size,
     k_per_split, stride_split,
