@@ -106,7 +106,7 @@ class ChatHandler:
         await fetch_remote(sources, s.settings.media, s.http)
 
         def encode():
-            load_images(sources, s.settings.media)
+            load_images(sources, s.settings.media, getattr(s.engine.engine.tokenizer, "max_image_side", None))
             return s.engine.engine.tokenizer.encode(with_images(messages))
 
         try:

@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlparse
 import httpx
 from PIL import Image, UnidentifiedImageError
 
+from pixtral_fast.images import prepare_image
 from pixtral_fast.serve.protocol import APIError
 
 
@@ -140,10 +141,13 @@ async def _fetch_one(s: ImageSource, limits: MediaLimits, client: httpx.AsyncCli
         raise _bad(s.param, f"could not fetch the image ({type(e).__name__}: {e})") from None
 
 
-def load_images(sources: list[ImageSource], limits: MediaLimits) -> None:
-    """Decodes every source into a PIL image (blocking: run it in the thread pool)."""
+def load_images(sources: list[ImageSource], limits: MediaLimits, max_side: int | None = None) -> None:
+    """Decodes every source into a PIL image (blocking: run it in the thread pool). With
+    `max_side` (the tokenizer's max_image_side) each is prepared as the offline engine prepares
+    an image it opens itself (pixtral_fast.images.prepare_image): shrunk to the model's size, a
+    large JPEG decoded at reduced scale, so that server and offline answers agree."""
     for s in sources:
-        s.image = _decode(_raw_bytes(s, limits), s.param, limits)
+        s.image = _decode(_raw_bytes(s, limits), s.param, limits, max_side)
 
 
 def _raw_bytes(s: ImageSource, limits: MediaLimits) -> bytes:
@@ -183,7 +187,7 @@ def _read_local(path: Path, param: str, limits: MediaLimits) -> bytes:
     return resolved.read_bytes()
 
 
-def _decode(data: bytes, param: str, limits: MediaLimits) -> Image.Image:
+def _decode(data: bytes, param: str, limits: MediaLimits, max_side: int | None = None) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         pixels = img.width * img.height  # from the header: checked before decoding the pixels
@@ -192,7 +196,13 @@ def _decode(data: bytes, param: str, limits: MediaLimits) -> Image.Image:
                               f"{limits.max_image_pixels} are allowed (--max-image-pixels)")
         if pixels == 0:
             raise _bad(param, f"the image has zero size ({img.width}x{img.height})")
-        img.load()
+        if max_side is None:
+            img.load()
+        else:
+            try:
+                img = prepare_image(img, max_side, param, owned=True)
+            except ValueError as e:  # names the image (param) already
+                raise APIError(400, str(e), param) from None
     except Image.DecompressionBombError as e:  # PIL refuses it from the header, before our own check
         size = re.search(r"\((\d+) pixels\)", str(e))
         pixels = f"{size.group(1)} pixels" if size else "more pixels than PIL decodes"
