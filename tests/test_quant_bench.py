@@ -104,3 +104,22 @@ def test_describe_scheme():
     fp8 = quantize_model(benchmark.random_model(TINY_ARGS, torch.device("cpu"), torch.float32).set_backend("fast"),
                          "fp8")
     assert describe_scheme(fp8) == f"fp8 per-channel (Triton fp8_linear) on {N_QUANTIZED} of {total} linears"
+
+
+def test_bench_scheme_options_parse_and_refuse(capsys):
+    """What `pixtral-fast bench` registers (add_bench_scheme_options): defaults mean dense weights."""
+    import argparse
+
+    from pixtral_fast.quant.command import add_bench_scheme_options
+
+    parser = argparse.ArgumentParser(prog="bench")
+    add_bench_scheme_options(parser)
+    assert vars(parser.parse_args([])) == {"scheme": None, "group_size": 128}
+    assert vars(parser.parse_args(["--scheme", "w4a16", "--group-size", "32"])) == {"scheme": "w4a16",
+                                                                                    "group_size": 32}
+    for argv, words in ((["--scheme", "int4"], ["--scheme", "int4"]), (["--group-size", "12"], ["--group-size", "12"]),
+                        (["--group-size", "x"], ["--group-size", "'x'"])):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and all(w in err for w in words), err

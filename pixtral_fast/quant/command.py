@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 
 
-def _group_size(text: str) -> int:
+def group_size_arg(text: str) -> int:
+    """argparse type of --group-size (quantize, bench): a positive multiple of 8."""
     try:
         value = int(text)
     except ValueError:
@@ -31,7 +32,16 @@ def add_quantize_command(sub) -> argparse.ArgumentParser:
     q.add_argument("dst", help="folder to write (absent or empty)")
     q.add_argument("--scheme", choices=("w4a16", "fp8"), required=True,
                    help="w4a16: int4 weights, one scale per group; fp8: e4m3 weights, one scale per output channel")
-    q.add_argument("--group-size", type=_group_size, default=128, help="w4a16 group length (default 128)")
+    q.add_argument("--group-size", type=group_size_arg, default=128, help="w4a16 group length (default 128)")
     q.add_argument("--include-vision", action="store_true", help="quantize the vision encoder's linears too")
     q.set_defaults(func=_quantize)
     return q
+
+
+def add_bench_scheme_options(parser: argparse.ArgumentParser) -> None:
+    """`bench`'s --scheme / --group-size (pixtral_fast.benchmark.run's scheme / group_size)."""
+    parser.add_argument("--scheme", choices=("w4a16", "fp8"), default=None,
+                        help="quantize the decoder's linears on the device (round-to-nearest, as `quantize` "
+                             "does) and time the packed model; default: dense weights")
+    parser.add_argument("--group-size", type=group_size_arg, default=128,
+                        help="w4a16 group length (default 128)")
