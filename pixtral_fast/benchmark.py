@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pixtral_fast.config import IMG_BREAK_ID, IMG_END_ID, IMG_ID, ModelArgs
+from pixtral_fast.config import IMG_BREAK_ID, IMG_END_ID, IMG_ID, ModelArgs, VisionArgs
 from pixtral_fast.model.load import check_dtype, resolve_device
 from pixtral_fast.model.pixtral import Pixtral, build_model
 from pixtral_fast.quant.describe import describe_scheme
@@ -39,11 +39,21 @@ def random_model(args: ModelArgs, device, dtype, seed: int = 0) -> Pixtral:
     return model.eval().requires_grad_(False)
 
 
-def image_prompt(size: int, patch: int) -> Encoded:
-    rows = cols = size // patch
+def image_prompt(size: int, vision: VisionArgs | int) -> Encoded:
+    """One size x size image and its [IMG] block, then 16 text tokens. vision: the model's
+    VisionArgs (its token ids; a grid merged by spatial_merge_size; size rounded down to a whole
+    number of merged patches, at most the model's largest image) or a bare patch size (Pixtral's
+    ids, no merge, size as given)."""
+    if isinstance(vision, VisionArgs):
+        unit = vision.patch_size * vision.spatial_merge_size
+        size = max(unit, min(size, vision.image_size) // unit * unit)
+        img, brk, end = vision.image_token_id, vision.image_break_token_id, vision.image_end_token_id
+    else:
+        unit, (img, brk, end) = vision, (IMG_ID, IMG_BREAK_ID, IMG_END_ID)
+    rows = cols = size // unit
     tokens = [BOS, INST]
     for r in range(rows):
-        tokens += [IMG_ID] * cols + [IMG_BREAK_ID if r < rows - 1 else IMG_END_ID]
+        tokens += [img] * cols + [brk if r < rows - 1 else end]
     tokens += [1000 + i for i in range(16)] + [END_INST]
     return Encoded(tokens=tokens, images=[torch.randn(3, size, size)])
 
@@ -157,10 +167,12 @@ def run(params, batches=(1, 8, 32), image_size=1024, decode_steps=32, context=No
     device, dtype = resolve_device(device), check_dtype(dtype)
     if args.vision is None:
         raise ValueError(f"{params}: bench times an image prompt, and this model has no vision encoder")
-    patch, largest = args.vision.patch_size, args.vision.image_size
-    if image_size % patch or not patch <= image_size <= largest:
-        raise ValueError(f"image_size {image_size} must be a multiple of the patch size {patch} in "
-                         f"[{patch}, {largest}] (the model's largest image)")
+    patch, merge, largest = args.vision.patch_size, args.vision.spatial_merge_size, args.vision.image_size
+    unit = patch * merge
+    if image_size % unit or not unit <= image_size <= largest:
+        merged = f" x spatial merge {merge}" if merge > 1 else ""
+        raise ValueError(f"image_size {image_size} must be a multiple of {unit} (the patch size {patch}{merged}) "
+                         f"in [{unit}, {largest}] (the model's largest image)")
     if not batches or min(batches) < 1:
         raise ValueError(f"batches must be a non-empty list of sizes >= 1, got {list(batches)}")
     if decode_steps < 1:
@@ -172,7 +184,7 @@ def run(params, batches=(1, 8, 32), image_size=1024, decode_steps=32, context=No
         model = random_model(args, device, dtype).set_backend(backend)
     else:
         model = random_quantized_model(args, device, dtype, scheme, group_size, backend)
-    prompt = image_prompt(image_size, args.vision.patch_size)
+    prompt = image_prompt(image_size, args.vision)
     context = context or len(prompt.tokens)
     longest = max(context, len(prompt.tokens)) + decode_steps + 8
     engine = Engine.from_model(model, max_batch_size=max(batches), nvtx=nvtx, max_model_len=longest,
