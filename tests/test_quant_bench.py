@@ -138,3 +138,24 @@ def test_bench_image_prompt_follows_the_model_layout(merge, patch):
     assert side == 1000 // (patch * merge) * patch * merge
     benchmark.build_model(args).check_request(prompt.tokens, [torch.zeros(prompt.images[0].shape)])
     assert prompt.tokens.count(vision.image_token_id) == (side // (patch * merge)) ** 2
+
+
+def test_describe_scheme_lists_each_kind_of_layer():
+    """A checkpoint may mix schemes: per-channel W4A16 for attention, per-tensor FP8 with dynamic
+    per-token inputs for the FFN (on the meta device: only the structure matters)."""
+    from pixtral_fast.quant.config import ACT_FP8_DYNAMIC_TOKEN, FLOAT_QUANTIZED, WeightScheme
+    from pixtral_fast.quant.loading import swap_quantized_modules
+
+    model = benchmark.build_model(TINY_ARGS)
+    w4 = WeightScheme("w4a16", "channel", None)
+    f8 = WeightScheme("fp8", "tensor", None, ACT_FP8_DYNAMIC_TOKEN, FLOAT_QUANTIZED)
+    schemes = {f"layers.{i}.{name}": (f8 if name.startswith("feed_forward") else w4)
+               for i in range(T.n_layers) for name in ("attention.wq", "attention.wk", "attention.wv",
+                                                       "attention.wo", "feed_forward.w1", "feed_forward.w2",
+                                                       "feed_forward.w3")}
+    total = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    swap_quantized_modules(model, schemes, torch.bfloat16)
+    assert describe_scheme(model) == (
+        f"w4a16 per-channel (reference w4a16_linear: dequantize, then matmul) on 8 of {total} linears; "
+        f"fp8 per-tensor, inputs fp8 dynamic per token (reference fp8_linear: dequantize, then matmul) "
+        f"on 6 of {total} linears")
