@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pixtral_fast.quant.command import add_quantize_command
+from pixtral_fast.quant.command import add_bench_scheme_options, add_quantize_command
 from pixtral_fast.serve.command import add_serve_command
 
 PROG = "pixtral-fast"
@@ -158,7 +158,8 @@ def _bench(a) -> None:
 
     report = benchmark.run(a.params, batches=a.batch, image_size=a.image_size, decode_steps=a.decode_steps,
                            context=a.context, device=a.device, dtype=torch_dtype(a.dtype), backend=a.backend,
-                           nvtx=a.nvtx, out=a.out, cuda_graphs=not a.no_cuda_graphs)
+                           nvtx=a.nvtx, out=a.out, cuda_graphs=not a.no_cuda_graphs,
+                           scheme=a.scheme, group_size=a.group_size)
     json.dump(report, sys.stdout, indent=2)
     print()
 
@@ -174,6 +175,7 @@ def add_bench(sub) -> argparse.ArgumentParser:
                    help="prompt tokens per sequence for decode (default: one image)")
     b.add_argument("--decode-steps", type=int_at_least(1), default=32)
     b.add_argument("--out", default=None, help="also write the report here, refreshed after each section")
+    add_bench_scheme_options(b)  # --scheme w4a16|fp8, --group-size
     add_runtime_options(b)
     b.set_defaults(func=_bench)
     return b

@@ -35,6 +35,7 @@ def test_greedy_equals_full_recompute(tiny_dir, scheme):
     assert isinstance(model.layers[0].feed_forward.w1, QuantLinear)
     assert (model(torch.tensor([1, 3, 1000, 1001, 4])) - dense_logits).abs().max() > 1e-3  # really quantized
     eng = pf.Engine.from_model(model, num_blocks=128, block_size=16, progress=False)
+    assert f"weights={scheme}" in eng.describe()  # the engine says which scheme runs
     messages = chat("Describe what you see, please.", picture(70, 40, 0))
     enc = eng.tokenizer.encode(messages)
     got = eng.generate(messages, max_new_tokens=30)

@@ -34,6 +34,7 @@ import torch
 
 from pixtral_fast import _cuda_decode, ops
 from pixtral_fast.model.pixtral import Pixtral
+from pixtral_fast.quant import describe_scheme
 from pixtral_fast.runtime.config import CPU_CACHE_BYTES, DEFAULT_MAX_BATCH_SIZE, EngineConfig
 from pixtral_fast.runtime.detokenize import IncrementalDetokenizer
 from pixtral_fast.runtime.graphs import DecodeRow, DecodeRunner
@@ -98,11 +99,14 @@ class Engine:
     def describe(self) -> str:
         """Which implementation runs what: said once, never silently chosen."""
         model, shape = self.model, self.cache.shape
-        decode = ops.decode_backend(model.device, model.dtype, model.args.text.head_dim) if model.backend == "fast" else "reference"
+        decode = "reference"
+        if model.backend == "fast":
+            decode = ops.decode_backend(model.device, model.dtype, model.args.text.head_dim)
         if decode == "triton" and model.device.type == "cuda":
             decode += f" (CUDA extension unavailable: {_cuda_decode.status()})"
+        weights = describe_scheme(model) or "dense"
         return (f"{model.device} {str(model.dtype).removeprefix('torch.')}, kernels={model.backend}, "
-                f"decode attention={decode}, cuda graphs={self.runner.use_cuda_graphs}, "
+                f"weights={weights}, decode attention={decode}, cuda graphs={self.runner.use_cuda_graphs}, "
                 f"KV cache {shape.num_blocks} blocks x {shape.block_size} tokens, max_model_len={self.max_model_len}")
 
     @property
