@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import triton
 
+from pixtral_fast.kernels import INTERPRETING, arch, sm_count
+
 DECODE_MAX_M = 32
 MAX_SPLIT = 16
 
@@ -46,3 +48,44 @@ def output_buffer(m: int, n: int, split: int, dtype: torch.dtype, device) -> tor
 
 def finish(buffer: torch.Tensor, split: int, dtype: torch.dtype) -> torch.Tensor:
     return buffer if split == 1 else buffer.sum(dim=0).to(dtype)
+
+
+def launch(kernel, x2d: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, n: int,
+           layout_args: tuple, configs, split: int | None, config: dict | None) -> torch.Tensor:
+    """The launcher both kernels share: pick the form (decode or prefill) and its tiles, plan the
+    K split, launch over (N tiles, M tiles, split) and sum the partials. The kernel's arguments are
+    (x, weight, scales, out, M, N, K, stride_xm, *layout_args, k_per_split, stride_split, tiles);
+    layout_args are what differs between the weight formats (strides, group size). configs(capability,
+    dtype) is the kernel's own tile table; split / config (tests, benchmarks) override the plan."""
+    m, k = x2d.shape
+    decode = m <= DECODE_MAX_M
+    if config is None:
+        if INTERPRETING:
+            config = INTERPRETER_DECODE if decode else INTERPRETER_PREFILL
+        else:
+            config = configs(arch(x2d.device), x2d.dtype)["decode" if decode else "prefill"]
+    if m == 0 or n == 0:
+        return torch.zeros((m, n), dtype=x2d.dtype, device=x2d.device)
+    bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    m_tiles, n_tiles = triton.cdiv(m, bm), triton.cdiv(n, bn)
+    if split is None:
+        wanted = 2 * (4 if INTERPRETING else sm_count(x2d.device)) if decode else 1
+        split, k_per_split = plan_split(m_tiles, n_tiles, k, bk, wanted)
+    else:
+        k_per_split = triton.cdiv(triton.cdiv(k, bk), split) * bk
+        split = triton.cdiv(k, k_per_split)
+    out = output_buffer(m, n, split, x2d.dtype, x2d.device)
+    kernel[(n_tiles, m_tiles, split)](
+        x2d, weight, scales, out, m, n, k, x2d.stride(0), *layout_args, k_per_split, m * n,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return finish(out, split, x2d.dtype)
+
+
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as [M, K] without a copy; a clear ValueError where its strides do not allow it."""
+    try:
+        return x.view(-1, x.shape[-1])
+    except RuntimeError as exc:
+        raise ValueError(f"x {tuple(x.shape)} with strides {x.stride()}: its leading dimensions "
+                         "must flatten without a copy") from exc

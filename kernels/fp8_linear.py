@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pixtral_fast.kernels import INTERPRETING, TRITON_DTYPE, arch, sm_count
+from pixtral_fast.kernels import TRITON_DTYPE
 from pixtral_fast.kernels import _quant_linear as plan
 
 
@@ -100,44 +100,16 @@ def fp8_matmul(x2d: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, sp
     """x2d [M, K] (unit column stride) @ (weight [N, K] e4m3 * scales).T -> [M, N] in x2d.dtype.
     scales: N values (per channel) or 1 (per tensor), contiguous. Inputs are validated by
     pixtral_fast.ops. split / config (tests, benchmarks) override the K split and the tiles."""
-    M, K = x2d.shape
     N = weight.shape[0]
-    decode = M <= plan.DECODE_MAX_M
-    if config is None:
-        if INTERPRETING:
-            config = plan.INTERPRETER_DECODE if decode else plan.INTERPRETER_PREFILL
-        else:
-            config = configs(arch(x2d.device), x2d.dtype)["decode" if decode else "prefill"]
-    if M == 0 or N == 0:
-        return torch.zeros((M, N), dtype=x2d.dtype, device=x2d.device)
-    bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    m_tiles, n_tiles = triton.cdiv(M, bm), triton.cdiv(N, bn)
-    if split is None:
-        wanted = 2 * (4 if INTERPRETING else sm_count(x2d.device)) if decode else 1
-        split, k_per_split = plan.plan_split(m_tiles, n_tiles, K, bk, wanted)
-    else:
-        k_per_split = triton.cdiv(triton.cdiv(K, bk), split) * bk
-        split = triton.cdiv(K, k_per_split)
     scales = scales.reshape(-1)
     stride_s = 1 if scales.numel() == N and N > 1 else 0
-    out = plan.output_buffer(M, N, split, x2d.dtype, x2d.device)
-    _fp8_kernel[(n_tiles, m_tiles, split)](
-        x2d, weight.view(torch.uint8), scales, out, M, N, K, x2d.stride(0), weight.stride(0), stride_s,
-        k_per_split, M * N,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )
-    return plan.finish(out, split, x2d.dtype)
+    return plan.launch(_fp8_kernel, x2d, weight.view(torch.uint8), scales, N, (weight.stride(0), stride_s),
+                       configs, split, config)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [..., K] -> [..., N]; leading dimensions flattened without a copy."""
-    K = x.shape[-1]
-    try:
-        x2d = x.view(-1, K)
-    except RuntimeError as exc:
-        raise ValueError(f"x {tuple(x.shape)} with strides {x.stride()}: its leading dimensions "
-                         "must flatten without a copy") from exc
-    return fp8_matmul(x2d, weight, scales).view(*x.shape[:-1], weight.shape[0])
+    return fp8_matmul(plan.rows(x), weight, scales).view(*x.shape[:-1], weight.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------

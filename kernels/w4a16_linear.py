@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pixtral_fast.kernels import INTERPRETING, TRITON_DTYPE, arch, sm_count
+from pixtral_fast.kernels import TRITON_DTYPE
 from pixtral_fast.kernels import _quant_linear as plan
 
 
@@ -97,42 +97,13 @@ def w4a16_matmul(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, 
     """x2d [M, K] (unit column stride) @ dequant(packed [N, ceil(K/8)], scales [N, K/group]).T
     -> [M, N] in x2d.dtype. Inputs are validated by pixtral_fast.ops. split / config (tests and
     benchmarks) override the K split and the tile config."""
-    M, K = x2d.shape
-    N = packed.shape[0]
-    decode = M <= plan.DECODE_MAX_M
-    if config is None:
-        if INTERPRETING:
-            config = plan.INTERPRETER_DECODE if decode else plan.INTERPRETER_PREFILL
-        else:
-            config = configs(arch(x2d.device), x2d.dtype)["decode" if decode else "prefill"]
-    if M == 0 or N == 0:
-        return torch.zeros((M, N), dtype=x2d.dtype, device=x2d.device)
-    bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    m_tiles, n_tiles = triton.cdiv(M, bm), triton.cdiv(N, bn)
-    if split is None:
-        wanted = 2 * (4 if INTERPRETING else sm_count(x2d.device)) if decode else 1
-        split, k_per_split = plan.plan_split(m_tiles, n_tiles, K, bk, wanted)
-    else:
-        k_per_split = triton.cdiv(triton.cdiv(K, bk), split) * bk
-        split = triton.cdiv(K, k_per_split)
-    out = plan.output_buffer(M, N, split, x2d.dtype, x2d.device)
-    _w4a16_kernel[(n_tiles, m_tiles, split)](
-        x2d, packed, scales, out, M, N, K, x2d.stride(0), packed.stride(0), scales.stride(0),
-        scales.stride(1), group_size, k_per_split, M * N,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )
-    return plan.finish(out, split, x2d.dtype)
+    layout = (packed.stride(0), scales.stride(0), scales.stride(1), group_size)
+    return plan.launch(_w4a16_kernel, x2d, packed, scales, packed.shape[0], layout, configs, split, config)
 
 
 def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
     """x [..., K] -> [..., N]; leading dimensions flattened without a copy."""
-    K = x.shape[-1]
-    try:
-        x2d = x.view(-1, K)
-    except RuntimeError as exc:
-        raise ValueError(f"x {tuple(x.shape)} with strides {x.stride()}: its leading dimensions "
-                         "must flatten without a copy") from exc
-    return w4a16_matmul(x2d, packed, scales, group_size).view(*x.shape[:-1], packed.shape[0])
+    return w4a16_matmul(plan.rows(x), packed, scales, group_size).view(*x.shape[:-1], packed.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------
