@@ -6,31 +6,11 @@ import torch
 
 import pixtral_fast as pf
 from pixtral_fast.weights import convert_hf_to_consolidated
-from tests.support.hf_peer import hf_logits, image_tokens, save_tiny_hf, tiny_hf_model
+from tests.support.hf_peer import IMAGE_CASES as CASES
+from tests.support.hf_peer import hf_logits, prompt, save_tiny_hf, tiny_hf_model
 from tests.tolerances import MODEL_FP32_ATOL
 
 pytest.importorskip("transformers")
-
-BOS, INST, END_INST = 1, 3, 4
-
-
-def prompt(*grids, text=(300, 301, 302, 303, 304)):
-    tokens = [BOS, INST]
-    for rows, cols in grids:
-        tokens += image_tokens(rows, cols)
-    return torch.tensor(tokens + list(text) + [END_INST])
-
-
-def image(rows, cols, seed):
-    return torch.randn(3, 16 * rows, 16 * cols, generator=torch.Generator().manual_seed(seed))
-
-
-CASES = {
-    "text_only": ([], []),
-    "one_non_square_image": ([(3, 5)], [image(3, 5, 1)]),
-    "two_images_different_aspect": ([(2, 6), (5, 3)], [image(2, 6, 2), image(5, 3, 3)]),
-}
-
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):

@@ -10,30 +10,10 @@ import torch
 import pixtral_fast as pf
 from pixtral_fast.quant.linear import QuantFeedForward, QuantLinear
 from tests.support.ct_quant import save_ct_quantized
-from tests.support.hf_peer import hf_logits, image_tokens, tiny_hf_model
+from tests.support.hf_peer import IMAGE_CASES as CASES
+from tests.support.hf_peer import hf_logits, prompt, tiny_hf_model
 
 ATOL = 2e-3
-BOS, INST, END_INST = 1, 3, 4
-
-
-def prompt(*grids, text=(300, 301, 302, 303, 304)):
-    tokens = [BOS, INST]
-    for rows, cols in grids:
-        tokens += image_tokens(rows, cols)
-    return torch.tensor(tokens + list(text) + [END_INST])
-
-
-def image(rows, cols, seed):
-    return torch.randn(3, 16 * rows, 16 * cols, generator=torch.Generator().manual_seed(seed))
-
-
-CASES = {
-    "text_only": ([], []),
-    "one_image": ([(3, 5)], [image(3, 5, 1)]),
-    "two_images": ([(2, 6), (5, 3)], [image(2, 6, 2), image(5, 3, 3)]),
-}
-
-
 @pytest.fixture(scope="module", params=["W4A16", "FP8_DYNAMIC"])
 def quantized(request, tmp_path_factory):
     from transformers import LlavaForConditionalGeneration

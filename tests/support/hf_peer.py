@@ -11,6 +11,22 @@ import torch
 from pixtral_fast.config import IMG_BREAK_ID, IMG_END_ID, IMG_ID
 
 
+def randomize(model, seed: int) -> None:
+    """Norms 1 + 0.1 N(0, 1), biases 0.1 N(0, 1), embeddings N(0, 1), matrices N(0, 1/fan_in):
+    activations O(1), and a skipped norm shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 1:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(math.prod(p.shape[1:])))
+
+
 def tiny_hf_model(seed: int = 0, vocab: int = 512):
     from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig, PixtralVisionConfig
 
@@ -26,17 +42,7 @@ def tiny_hf_model(seed: int = 0, vocab: int = 512):
                          vision_feature_select_strategy="full", multimodal_projector_bias=True)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            elif p.dim() == 1:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(math.prod(p.shape[1:])))
+    randomize(model, seed)
     return model
 
 
@@ -51,6 +57,31 @@ def image_tokens(rows: int, cols: int) -> list[int]:
     for r in range(rows):
         out += [IMG_ID] * cols + [IMG_BREAK_ID if r < rows - 1 else IMG_END_ID]
     return out
+
+
+BOS, INST, END_INST = 1, 3, 4
+
+
+def prompt(*grids: tuple[int, int], text=(300, 301, 302, 303, 304)) -> torch.Tensor:
+    """[BOS][INST], the image tokens of each (rows, cols) grid, the text, [/INST]."""
+    tokens = [BOS, INST]
+    for rows, cols in grids:
+        tokens += image_tokens(rows, cols)
+    return torch.tensor(tokens + list(text) + [END_INST])
+
+
+def image(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """A random [3, 16*rows, 16*cols] image: rows x cols patches of the tiny model's 16 px."""
+    return torch.randn(3, 16 * rows, 16 * cols, generator=torch.Generator().manual_seed(seed))
+
+
+# The parity cases: (grids, images) per name; images of different aspects, so that a transposed
+# grid or a misplaced [IMG_BREAK] shows.
+IMAGE_CASES = {
+    "text_only": ([], []),
+    "one_non_square_image": ([(3, 5)], [image(3, 5, 1)]),
+    "two_images_different_aspect": ([(2, 6), (5, 3)], [image(2, 6, 2), image(5, 3, 3)]),
+}
 
 
 def hf_inputs(images: list[torch.Tensor]) -> dict:
