@@ -14,7 +14,6 @@ current device is.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import numbers
@@ -22,6 +21,9 @@ import numbers
 import torch
 
 from pixtral_fast import _cuda_decode, kernels, reference
+from pixtral_fast._validation import FLOAT_DTYPES
+from pixtral_fast._validation import check_tensor as _tensor
+from pixtral_fast._validation import on_device as _on_device
 from pixtral_fast.kernels import decode_attention as _decode
 from pixtral_fast.kernels import gated_ffn as _ffn
 from pixtral_fast.kernels import rope_2d as _rope
@@ -30,7 +32,6 @@ from pixtral_fast.kernels import varlen_attention as _attn
 # in pixtral_fast/quant/ops.py to keep this file to the dense ops; public here.
 from pixtral_fast.quant.ops import fp8_linear, w4a16_linear  # noqa: F401
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = _attn.MAX_HEAD_DIM
 CUDA_DECODE_HEAD_DIMS = (64, 128)  # csrc/decode_plan.h dispatches these two only
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -82,23 +83,8 @@ def _reference_fallback(op: str, head_dim: int, supported: str):
     return getattr(reference, op)
 
 
-def _on_device(t: torch.Tensor):
-    """Launch on t's GPU, not the current one (a model on cuda:1 while cuda:0 is current)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 # ---------------------------------------------------------------------------------------------
 # validation helpers
-
-
-def _tensor(name: str, t, *, ndim: int | None = None, dtypes=None) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
-    if dtypes is not None and t.dtype not in dtypes:
-        raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
-    return t
 
 
 def _same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, *, dtype: bool = True) -> None:

@@ -8,27 +8,15 @@ interpreter (TRITON_INTERPRET=1), and never fall back silently to slow code.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from pixtral_fast import kernels
+from pixtral_fast._validation import FLOAT_DTYPES
+from pixtral_fast._validation import check_tensor as _tensor
+from pixtral_fast._validation import on_device as _on_device
 from pixtral_fast.kernels import fp8_linear as _fp8
 from pixtral_fast.kernels import w4a16_linear as _w4
 from pixtral_fast.quant.formats import FP8_DTYPE, packed_words
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _tensor(name: str, t, *, ndim: int | None = None, dtypes=None) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
-    if dtypes is not None and t.dtype not in dtypes:
-        raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
-    return t
-
 
 def _same_device(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
     if t.device != x.device:
@@ -49,11 +37,6 @@ def _check_x(x) -> None:
 def _rows_contiguous(name: str, t: torch.Tensor) -> None:
     if t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"{name} must be contiguous in its last dimension (stride {t.stride(-1)})")
-
-
-def _on_device(t: torch.Tensor):
-    """Launch on t's GPU, not the current one."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------
