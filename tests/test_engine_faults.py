@@ -13,22 +13,10 @@ from hypothesis import strategies as st
 import pixtral_fast as pf
 import pixtral_fast.runtime.graphs as graphs_module
 import pixtral_fast.runtime.prefill as prefill_module
-from pixtral_fast.tiny import make_tiny
-from pixtral_fast.tokenizer import Tokenizer
+from tests.support.engines import assert_clean, model, new_engine, tiny_dir, tok  # noqa: F401  (fixtures)
 from tests.test_engine import chat, picture
 
 MAX_NEW = 3
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = make_tiny(tmp_path_factory.mktemp("tiny"), seed=0)
-    return pf.load_model(folder, device="cpu", dtype=torch.float32, backend="reference", progress=False)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.default()
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +25,9 @@ def requests(tok):
     return [tok.encode(chat("What is it?", picture(40, 24, 0))), tok.encode(chat("Text only, please."))]
 
 
-def new_engine(model, tok, **limits):
-    return pf.Engine.from_model(model, tok, **({"num_blocks": 64, "progress": False} | limits))
-
-
 @pytest.fixture(scope="module")
 def expected(model, tok, requests):
     return new_engine(model, tok).generate(requests, max_new_tokens=MAX_NEW)
-
-
-def assert_clean(eng):
-    assert eng.blocks.usage()["used_blocks"] == 0 and not eng.blocks.tables
-    assert not eng.scheduler.waiting and not eng.scheduler.running and not eng.has_unfinished()
 
 
 class Fault:

@@ -11,40 +11,11 @@ import torch
 import pixtral_fast as pf
 import pixtral_fast.runtime.engine as engine_module
 from pixtral_fast.model.text import AttentionMetadata
-from pixtral_fast.tiny import make_tiny
-from pixtral_fast.tokenizer import Tokenizer
+from tests.support.engines import assert_clean, load_tiny, model, new_engine, tiny_dir, tok  # noqa: F401  (fixtures)
 from tests.test_engine import chat, picture
 from tests.tolerances import MODEL_FP32_ATOL
 
 VOCAB = 131072
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("tiny"), seed=0)
-
-
-def load(tiny_dir):
-    return pf.load_model(tiny_dir, device="cpu", dtype=torch.float32, backend="reference", progress=False)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_dir):
-    return load(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.default()
-
-
-def new_engine(model, tok, **limits):
-    return pf.Engine.from_model(model, tok, **({"num_blocks": 64, "progress": False} | limits))
-
-
-def assert_clean(eng):
-    assert eng.blocks.usage()["used_blocks"] == 0 and not eng.blocks.tables
-    assert not eng.scheduler.waiting and not eng.scheduler.running and not eng.has_unfinished()
 
 
 # -- parameters ------------------------------------------------------------------------------------
@@ -192,7 +163,7 @@ def greedy_with_prompt_images(model, prompt, images, n, stop_ids):
 
 
 def test_a_generated_image_token_survives_preemption(tiny_dir, tok):
-    model = load(tiny_dir)  # its own copy: the output layer is changed below
+    model = load_tiny(tiny_dir)  # its own copy: the output layer is changed below
     img = model.args.vision.image_token_id
     requests = [tok.encode(chat("What is it?", picture(40, 24, 0))), tok.encode(chat("Why?", picture(24, 40, 1)))]
     stops = (tok.eos_id,)

@@ -5,28 +5,10 @@ import time
 from unittest.mock import patch
 
 import pytest
-import torch
 
-import pixtral_fast as pf
 import pixtral_fast.runtime.engine as engine_module
-from pixtral_fast.tiny import make_tiny
-from pixtral_fast.tokenizer import Tokenizer
+from tests.support.engines import assert_clean, model, new_engine, tiny_dir, tok  # noqa: F401  (fixtures)
 from tests.test_engine import chat, picture
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = make_tiny(tmp_path_factory.mktemp("tiny"), seed=0)
-    return pf.load_model(folder, device="cpu", dtype=torch.float32, backend="reference", progress=False)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.default()
-
-
-def new_engine(model, tok, **limits):
-    return pf.Engine.from_model(model, tok, **({"num_blocks": 64, "progress": False} | limits))
 
 
 def jobs(tok):
@@ -49,11 +31,6 @@ def run(eng, job):
         return "".join(eng.stream(request, **sampling))
     out = eng.generate(request, **sampling)
     return [(c.tokens, c.text, c.finish_reason) for c in (out if isinstance(out, list) else [out])]
-
-
-def assert_clean(eng):
-    assert eng.blocks.usage()["used_blocks"] == 0 and not eng.blocks.tables
-    assert not eng.scheduler.waiting and not eng.scheduler.running and not eng.has_unfinished()
 
 
 @pytest.mark.parametrize("num_blocks", [64, 7])  # 7: too small for all at once, so requests wait and get preempted

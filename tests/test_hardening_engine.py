@@ -7,29 +7,9 @@ import torch
 
 import pixtral_fast as pf
 from pixtral_fast.runtime.config import MAX_BATCH_SIZE_LIMIT, EngineConfig
-from pixtral_fast.tiny import make_tiny
-from pixtral_fast.tokenizer import Encoded, Tokenizer
+from pixtral_fast.tokenizer import Encoded
+from tests.support.engines import assert_clean, model, new_engine, tiny_dir, tok  # noqa: F401  (fixtures)
 from tests.test_engine import chat
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = make_tiny(tmp_path_factory.mktemp("tiny"), seed=0)
-    return pf.load_model(path, device="cpu", dtype=torch.float32, backend="reference", progress=False)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.default()
-
-
-def new_engine(model, tok, **limits):
-    return pf.Engine.from_model(model, tok, **({"num_blocks": 64, "progress": False} | limits))
-
-
-def assert_clean(eng):
-    assert eng.blocks.usage()["used_blocks"] == 0 and not eng.blocks.tables
-    assert not eng.scheduler.waiting and not eng.scheduler.running and not eng.has_unfinished()
 
 
 PIXELS = np.zeros((3, 32, 48), dtype=np.float32)
