@@ -6,20 +6,14 @@ and bf16 and reports its error against an fp64 oracle computed in the same scrip
 tests/tolerances.py's. The fix itself is checked op by op on a small kernel, against torch doing the
 same bf16 arithmetic (fp32 math, one rounding to bf16).
 """
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import HAS_CUDA
+from tests.support.interpreted import run_interpreted
 from tests.tolerances import TOL
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # Runs in a fresh interpreter: only pixtral_fast, torch and triton. The oracle is plain fp64 math
 # written here; RoPE angles from theta directly.
@@ -80,13 +74,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_package_alone_is_right_in_every_dtype(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = str(ROOT)  # the package from this checkout, however it is installed
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    errors = run_interpreted(SCRIPT, tmp_path)
     assert errors.pop("shim_installed") is True
     assert len(errors) == 3 * 5
     bound = {"float32": TOL[torch.float32][0], "float16": TOL[torch.float16][0],

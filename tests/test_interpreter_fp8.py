@@ -7,17 +7,12 @@
 and compares the bits with torch's own conversions. Past +-448 a GPU's `cvt.rn.satfinite`
 saturates (torch gives NaN there), so those are checked against 448 itself.
 """
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.interpreted import run_interpreted
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -64,13 +59,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_e4m3_casts_match_torch_in_every_direction(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = str(ROOT)  # the package from this checkout, however it is installed
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_interpreted(SCRIPT, tmp_path)
     assert report.pop("shim_installed") is True
     assert report.pop("finite_codes") == 254
     assert report.pop("bf16_count") > 30000 and report.pop("fp16_count") > 40000  # all of them, both signs
