@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from pixtral_fast.kernels import INTERPRETING, arch, sm_count
+from pixtral_fast.kernels import INTERPRETING, TRITON_DTYPE, arch, sm_count
 
 DECODE_MAX_M = 32
 MAX_SPLIT = 16
@@ -89,3 +89,27 @@ def rows(x: torch.Tensor) -> torch.Tensor:
     except RuntimeError as exc:
         raise ValueError(f"x {tuple(x.shape)} with strides {x.stride()}: its leading dimensions "
                          "must flatten without a copy") from exc
+
+
+def compile_specs(family: str, kernel, configs, capability: int, signature, constexprs: dict,
+                  aligned_args: tuple[str, ...]) -> list[dict]:
+    """The ahead-of-time compile specs of one kernel: both forms per activation dtype, the decode
+    form writing fp32 split-K partials and the prefill form the output. signature(dtype, name,
+    out) gives the kernel's argument types before the tiles (name: the activation's Triton type,
+    out: the output pointer's); constexprs, its constant arguments other than the tiles;
+    aligned_args, the arguments the JIT sees 16-byte aligned / divisible by 16 at the model's shapes."""
+    specs = []
+    for dtype, name in TRITON_DTYPE.items():
+        for form, c in configs(capability, dtype).items():
+            out = "*fp32" if form == "decode" else f"*{name}"
+            specs.append({
+                "name": f"{family}_{form}_{name}_{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}"
+                        f"_w{c['num_warps']}s{c['num_stages']}",
+                "fn": kernel,
+                "signature": signature(dtype, name, out)
+                | {"BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
+                "constexprs": constexprs | {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"], "BLOCK_K": c["BLOCK_K"]},
+                "attrs": {arg: [["tt.divisibility", 16]] for arg in aligned_args},
+                "num_warps": c["num_warps"], "num_stages": c["num_stages"],
+            })
+    return specs

@@ -19,7 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pixtral_fast.kernels import TRITON_DTYPE
 from pixtral_fast.kernels import _quant_linear as plan
 
 
@@ -122,23 +121,9 @@ def compile_specs(capability: int) -> list[dict]:
     """Both forms per activation dtype, per-channel scales in the activation dtype (the JIT
     makes stride_s == 1 a constant; per-tensor passes 0, a plain int, compiled the same way),
     the decode form writing fp32 split-K partials and the prefill form the output."""
-    specs = []
-    for dtype, name in TRITON_DTYPE.items():
-        for form, c in configs(capability, dtype).items():
-            out = "*fp32" if form == "decode" else f"*{name}"
-            specs.append({
-                "name": f"fp8_{form}_{name}_{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}"
-                        f"_w{c['num_warps']}s{c['num_stages']}",
-                "fn": _fp8_kernel,
-                "signature": {
-                    "x_ptr": f"*{name}", "w_ptr": "*u8", "s_ptr": f"*{name}", "out_ptr": out,
-                    "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32",
-                    "stride_s": "constexpr", "k_per_split": "i32", "stride_split": "i32",
-                    "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-                },
-                "constexprs": {"stride_s": 1, "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"],
-                               "BLOCK_K": c["BLOCK_K"]},
-                "attrs": {arg: [["tt.divisibility", 16]] for arg in _ALIGNED_ARGS},
-                "num_warps": c["num_warps"], "num_stages": c["num_stages"],
-            })
-    return specs
+    def signature(dtype, name, out):
+        return {"x_ptr": f"*{name}", "w_ptr": "*u8", "s_ptr": f"*{name}", "out_ptr": out,
+                "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32",
+                "stride_s": "constexpr", "k_per_split": "i32", "stride_split": "i32"}
+
+    return plan.compile_specs("fp8", _fp8_kernel, configs, capability, signature, {"stride_s": 1}, _ALIGNED_ARGS)

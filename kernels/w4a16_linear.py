@@ -17,7 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pixtral_fast.kernels import TRITON_DTYPE
 from pixtral_fast.kernels import _quant_linear as plan
 
 
@@ -116,25 +115,13 @@ _SCALE_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 def compile_specs(capability: int) -> list[dict]:
     """Both forms per activation dtype, with scales in the activation dtype (what checkpoints
     hold), the decode form writing fp32 split-K partials and the prefill form the output."""
-    specs = []
-    for dtype, name in TRITON_DTYPE.items():
-        for form, c in configs(capability, dtype).items():
-            out = "*fp32" if form == "decode" else f"*{name}"
-            specs.append({
-                "name": f"w4a16_{form}_{name}_{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}"
-                        f"_w{c['num_warps']}s{c['num_stages']}",
-                "fn": _w4a16_kernel,
-                "signature": {
-                    "x_ptr": f"*{name}", "w_ptr": "*i32", "s_ptr": f"*{_SCALE_DTYPES[dtype]}", "out_ptr": out,
-                    "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32",
-                    "stride_sn": "i32", "stride_sg": "constexpr", "group_size": "i32", "k_per_split": "i32",
-                    "stride_split": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-                },
-                "constexprs": {"stride_sg": 1, "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"],
-                               "BLOCK_K": c["BLOCK_K"]},
-                # What the JIT specializes for the model's shapes: 16-byte aligned tensors, N, K and
-                # row strides multiples of 16; stride_sg == 1 (contiguous scales) becomes a constant.
-                "attrs": {arg: [["tt.divisibility", 16]] for arg in _ALIGNED_ARGS},
-                "num_warps": c["num_warps"], "num_stages": c["num_stages"],
-            })
-    return specs
+    def signature(dtype, name, out):
+        return {"x_ptr": f"*{name}", "w_ptr": "*i32", "s_ptr": f"*{_SCALE_DTYPES[dtype]}", "out_ptr": out,
+                "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32",
+                "stride_sn": "i32", "stride_sg": "constexpr", "group_size": "i32", "k_per_split": "i32",
+                "stride_split": "i32"}
+
+    # What the JIT specializes for the model's shapes: 16-byte aligned tensors, N, K and row
+    # strides multiples of 16; stride_sg == 1 (contiguous scales) becomes a constant.
+    return plan.compile_specs("w4a16", _w4a16_kernel, configs, capability, signature, {"stride_sg": 1},
+                              _ALIGNED_ARGS)
