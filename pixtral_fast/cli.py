@@ -186,13 +186,19 @@ def _make_tiny(a) -> None:
 
     if os.path.exists(a.dir) and not os.path.isdir(a.dir):
         raise ValueError(f"{a.dir} is a file, not a folder")
-    print(make_tiny(a.dir, seed=a.seed))
+    print(make_tiny(a.dir, seed=a.seed, variant=a.variant))
+
+
+TINY_VARIANTS = ("pixtral-12b", "mistral-small-3.1", "pixtral-large")  # pixtral_fast.tiny.VARIANTS (checked)
 
 
 def add_make_tiny(sub) -> argparse.ArgumentParser:
     t = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the real format")
     t.add_argument("dir")
     t.add_argument("--seed", type=int_at_least(0), default=0)
+    t.add_argument("--variant", choices=TINY_VARIANTS, default="pixtral-12b",
+                   help="whose shapes and tokenizer: Pixtral-12B, Mistral-Small-3.1/3.2 (patch merger) or "
+                        "Pixtral-Large (ViT head_dim 104, GQA group 12)")
     t.set_defaults(func=_make_tiny)
     return t
 
@@ -204,7 +210,7 @@ def _convert_hf(a) -> None:
 
 
 def add_convert_hf(sub) -> argparse.ArgumentParser:
-    c = sub.add_parser("convert-hf", help="HF Llava/Pixtral folder -> consolidated format")
+    c = sub.add_parser("convert-hf", help="HF Llava / Mistral3 folder -> consolidated format")
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--dtype", choices=DTYPES, default="bf16")
@@ -212,9 +218,24 @@ def add_convert_hf(sub) -> argparse.ArgumentParser:
     return c
 
 
+def _export_hf(a) -> None:
+    from pixtral_fast.hf_export import convert_consolidated_to_hf
+
+    print(convert_consolidated_to_hf(a.src, a.dst, dtype=torch_dtype(a.dtype)))
+
+
+def add_export_hf(sub) -> argparse.ArgumentParser:
+    e = sub.add_parser("export-hf", help="consolidated folder -> HF Llava / Mistral3 folder (transformers loads it)")
+    e.add_argument("src")
+    e.add_argument("dst")
+    e.add_argument("--dtype", choices=DTYPES, default="bf16")
+    e.set_defaults(func=_export_hf)
+    return e
+
+
 # Each registration adds one subparser (with `func` set) to the subparsers it is given.
 COMMANDS: list[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = [
-    add_generate, add_demo, add_bench, add_make_tiny, add_convert_hf, add_serve_command,
+    add_generate, add_demo, add_bench, add_make_tiny, add_convert_hf, add_export_hf, add_serve_command,
     add_quantize_command,
 ]
 

@@ -102,7 +102,10 @@ VISION_FIELDS = {
     "num_hidden_layers": _int(1, MAX_LAYERS), "num_attention_heads": _int(1, MAX_HEADS),
     "image_token_id": TOKEN_ID, "image_break_token_id": TOKEN_ID, "image_end_token_id": TOKEN_ID,
     "adapter_bias": Field(bool), "spatial_merge_size": _int(1, 64), "norm_eps": EPS,
+    "add_pre_mm_projector_layer_norm": Field(bool),
 }
+PATCH_MERGE = "patch_merge"          # the only mm_projector_id there is (Mistral-Small-3.1/3.2)
+MM_PROJECTORS = ("", PATCH_MERGE)
 
 
 def _check_text(v: Mapping[str, Any], name: Names) -> None:
@@ -131,11 +134,22 @@ def _check_vision(v: Mapping[str, Any], name: Names) -> None:
     if len({v[k] for k in ids}) != 3:
         raise ConfigError(f"{', '.join(name(k) for k in ids)} must be three different tokens, got "
                           f"{[v[k] for k in ids]}")
-    if not v["adapter_bias"]:
-        raise ConfigError(f"{name('adapter_bias')}=false is not supported (Pixtral-12B's adapter has biases)")
-    if v["spatial_merge_size"] != 1:
-        raise ConfigError(f"{name('spatial_merge_size')}={v['spatial_merge_size']} is not supported "
-                          "(Pixtral-12B merges no patches)")
+    projector, merge = v["mm_projector_id"], v["spatial_merge_size"]
+    if not isinstance(projector, str) or projector not in MM_PROJECTORS:
+        raise ConfigError(f"{name('mm_projector_id')} {_show(projector)} is not supported (known: "
+                          f"{', '.join(repr(p) for p in MM_PROJECTORS)})")
+    if merge > 1 and projector != PATCH_MERGE:
+        raise ConfigError(f"{name('spatial_merge_size')} {merge} needs {name('mm_projector_id')} "
+                          f"{PATCH_MERGE!r}, got {projector!r}")
+    if v["image_size"] % (v["patch_size"] * merge):
+        # mistral_common rounds image sides up to multiples of patch_size * merge: a limit that is not
+        # one would let it produce images larger than the encoder takes.
+        raise ConfigError(f"{name('image_size')} {v['image_size']} is not a multiple of {name('patch_size')} "
+                          f"{v['patch_size']} * {name('spatial_merge_size')} {merge}")
+    if v["max_image_size"] is not None and v["max_image_size"] != v["image_size"]:
+        check_value(v["max_image_size"], _int(1, MAX_IMAGE_SIZE), name("max_image_size"))
+        raise ConfigError(f"{name('max_image_size')} {v['max_image_size']} differs from {name('image_size')} "
+                          f"{v['image_size']} (both mean the largest image side the encoder takes)")
 
 
 def _values(obj) -> dict[str, Any]:
@@ -164,6 +178,9 @@ class VisionArgs:
     adapter_bias: bool = True
     spatial_merge_size: int = 1
     norm_eps: float = 1e-5
+    mm_projector_id: str = ""                       # "patch_merge": Mistral-Small-3.x's 2x2 merger
+    add_pre_mm_projector_layer_norm: bool = False   # RMSNorm over ViT outputs before the merger
+    max_image_size: int | None = None               # Mistral-Small-3.x repeat image_size under this name
 
     def __post_init__(self):
         _check_vision(_values(self), lambda f: f"vision_encoder.{f}")
@@ -176,6 +193,15 @@ class VisionArgs:
     @property
     def max_patches_per_side(self) -> int:
         return self.image_size // self.patch_size
+
+    @property
+    def merges_patches(self) -> bool:
+        return self.mm_projector_id == PATCH_MERGE
+
+    @property
+    def pixels_per_token(self) -> int:
+        """Side in pixels of the square one [IMG] token covers (patch_size * spatial_merge_size)."""
+        return self.patch_size * self.spatial_merge_size
 
 
 @dataclass(frozen=True)
@@ -220,6 +246,8 @@ class ModelArgs:
         """Reads Mistral's params.json (a file, or the folder holding one)."""
         path, raw = read_json(path, "params.json")
         vision_raw = raw.pop("vision_encoder", None)
+        if "max_position_embeddings" in raw and "max_seq_len" not in raw:  # Mistral-Small-3.x's name for it
+            raw["max_seq_len"] = raw.pop("max_position_embeddings")
         # Harmless bookkeeping keys seen in Mistral releases; none changes the math.
         text = _build(TextArgs, raw, path, "", ignored={"max_batch_size", "model_type"})
         vision = None
@@ -227,19 +255,20 @@ class ModelArgs:
             if not isinstance(vision_raw, dict):
                 raise ConfigError(f"{path}: vision_encoder must be a JSON object, got {_show(vision_raw)}")
             vision_raw = dict(vision_raw)
-            pre_norm = vision_raw.pop("add_pre_mm_projector_layer_norm", False)
-            if pre_norm is not False:
-                raise ConfigError(f"{path}: vision_encoder.add_pre_mm_projector_layer_norm={_show(pre_norm)} "
-                                  "is not supported (Pixtral-12B has no such norm)")
-            vision_raw.pop("mm_projector_id", None)
+            if "image_size" not in vision_raw and "max_image_size" in vision_raw:
+                vision_raw["image_size"] = vision_raw["max_image_size"]
             vision = _build(VisionArgs, vision_raw, path, "vision_encoder.")
         return _checked(path, lambda: cls(text=text, vision=vision))
 
     @classmethod
     def from_hf_config(cls, path: str | Path) -> "ModelArgs":
-        """Reads an HF LlavaForConditionalGeneration (Pixtral vision tower) config.json."""
+        """Reads an HF config.json: LlavaForConditionalGeneration with a Pixtral vision tower
+        (Pixtral-12B, Pixtral-Large) or Mistral3ForConditionalGeneration (Mistral-Small-3.1/3.2)."""
+        from pixtral_fast.config_hf import hf_values  # HF's names and defaults (imports this module)
+
         path, raw = read_json(path, "config.json")
-        text_values, vision_values, name = _hf_values(path, raw)
+
+        text_values, vision_values, name = hf_values(path, raw)
         text = _make(path, TextArgs, _check_text, text_values, name("text_config"))
         vision = _make(path, VisionArgs, _check_vision, vision_values, name("vision_config"))
         _checked(path, lambda: _check_model(text, vision, name("text_config"), name("vision_config")))
@@ -304,84 +333,3 @@ def read_json(path: str | Path, name: str) -> tuple[Path, dict[str, Any]]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     return path, raw
-
-
-# -- HF Llava/Pixtral config.json -------------------------------------------------------------------
-
-_HF_TEXT = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "head_dim": "head_dim",
-            "hidden_dim": "intermediate_size", "n_heads": "num_attention_heads",
-            "n_kv_heads": "num_key_value_heads", "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps",
-            "vocab_size": "vocab_size", "max_seq_len": "max_position_embeddings"}
-_HF_VISION = {"hidden_size": "hidden_size", "num_channels": "num_channels", "image_size": "image_size",
-              "patch_size": "patch_size", "rope_theta": "rope_theta", "intermediate_size": "intermediate_size",
-              "num_hidden_layers": "num_hidden_layers", "num_attention_heads": "num_attention_heads"}
-_HF_TOP = {"image_token_id": "image_token_index", "adapter_bias": "multimodal_projector_bias"}
-_MISSING = object()
-
-
-def _hf_values(path: Path, raw: dict[str, Any]) -> tuple[dict, dict, Callable[[str], Names]]:
-    """Our TextArgs / VisionArgs values from an HF config, and the HF name of each field."""
-    sections = {}
-    for key in ("text_config", "vision_config"):
-        if not isinstance(raw.get(key), dict):
-            what = "missing" if key not in raw else f"not a JSON object ({_show(raw[key])})"
-            raise ConfigError(f"{path}: {key} is {what} (not a Llava/Pixtral config)")
-        sections[key] = raw[key]
-    tc, vc = sections["text_config"], sections["vision_config"]
-
-    def name(section: str) -> Names:
-        table = _HF_TEXT if section == "text_config" else _HF_VISION
-        return lambda f: _HF_TOP[f] if f in _HF_TOP else f"{section}.{table.get(f, f)}"
-
-    def refuse_unless(where: str, value: Any, allowed: Any, why: str) -> None:
-        if value != allowed or type(value) is not type(allowed):
-            raise ConfigError(f"{path}: {where}={_show(value)} is not supported ({why})")
-
-    refuse_unless("vision_config.model_type", vc.get("model_type", "pixtral"), "pixtral", "a Pixtral vision tower")
-    refuse_unless("text_config.sliding_window", tc.get("sliding_window"), None,
-                  "Pixtral-12B attends over the whole context")
-    refuse_unless("vision_config.hidden_act", vc.get("hidden_act", "gelu"), "silu", "a SiLU-gated ViT FFN")
-    refuse_unless("text_config.hidden_act", tc.get("hidden_act", "silu"), "silu", "a SiLU-gated FFN")
-    refuse_unless("projector_hidden_act", raw.get("projector_hidden_act", "gelu"), "gelu", "an erf-GELU adapter")
-    refuse_unless("vision_feature_layer", raw.get("vision_feature_layer", -1), -1, "features of the last layer")
-
-    def need(d: dict, key: str, where: str, default: Any = _MISSING) -> Any:
-        if d.get(key) is None:  # HF writes null for "not set"
-            if default is _MISSING:
-                raise ConfigError(f"{path}: missing field {where}.{key}")
-            return default
-        return d[key]
-
-    def theta(d: dict, where: str) -> Any:
-        if "rope_theta" in d:
-            return d["rope_theta"]
-        params = d.get("rope_parameters")  # transformers >= 5 moved it here
-        if not isinstance(params, dict):
-            raise ConfigError(f"{path}: missing field {where}.rope_theta (or {where}.rope_parameters.rope_theta)")
-        return need(params, "rope_theta", f"{where}.rope_parameters")
-
-    text = {f: need(tc, hf, "text_config") for f, hf in _HF_TEXT.items()
-            if f not in ("head_dim", "n_kv_heads", "rope_theta", "max_seq_len")}
-    text["rope_theta"] = theta(tc, "text_config")
-    text["n_kv_heads"] = need(tc, "num_key_value_heads", "text_config", text["n_heads"])
-    if tc.get("head_dim") is None:  # HF's default: hidden_size / num_attention_heads
-        check_value(text["dim"], TEXT_FIELDS["dim"], f"{path}: text_config.hidden_size")
-        check_value(text["n_heads"], TEXT_FIELDS["n_heads"], f"{path}: text_config.num_attention_heads")
-    text["head_dim"] = text["dim"] // text["n_heads"] if tc.get("head_dim") is None else tc["head_dim"]
-    # HF's Pixtral config claims 1,024,000 positions; NeMo was trained for 131,072.
-    positions = need(tc, "max_position_embeddings", "text_config", TextArgs.max_seq_len)
-    check_value(positions, _int(1, None), f"{path}: text_config.max_position_embeddings")
-    text["max_seq_len"] = min(positions, TextArgs.max_seq_len)
-
-    vision = {f: need(vc, hf, "vision_config") for f, hf in _HF_VISION.items() if f not in ("num_channels", "rope_theta")}
-    vision["num_channels"] = need(vc, "num_channels", "vision_config", 3)
-    vision["rope_theta"] = theta(vc, "vision_config")
-    vision["image_token_id"] = need(raw, "image_token_index", "config", IMG_ID)
-    vision["adapter_bias"] = need(raw, "multimodal_projector_bias", "config", True)
-    vision_defaults = {f.name: f.default for f in dataclasses.fields(VisionArgs) if f.name not in vision}
-    vision = vision_defaults | vision
-    _checked(path, lambda: _check_vision(vision, name("vision_config")))
-    if vc.get("head_dim") is not None and vc["head_dim"] != vision["hidden_size"] // vision["num_attention_heads"]:
-        raise ConfigError(f"{path}: vision_config.head_dim {_show(vc['head_dim'])} != hidden_size / "
-                          "num_attention_heads")
-    return text, vision, name

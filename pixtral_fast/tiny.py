@@ -22,6 +22,25 @@ TINY_ARGS = ModelArgs(
     vision=VisionArgs(hidden_size=128, num_channels=3, image_size=1024, patch_size=16, rope_theta=1e4,
                       intermediate_size=256, num_hidden_layers=2, num_attention_heads=2),
 )
+# Mistral-Small-3.1/3.2 in small: patch 14, 1540 px, pre-merger RMSNorm, 2x2 merger, adapter without bias.
+TINY_SMALL_31_ARGS = ModelArgs(
+    text=TextArgs(dim=64, n_layers=2, head_dim=32, hidden_dim=128, n_heads=4, n_kv_heads=2,
+                  rope_theta=1e9, norm_eps=1e-5, vocab_size=131072),
+    vision=VisionArgs(hidden_size=128, num_channels=3, image_size=1540, patch_size=14, rope_theta=1e4,
+                      intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, adapter_bias=False,
+                      spatial_merge_size=2, mm_projector_id="patch_merge", add_pre_mm_projector_layer_norm=True,
+                      max_image_size=1540),
+)
+# Pixtral-Large in small: its ViT head_dim 104 (not a power of two), GQA group 12, theta 1e6, the
+# 32768-token SentencePiece vocabulary (whose image break/end tokens are 14/15), adapter without bias.
+TINY_LARGE_ARGS = ModelArgs(
+    text=TextArgs(dim=96, n_layers=2, head_dim=32, hidden_dim=192, n_heads=12, n_kv_heads=1,
+                  rope_theta=1e6, norm_eps=1e-5, vocab_size=32768),
+    vision=VisionArgs(hidden_size=208, num_channels=3, image_size=1024, patch_size=16, rope_theta=1e4,
+                      intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, adapter_bias=False,
+                      image_break_token_id=14, image_end_token_id=15),  # v7m1's [IMG_BREAK], [IMG_END]
+)
+VARIANTS = {"pixtral-12b": TINY_ARGS, "mistral-small-3.1": TINY_SMALL_31_ARGS, "pixtral-large": TINY_LARGE_ARGS}
 
 
 def tekken_file() -> Path:
@@ -49,10 +68,32 @@ def random_state_dict(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def make_tiny(folder: str | Path, seed: int = 0, args: ModelArgs = TINY_ARGS) -> Path:
+def write_tokenizer(folder: Path, args: ModelArgs) -> None:
+    """The tokenizer that goes with `args`, from the files mistral_common ships: Pixtral-12B's Tekken;
+    for a merging model the same Tekken with the model's image section (patch, size, merge); for a
+    32768-token vocabulary Pixtral-Large's SentencePiece tokenizer.model.v7m1."""
+    v = args.vision
+    if args.text.vocab_size == 32768:
+        shutil.copyfile(resources.files("mistral_common") / "data" / "mistral_instruct_tokenizer_241114.model.v7m1",
+                        folder / "tokenizer.model.v7m1")
+        return
+    if v is None or (v.patch_size, v.image_size, v.spatial_merge_size) == (16, 1024, 1):
+        shutil.copyfile(tekken_file(), folder / "tekken.json")
+        return
+    # The real Small 3.1 tekken.json (a v7 file mistral_common does not ship) carries this image section.
+    tekken = json.loads(tekken_file().read_text())
+    tekken["image"] = {"image_patch_size": v.patch_size, "max_image_size": v.image_size,
+                       "spatial_merge_size": v.spatial_merge_size}
+    (folder / "tekken.json").write_text(json.dumps(tekken))
+
+
+def make_tiny(folder: str | Path, seed: int = 0, args: ModelArgs | None = None, variant: str = "pixtral-12b") -> Path:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    args = VARIANTS[variant] if args is None else args
     folder = Path(folder)
     save_consolidated(random_state_dict(args, seed), args, folder)
-    shutil.copyfile(tekken_file(), folder / "tekken.json")
+    write_tokenizer(folder, args)
     return folder
 
 

@@ -7,6 +7,7 @@ a ValueError that says what is wrong, never one of mistral_common's own exceptio
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +29,7 @@ __all__ = ["Encoded", "Tokenizer", "load_image", "to_request"]
 
 ImageLoader = Callable[[Any, str], Image.Image]
 TEKKEN_NAMES = ("tekken.json", "tekken_240911.json")
+SENTENCEPIECE_MM = re.compile(r"\.model\.v\d+m\d+$")  # mistral_common's multimodal SentencePiece names
 
 
 @dataclass
@@ -175,13 +177,13 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Tokenizer":
-        """A multimodal Tekken file; CheckpointError naming the file for anything else."""
+        """A multimodal Tekken file, or a multimodal SentencePiece file (Pixtral-Large's
+        tokenizer.model.v7m1); CheckpointError naming the file for anything else."""
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"{path}: no such tokenizer file")
         if is_sentencepiece(path):
-            raise CheckpointError(f"{path} is a SentencePiece tokenizer; Pixtral needs a multimodal Tekken "
-                                  "tokenizer (tekken.json)")
+            return cls._from_sentencepiece(path)
         if not is_tekken(path):  # mistral_common tells the format by the name
             raise CheckpointError(f"{path}: a Tekken tokenizer file must be named *tekken*.json")
         try:
@@ -198,18 +200,39 @@ class Tokenizer:
         return cls(mistral)
 
     @classmethod
+    def _from_sentencepiece(cls, path: Path) -> "Tokenizer":
+        """Only a multimodal SentencePiece file (`.model.vNmM`: the image settings are in the name)."""
+        if not SENTENCEPIECE_MM.search(path.name):
+            raise CheckpointError(f"{path} is a SentencePiece tokenizer without image settings; Pixtral needs a "
+                                  "multimodal one (tekken.json, or a SentencePiece tokenizer.model.vNmM such as "
+                                  "Pixtral-Large's tokenizer.model.v7m1)")
+        try:
+            mistral = MistralTokenizer.from_file(str(path))
+        except MemoryError:
+            raise
+        except ImportError:
+            raise CheckpointError(f"{path} is a SentencePiece tokenizer, which needs the sentencepiece package "
+                                  "(pip install 'mistral_common[sentencepiece]')") from None
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a valid SentencePiece tokenizer file ({type(e).__name__}: "
+                                  f"{str(e)[:200]})") from None
+        if mistral.instruct_tokenizer.image_encoder is None:
+            raise CheckpointError(f"{path} has no image settings; Pixtral needs a multimodal tokenizer")
+        return cls(mistral)
+
+    @classmethod
     def for_checkpoint(cls, folder: str | Path) -> "Tokenizer":
-        """The checkpoint's Tekken file; the Pixtral-12B-2409 one when the folder has none."""
+        """The checkpoint's tokenizer: its Tekken file, else its SentencePiece file (Pixtral-Large's
+        tokenizer.model.v7m1; multimodal ones first); Pixtral-12B-2409's Tekken when it has neither."""
         folder = Path(folder)
         if folder.is_file():
             folder = folder.parent  # a params.json / config.json path
         for name in TEKKEN_NAMES:
             if (folder / name).is_file():
                 return cls.from_file(folder / name)
-        others = sorted(p.name for p in folder.glob("tokenizer.model*"))
-        if others:
-            raise CheckpointError(f"{folder / others[0]} is a SentencePiece tokenizer and the folder has no "
-                                  f"{TEKKEN_NAMES[0]}; Pixtral needs a multimodal Tekken tokenizer")
+        spm = sorted(folder.glob("tokenizer.model*"), key=lambda p: (not SENTENCEPIECE_MM.search(p.name), p.name))
+        if spm:
+            return cls.from_file(spm[0])
         return cls.default()
 
     @property

@@ -94,6 +94,8 @@ _HF_RULES = [(re.compile(p), r) for p, r in [
     (r"^vision_tower\.", "vision_encoder."),
     (r"^multi_modal_projector\.linear_1\.", "vision_language_adapter.w_in."),
     (r"^multi_modal_projector\.linear_2\.", "vision_language_adapter.w_out."),
+    (r"^multi_modal_projector\.patch_merger\.", "patch_merger."),   # Mistral3 (Small 3.1/3.2)
+    (r"^multi_modal_projector\.norm\.", "pre_mm_projector_norm."),
     (r"\.self_attn\.", ".attention."),
     (r"\.attention\.([qkvo])_proj\.", r".attention.w\1."),
     (r"\.input_layernorm\.", ".attention_norm."),

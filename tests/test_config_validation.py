@@ -59,8 +59,8 @@ VISION_BAD = {
     "image_token_id": token_id() | st.sampled_from([12, 13]),            # clashes with [IMG_BREAK]/[IMG_END]
     "image_break_token_id": token_id() | st.just(10),
     "image_end_token_id": token_id() | st.just(10),
-    "adapter_bias": NOT_A_NUMBER | st.sampled_from([0, 1, "true", False]),
-    "spatial_merge_size": NOT_AN_INT | st.integers().filter(lambda s: s != 1),
+    "adapter_bias": NOT_A_NUMBER | st.sampled_from([0, 1, "true"]),     # false is Mistral-Small-3.x / Pixtral-Large
+    "spatial_merge_size": NOT_AN_INT | st.integers().filter(lambda s: s != 1),  # > 1 needs mm_projector_id
     "norm_eps": positive_float() | st.just(1.0),
 }
 BAD_FIELD = st.one_of(
@@ -193,7 +193,7 @@ HF_VISION_BAD = {
     "image_size": positive_int() | st.just(8), "patch_size": positive_int(), "rope_theta": positive_float(),
     "num_channels": NOT_AN_INT | st.just(1),
 }
-HF_TOP_BAD = {"image_token_index": token_id(), "multimodal_projector_bias": NOT_A_NUMBER | st.sampled_from([0, False])}
+HF_TOP_BAD = {"image_token_index": token_id(), "multimodal_projector_bias": NOT_A_NUMBER | st.sampled_from([0])}
 # HF writes null for "not set": these then take their documented defaults, which is not an error.
 HF_UNSET_MEANS_DEFAULT = {"num_key_value_heads", "head_dim", "max_position_embeddings", "num_channels",
                           "image_token_index", "multimodal_projector_bias"}

@@ -125,17 +125,20 @@ def test_bench_scheme_options_parse_and_refuse(capsys):
         assert exit_.value.code == 2 and all(w in err for w in words), err
 
 
-@pytest.mark.parametrize("merge,patch", [(1, 16), (1, 14)])  # merges > 1: once config.py takes them
+@pytest.mark.parametrize("merge,patch", [(1, 16), (1, 14), (2, 14)])
 def test_bench_image_prompt_follows_the_model_layout(merge, patch):
-    """The prompt bench times is the model's own [IMG] layout: the size capped at the largest
-    image and rounded down to whole (merged) patches (1000 is not a multiple of 14)."""
+    """The prompt bench times is the model's own [IMG] layout: the size rounded down to whole
+    (merged) patches (1000 is a multiple of none of 16, 14, 28) and capped at the largest image
+    (1008 px, a multiple of patch x merge as the config requires)."""
     import dataclasses
 
-    vision = dataclasses.replace(TINY_ARGS.vision, spatial_merge_size=merge, patch_size=patch, image_size=1000)
+    vision = dataclasses.replace(TINY_ARGS.vision, spatial_merge_size=merge, patch_size=patch, image_size=1008,
+                                 mm_projector_id="patch_merge" if merge > 1 else "")
     args = dataclasses.replace(TINY_ARGS, vision=vision)
-    prompt = benchmark.image_prompt(1024, vision)
+    prompt = benchmark.image_prompt(1000, vision)
     side = prompt.images[0].shape[1]
     assert side == 1000 // (patch * merge) * patch * merge
+    assert benchmark.image_prompt(2000, vision).images[0].shape[1] == 1008
     benchmark.build_model(args).check_request(prompt.tokens, [torch.zeros(prompt.images[0].shape)])
     assert prompt.tokens.count(vision.image_token_id) == (side // (patch * merge)) ** 2
 

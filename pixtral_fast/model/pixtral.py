@@ -11,7 +11,7 @@ from torch import nn
 from pixtral_fast.config import ModelArgs
 from pixtral_fast.model.adapter import VisionLanguageAdapter
 from pixtral_fast.model.common import RMSNorm, attention_head_dims, resolve_backend
-from pixtral_fast.model.patch_merger import merged_grid
+from pixtral_fast.model.patch_merger import MergePlan, PatchMerger, merged_grid
 from pixtral_fast.model.text import AttentionMetadata, DecoderLayer, KVCache
 from pixtral_fast.model.vision import VisionEncoder
 
@@ -28,8 +28,13 @@ class Pixtral(nn.Module):
         self.norm = RMSNorm(t.dim, t.norm_eps, **kw)
         self.output = nn.Linear(t.dim, t.vocab_size, bias=False, **kw)
         if args.vision is not None:
-            self.vision_encoder = VisionEncoder(args.vision, **kw)
-            self.vision_language_adapter = VisionLanguageAdapter(args.vision.hidden_size, t.dim, **kw)
+            v = args.vision
+            self.vision_encoder = VisionEncoder(v, **kw)
+            if v.add_pre_mm_projector_layer_norm:  # eps: the decoder's, as HF's Mistral3 and vLLM take it
+                self.pre_mm_projector_norm = RMSNorm(v.hidden_size, t.norm_eps, **kw)
+            if v.merges_patches:
+                self.patch_merger = PatchMerger(v.hidden_size, v.spatial_merge_size, **kw)
+            self.vision_language_adapter = VisionLanguageAdapter(v.hidden_size, t.dim, bias=v.adapter_bias, **kw)
         self.backend, self.kernels = resolve_backend("reference", "cpu")
 
     def set_backend(self, backend: str) -> "Pixtral":
@@ -50,13 +55,24 @@ class Pixtral(nn.Module):
 
     @torch.inference_mode()
     def encode_images(self, images: Sequence[ImageLike]) -> torch.Tensor:
-        """Adapter outputs for all patches of all images, packed in order: [n_patches, dim]."""
+        """Adapter outputs for all [IMG] tokens of all images, packed in order: [n_tokens, dim]
+        (one per patch, or per merged window of patches)."""
         if self.args.vision is None:
             raise ValueError("this checkpoint has no vision encoder; it cannot take images")
         images = [torch.as_tensor(img) for img in images]
         if not images:
             return torch.empty(0, self.args.text.dim, device=self.device, dtype=self.dtype)
-        return self.vision_language_adapter(self.vision_encoder(images, self.kernels))
+        v = self.args.vision
+        plan = None
+        if v.merges_patches:  # built on the host before the ViT runs: a bad grid fails before any work
+            patch_grids = [self.vision_encoder.check_image(i, img) for i, img in enumerate(images)]
+            plan = MergePlan.from_grids(patch_grids, v.spatial_merge_size, device=self.device)
+        x = self.vision_encoder(images, self.kernels)
+        if v.add_pre_mm_projector_layer_norm:
+            x = self.pre_mm_projector_norm(x)
+        if plan is not None:
+            x = self.patch_merger(x, plan)
+        return self.vision_language_adapter(x)
 
     def embed(self, tokens: torch.Tensor, image_features: torch.Tensor | None, check: bool = True) -> torch.Tensor:
         """Token embeddings with adapter outputs written, in order, at the [IMG] positions.

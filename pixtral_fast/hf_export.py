@@ -1,0 +1,102 @@
+"""Consolidated (Mistral) -> HF export: the inverse of weights.hf_to_consolidated_name and of the
+loader's q/k un-permutation, plus the config.json that transformers builds the same model from
+(LlavaForConditionalGeneration for Pixtral-12B and Pixtral-Large, Mistral3ForConditionalGeneration
+for Mistral-Small-3.1/3.2). Keys are written in the layout transformers' save_pretrained writes
+(language_model.model.*, vision_tower.*, multi_modal_projector.*), which every release loads."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from pixtral_fast.config import ModelArgs
+
+_TO_HF = [(re.compile(p), r) for p, r in [
+    (r"^tok_embeddings\.", "language_model.model.embed_tokens."),
+    (r"^norm\.", "language_model.model.norm."),
+    (r"^output\.", "language_model.lm_head."),
+    (r"^layers\.(\d+)\.attention\.w([qkvo])\.", r"language_model.model.layers.\1.self_attn.\2_proj."),
+    (r"^layers\.(\d+)\.attention_norm\.", r"language_model.model.layers.\1.input_layernorm."),
+    (r"^layers\.(\d+)\.ffn_norm\.", r"language_model.model.layers.\1.post_attention_layernorm."),
+    (r"^layers\.(\d+)\.feed_forward\.w1\.", r"language_model.model.layers.\1.mlp.gate_proj."),
+    (r"^layers\.(\d+)\.feed_forward\.w3\.", r"language_model.model.layers.\1.mlp.up_proj."),
+    (r"^layers\.(\d+)\.feed_forward\.w2\.", r"language_model.model.layers.\1.mlp.down_proj."),
+    (r"^vision_encoder\.transformer\.layers\.(\d+)\.attention\.w([qkvo])\.",
+     r"vision_tower.transformer.layers.\1.attention.\2_proj."),
+    (r"^vision_encoder\.transformer\.layers\.(\d+)\.feed_forward\.w1\.",
+     r"vision_tower.transformer.layers.\1.feed_forward.gate_proj."),
+    (r"^vision_encoder\.transformer\.layers\.(\d+)\.feed_forward\.w3\.",
+     r"vision_tower.transformer.layers.\1.feed_forward.up_proj."),
+    (r"^vision_encoder\.transformer\.layers\.(\d+)\.feed_forward\.w2\.",
+     r"vision_tower.transformer.layers.\1.feed_forward.down_proj."),
+    (r"^vision_encoder\.", "vision_tower."),
+    (r"^vision_language_adapter\.w_in\.", "multi_modal_projector.linear_1."),
+    (r"^vision_language_adapter\.w_out\.", "multi_modal_projector.linear_2."),
+    (r"^patch_merger\.", "multi_modal_projector.patch_merger."),
+    (r"^pre_mm_projector_norm\.", "multi_modal_projector.norm."),
+]]
+
+
+def consolidated_to_hf_name(name: str) -> str:
+    """The HF key of a consolidated key (the first rule that matches; each key matches one)."""
+    for pattern, repl in _TO_HF:
+        new, n = pattern.subn(repl, name)
+        if n:
+            return new
+    raise ValueError(f"{name!r} is not a Pixtral-family checkpoint key")
+
+
+def is_mistral3(args: ModelArgs) -> bool:
+    """Mistral-Small-3.x (merger and pre-merger norm) is HF's Mistral3; every other variant is Llava."""
+    return args.vision is not None and args.vision.merges_patches
+
+
+def hf_config(args: ModelArgs) -> dict[str, Any]:
+    """The config.json transformers builds this model from."""
+    from pixtral_fast.tiny import hf_config as llava_config
+
+    config = llava_config(args)
+    config["tie_word_embeddings"] = False  # transformers 5 ties Mistral3's output by default
+    v = args.vision
+    if not is_mistral3(args):
+        return config
+    if not v.add_pre_mm_projector_layer_norm:
+        raise ValueError("HF's Mistral3 always has the pre-merger RMSNorm; this model has a merger without it")
+    del config["vision_feature_select_strategy"]
+    config.update(architectures=["Mistral3ForConditionalGeneration"], model_type="mistral3",
+                  spatial_merge_size=v.spatial_merge_size)
+    return config
+
+
+def to_hf_state(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """HF keys, with wq/wk rows permuted back to HF's rotate-half order."""
+    from pixtral_fast.weights import _rope_heads, apply_hf_rope_permutation
+
+    out = {}
+    for name, t in state.items():
+        heads = _rope_heads(name, args)
+        out[consolidated_to_hf_name(name)] = t if heads is None else apply_hf_rope_permutation(t, heads)
+    return out
+
+
+def convert_consolidated_to_hf(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A consolidated folder (params.json + consolidated.safetensors) -> an HF folder (config.json +
+    model.safetensors) that transformers' from_pretrained loads."""
+    from pixtral_fast.weights import CONSOLIDATED, load_state_dict
+
+    src, dst = Path(src), Path(dst)
+    if not (src / CONSOLIDATED).is_file():
+        raise FileNotFoundError(f"{src}: no {CONSOLIDATED} (export-hf reads Mistral's consolidated format)")
+    args = ModelArgs.from_params_json(src)
+    if args.vision is None:
+        raise ValueError(f"{src}: export-hf writes Llava/Mistral3 folders, which need a vision encoder")
+    state = load_state_dict(src, args, "cpu", dtype, progress=False)
+    dst.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in to_hf_state(state, args).items()}
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(hf_config(args), indent=2) + "\n")
+    return dst
