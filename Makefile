@@ -24,7 +24,7 @@ demo: venv
 	$(VENV)/bin/pixtral-fast demo
 
 test: venv
-	$(VENV)/bin/python -m pytest tests -q
+	$(VENV)/bin/python -m pytest tests -q -n 2 --dist loadfile  # both cores: the interpreter and AOT compiles are single-threaded
 	$(VENV)/bin/python -m pytest bench -q --benchmark-only -m "not gpu"
 
 bench: venv
