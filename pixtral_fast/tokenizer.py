@@ -235,6 +235,21 @@ class Tokenizer:
             return cls.from_file(spm[0])
         return cls.default()
 
+    def check_matches(self, vision) -> None:
+        """CheckpointError unless this tokenizer lays images out as the model's vision config
+        reads them: the same [IMG]/[IMG_BREAK]/[IMG_END] ids, patch size and merge size (a mismatch
+        would otherwise surface only as wrong token counts, request by request)."""
+        encoder = self.mistral.instruct_tokenizer.image_encoder
+        ids, cfg = encoder.special_ids, encoder.image_config
+        pairs = {"image_token_id": (ids.img, vision.image_token_id),
+                 "image_break_token_id": (ids.img_break, vision.image_break_token_id),
+                 "image_end_token_id": (ids.img_end, vision.image_end_token_id),
+                 "patch_size": (cfg.image_patch_size, vision.patch_size),
+                 "spatial_merge_size": (cfg.spatial_merge_size, vision.spatial_merge_size)}
+        wrong = [f"{name}: tokenizer {ours}, model {theirs}" for name, (ours, theirs) in pairs.items() if ours != theirs]
+        if wrong:
+            raise CheckpointError("the tokenizer does not match the model's vision config (" + "; ".join(wrong) + ")")
+
     @property
     def eos_id(self) -> int:
         return self.tekken.eos_id

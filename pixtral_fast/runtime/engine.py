@@ -67,6 +67,8 @@ def _image_tensors(images: Any) -> list[torch.Tensor]:
 class Engine:
     def __init__(self, model: Pixtral, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None):
         self.model = model
+        if tokenizer is not None and model.args.vision is not None:
+            tokenizer.check_matches(model.args.vision)
         self._tokenizer = tokenizer
         self.config = config = config or EngineConfig()
         memory_bytes = config.memory_bytes
