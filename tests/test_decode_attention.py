@@ -14,13 +14,14 @@ from tests.support.paged_cases import check_graph_replay, make_case, oracle
 from tests.tolerances import assert_close
 
 # (head_dim, kv_heads, group, block_size, seq_lens): every case mixes 1, block_size +- 1 and a
-# longer context; groups 1, 4, 8 (NeMo's 32/8 is 4) and an odd 5 (padded rows in the dot).
+# longer context; groups 1, 4, 8 (NeMo's 32/8 is 4), an odd 5 (padded rows in the dot) and 12.
 CASES = {
     "d64_g4_bs16": (64, 2, 4, 16, [1, 15, 16, 17, 2500]),
     "d128_g8_bs64": (128, 1, 8, 64, [64, 1, 63, 65, 700]),
     "d64_g1_bs64": (64, 3, 1, 64, [65, 1, 130]),
     "d128_g5_bs32": (128, 2, 5, 32, [31, 33, 1, 96]),
     "d128_nemo_bs256": (128, 8, 4, 256, [1, 255, 256, 257]),
+    "d128_g12_bs16": (128, 1, 12, 16, [1, 17, 70]),  # Pixtral-Large's Mistral-Large-2: 96 / 8 heads
 }
 
 
