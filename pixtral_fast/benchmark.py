@@ -8,6 +8,7 @@ packed; the roofline then counts the bytes the quantized model reads (packed wei
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -104,6 +105,30 @@ def random_quantized_model(args: ModelArgs, device, dtype, scheme: str, group_si
     return model
 
 
+def free_bytes(device: torch.device) -> int:
+    """Memory the weights may take on `device`: the GPU's free memory, or the host's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:  # Linux: what can be allocated without swapping
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> None:
+    """ValueError before any weight is made when the dense model (which a quantized bench also
+    builds first) cannot fit: the weights are counted on the meta device."""
+    need = held_bytes(build_model(args, device="meta", dtype=dtype))
+    have = free_bytes(device)
+    if need > have:
+        raise ValueError(f"the model's weights need {need / 1e9:.1f} GB in {str(dtype).removeprefix('torch.')} but "
+                         f"{device} has {have / 1e9:.1f} GB free: it does not fit one device (a larger model needs "
+                         "tensor parallelism, not built yet)")
+
+
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -180,6 +205,7 @@ def run(params, batches=(1, 8, 32), image_size=1024, decode_steps=32, context=No
     if context is not None and context < 2:
         raise ValueError(f"context must be >= 2 (BOS + one token), got {context}")
     check_scheme(args, scheme, group_size)
+    check_fits(args, device, dtype)
     if scheme is None:
         model = random_model(args, device, dtype).set_backend(backend)
     else:
