@@ -125,15 +125,16 @@ def _stat_mode(path: Path) -> int | None:
 
 
 def _not_a_file(path: Path, mode: int | None) -> str:
-    """Why `path` cannot be read as an image file, echoing at most ~80 characters of it (a base64
-    payload passed without its data: prefix would otherwise be echoed whole)."""
+    """Why `path` cannot be read as an image file: a real path is echoed whole (up to 300
+    characters), a base64 payload passed without its data: prefix only by its start and length."""
     text = str(path)
-    shown = text if len(text) <= 80 else f"{text[:77]}... ({len(text)} characters)"
+    base64_like = len(text) > 80 and re.fullmatch(r"[A-Za-z0-9+/=\s]+", text) is not None
+    shown = f"{text[:77]}... ({len(text)} characters)" if base64_like or len(text) > 300 else text
     if mode is not None:
         if stat.S_ISDIR(mode):
             return f"{shown} is a directory, not an image file"
         return f"{shown} is not a regular file (a device, pipe or socket)"
-    if len(text) > 80 and re.fullmatch(r"[A-Za-z0-9+/=\s]+", text):
+    if base64_like:
         return (f"no such image file: {shown}; it looks like base64 image data: pass it as a data URL, "
                 f"'data:image/png;base64,<data>'")
     return f"no such image file: {shown}"

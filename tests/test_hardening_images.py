@@ -64,3 +64,9 @@ def test_no_decompression_bomb_warning_under_our_cap(tmp_path, monkeypatch, form
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
     with pytest.warns(Image.DecompressionBombWarning):  # the test's premise: PIL itself warns here
         Image.open(io.BytesIO(data))
+
+
+def test_a_long_missing_path_is_echoed_whole(tmp_path):
+    path = tmp_path / ("a-folder-whose-name-is-long_" * 4) / "absent.png"
+    assert len(str(path)) > 120
+    assert error(path) == f"images[0]: no such image file: {path}"
