@@ -7,12 +7,12 @@ The ViT head_dim of the Large-shaped model is 24 (not a power of two), as Pixtra
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
 from pixtral_fast.config import IMG_ID
+from tests.support.hf_peer import randomize
 
 PATCH_SMALL = 14   # Mistral-Small-3.x patch size
 MERGE = 2          # Mistral-Small-3.x spatial_merge_size
@@ -25,21 +25,6 @@ def _text_config(vocab: int, rope_theta: float):
                          num_key_value_heads=2, head_dim=32, vocab_size=vocab, rope_theta=rope_theta,
                          rms_norm_eps=1e-5, max_position_embeddings=4096, sliding_window=None,
                          tie_word_embeddings=False)
-
-
-def _randomize(model, seed: int) -> None:
-    """Norms 1 + 0.1 N(0, 1), biases 0.1 N(0, 1), embeddings N(0, 1), matrices N(0, 1/fan_in)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            elif p.dim() == 1:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(math.prod(p.shape[1:])))
 
 
 def tiny_mistral3(seed: int = 0, vocab: int = 512):
@@ -55,7 +40,7 @@ def tiny_mistral3(seed: int = 0, vocab: int = 512):
                             multimodal_projector_bias=False, tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = Mistral3ForConditionalGeneration(config).eval()
-    _randomize(model, seed)
+    randomize(model, seed)
     _check_untied(model.lm_head, model.model.language_model.embed_tokens)
     return model
 
@@ -72,7 +57,7 @@ def tiny_pixtral_large(seed: int = 0, vocab: int = 512):
                          multimodal_projector_bias=False, tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
-    _randomize(model, seed)
+    randomize(model, seed)
     _check_untied(model.lm_head, model.model.language_model.embed_tokens)
     return model
 
