@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from pixtral_fast.config import ModelArgs
+from pixtral_fast.parallel.plan import ShardPlan
 
 CONSOLIDATED = "consolidated.safetensors"
 
@@ -160,8 +161,10 @@ def hf_files(folder: Path) -> list[Path]:
 # -- loading ----------------------------------------------------------------------------------------
 
 def load_state_dict(folder: str | Path, args: ModelArgs, device, dtype: torch.dtype,
-                    progress: bool = True) -> dict[str, torch.Tensor]:
-    """Reads a consolidated or HF folder into consolidated names, checked against `args`."""
+                    progress: bool = True, shard: ShardPlan | None = None) -> dict[str, torch.Tensor]:
+    """Reads a consolidated or HF folder into consolidated names, checked against `args`. With a
+    tensor-parallel `shard`, only that rank's slice of each split tensor is read (a slice of the
+    memory-mapped file), so a rank's host memory holds its share, not the whole model."""
     folder = Path(folder)
     hf = not (folder / CONSOLIDATED).is_file()
     files = hf_files(folder) if hf else [folder / CONSOLIDATED]
@@ -187,14 +190,23 @@ def load_state_dict(folder: str | Path, args: ModelArgs, device, dtype: torch.dt
     for f, names in by_file.items():
         with safe_open(str(f), framework="pt", device="cpu") as st:
             for new in names:
-                t = st.get_tensor(source_name[new])
+                cut = None if shard is None else shard.slice_for(new, args.text)
+                t = st.get_tensor(source_name[new]) if cut is None else _read_cut(st, source_name[new], cut)
                 heads = _rope_heads(new, args) if hf else None
-                if heads is not None:
-                    t = undo_hf_rope_permutation(t, heads)
+                if heads is not None:  # HF's permutation is within each head: un-permute the heads read
+                    t = undo_hf_rope_permutation(t, heads if cut is None else cut[2] // args.text.head_dim)
+                if cut is not None and cut[3] > cut[2]:  # a vocabulary share padded to the equal size
+                    t = torch.cat([t, t.new_zeros(cut[3] - cut[2], *t.shape[1:])])
                 state[new] = t.to(device=device, dtype=dtype)
                 bar.update()
     bar.close()
     return state
+
+
+def _read_cut(st, name: str, cut: tuple[int, int, int, int]) -> torch.Tensor:
+    dim, start, length, _ = cut
+    sliced = st.get_slice(name)
+    return sliced[start:start + length] if dim == 0 else sliced[:, start:start + length]
 
 
 def save_consolidated(state: dict[str, torch.Tensor], args: ModelArgs, folder: str | Path,

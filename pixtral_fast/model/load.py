@@ -9,6 +9,7 @@ import torch
 
 from pixtral_fast.config import ModelArgs
 from pixtral_fast.model.pixtral import Pixtral, build_model
+from pixtral_fast.parallel.comm import Collectives
 from pixtral_fast.weights import CheckpointError, load_state_dict
 
 log = logging.getLogger("pixtral_fast")
@@ -83,16 +84,23 @@ def is_quantized(path: str | Path) -> bool:
 
 
 def load_model(path: str | Path, device=None, dtype: torch.dtype = torch.bfloat16, backend: str = "auto",
-               progress: bool = True) -> Pixtral:
+               progress: bool = True, comm: Collectives | None = None) -> Pixtral:
+    """`comm`: load only this tensor-parallel rank's share (see pixtral_fast/parallel/plan.py)."""
     path = checkpoint_path(path)
     device, dtype = resolve_device(device), check_dtype(dtype)
     args = read_args(path)
+    parallel = comm is not None and comm.size > 1
+    if parallel:
+        comm.plan.check(args.text)
     if is_quantized(path):  # compressed-tensors: the weights stay packed (pixtral_fast/quant/)
+        if parallel:
+            raise ValueError(f"{path}: tensor parallelism does not take compressed-tensors (quantized) checkpoints "
+                             "yet; run it with tensor_parallel_size=1, or give the bf16 checkpoint")
         from pixtral_fast.quant.loading import load_quantized_model
 
         return load_quantized_model(path, device, dtype, backend, progress)
-    state = load_state_dict(path, args, device, dtype, progress=progress)
-    model = build_model(args, device="meta", dtype=dtype)
+    state = load_state_dict(path, args, device, dtype, progress=progress, shard=comm.plan if parallel else None)
+    model = build_model(args, device="meta", dtype=dtype, comm=comm)
     model.load_state_dict(state, assign=True, strict=True)
     model.set_backend(backend).eval().requires_grad_(False)  # inference only: no autograd graphs
     log.info("loaded %s on %s (%s), backend=%s", path, device, dtype, model.backend)

@@ -14,19 +14,34 @@ from pixtral_fast.model.common import RMSNorm, attention_head_dims, resolve_back
 from pixtral_fast.model.patch_merger import MergePlan, PatchMerger, merged_grid
 from pixtral_fast.model.text import AttentionMetadata, DecoderLayer, KVCache
 from pixtral_fast.model.vision import VisionEncoder
+from pixtral_fast.parallel.comm import Collectives
+from pixtral_fast.parallel.layers import VocabParallelEmbedding, VocabParallelHead
 
 ImageLike = torch.Tensor | np.ndarray
 
 
 class Pixtral(nn.Module):
-    def __init__(self, args: ModelArgs, device=None, dtype=None):
+    """The whole model, or (comm given, comm.size > 1) one tensor-parallel rank's share of it:
+    the decoder split by heads, FFN width and vocabulary (pixtral_fast/parallel/plan.py), the
+    vision side whole. `args` always describe the whole model; `local_text` this rank's decoder."""
+
+    def __init__(self, args: ModelArgs, device=None, dtype=None, comm: Collectives | None = None):
         super().__init__()
         self.args = args
+        self.comm = comm if comm is not None and comm.size > 1 else None
         t, kw = args.text, dict(device=device, dtype=dtype)
-        self.tok_embeddings = nn.Embedding(t.vocab_size, t.dim, **kw)
-        self.layers = nn.ModuleList(DecoderLayer(t, **kw) for _ in range(t.n_layers))
+        self.local_text = local = t if self.comm is None else self.comm.plan.local_text_args(t)
+        reduce = None if self.comm is None else self.comm.all_reduce
+        if self.comm is None:
+            self.tok_embeddings = nn.Embedding(t.vocab_size, t.dim, **kw)
+        else:
+            self.tok_embeddings = VocabParallelEmbedding(t.vocab_size, t.dim, self.comm, **kw)
+        self.layers = nn.ModuleList(DecoderLayer(local, reduce=reduce, **kw) for _ in range(t.n_layers))
         self.norm = RMSNorm(t.dim, t.norm_eps, **kw)
-        self.output = nn.Linear(t.dim, t.vocab_size, bias=False, **kw)
+        if self.comm is None:
+            self.output = nn.Linear(t.dim, t.vocab_size, bias=False, **kw)
+        else:
+            self.output = VocabParallelHead(t.dim, t.vocab_size, self.comm, **kw)
         if args.vision is not None:
             v = args.vision
             self.vision_encoder = VisionEncoder(v, **kw)
@@ -224,7 +239,8 @@ def _describe_block(ids: np.ndarray, start: int, img: int, brk: int, end: int) -
             f"(token {pos} is {int(ids[pos]) if pos < len(ids) else 'the end of the prompt'})")
 
 
-def build_model(args: ModelArgs, device="meta", dtype=torch.bfloat16) -> Pixtral:
-    """The model without weights (meta device: no memory) or with uninitialised ones."""
+def build_model(args: ModelArgs, device="meta", dtype=torch.bfloat16, comm: Collectives | None = None) -> Pixtral:
+    """The model without weights (meta device: no memory) or with uninitialised ones; with `comm`,
+    that rank's tensor-parallel share (a Collectives without groups plans memory only)."""
     with torch.device(device):
-        return Pixtral(args, dtype=dtype)
+        return Pixtral(args, dtype=dtype, comm=comm)

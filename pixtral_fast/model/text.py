@@ -5,6 +5,7 @@ full recomputation (no cache), prefill into a paged KV cache, and one decode ste
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +42,13 @@ class AttentionMetadata:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: TextArgs, device=None, dtype=None):
+    """`args` are this rank's share of the decoder under tensor parallelism; `reduce` then sums the
+    ranks' partial outputs of wo and of the FFN's w2 (row parallel), in place."""
+
+    def __init__(self, args: TextArgs, device=None, dtype=None,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
+        self.reduce = reduce
         kw = dict(device=device, dtype=dtype)
         self.attention = AttentionProjections(args.dim, args.n_heads, args.n_kv_heads, args.head_dim, **kw)
         self.feed_forward = FeedForward(args.dim, args.hidden_dim, **kw)
@@ -64,5 +70,7 @@ class DecoderLayer(nn.Module):
         else:
             o = kernels.varlen_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, causal=True,
                                          validate_indices=False)
-        h = x + self.attention.wo(o.flatten(1))
-        return h + self.feed_forward(self.ffn_norm(h), kernels)
+        attn = self.attention.wo(o.flatten(1))
+        h = x + (attn if self.reduce is None else self.reduce(attn))
+        ffn = self.feed_forward(self.ffn_norm(h), kernels)
+        return h + (ffn if self.reduce is None else self.reduce(ffn))

@@ -24,24 +24,30 @@ import logging
 import secrets
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import torch
 
 from pixtral_fast import _cuda_decode, ops
 from pixtral_fast.model.pixtral import Pixtral
 from pixtral_fast.quant import describe_scheme
-from pixtral_fast.runtime.config import CPU_CACHE_BYTES, DEFAULT_MAX_BATCH_SIZE, EngineConfig
+from pixtral_fast.parallel import TensorParallelError
+from pixtral_fast.parallel.plan import check_size
+from pixtral_fast.parallel.driver import ParallelDriver
+from pixtral_fast.runtime.config import EngineConfig
 from pixtral_fast.runtime.detokenize import IncrementalDetokenizer
-from pixtral_fast.runtime.graphs import DecodeRow, DecodeRunner
-from pixtral_fast.runtime.kv_cache import BlockManager, PagedKVCache, plan_cache
-from pixtral_fast.runtime.prefill import prefill
+from pixtral_fast.runtime.graphs import DecodeRow
+from pixtral_fast.runtime.kv_cache import BlockManager
+from pixtral_fast.runtime.lifecycle import EngineLifecycle
+from pixtral_fast.runtime.model_runner import ModelRunner
+from pixtral_fast.runtime.prefill import PrefillBatch, prefill
 from pixtral_fast.runtime.profiling import nvtx_range
-from pixtral_fast.runtime.requests import Completion, EngineStats, RequestError, describe_failure, is_batch
+from pixtral_fast.runtime.requests import (Completion, EngineStats, RequestError, describe_failure, image_tensors,
+                                           is_batch)
 from pixtral_fast.runtime.sampling import SamplingParams, StepOutput
 from pixtral_fast.runtime.scheduler import Scheduler, Sequence
 from pixtral_fast.tokenizer import Encoded, Tokenizer
@@ -51,52 +57,44 @@ __all__ = ["Engine", "Completion", "EngineStats", "RequestError", "is_batch"]
 log = logging.getLogger("pixtral_fast")
 
 
-def _image_tensors(images: Any) -> list[torch.Tensor]:
-    """Encoded.images as tensors; ValueError naming images / images[i] and what it got, rather
-    than a raw torch error, or a lone [3, H, W] tensor silently taken for 3 images (its channels)."""
-    if not isinstance(images, (list, tuple)):
-        raise ValueError(f"images must be a list of [3, H, W] pixel arrays (numpy or torch), "
-                         f"got {type(images).__name__}")
-    for i, img in enumerate(images):
-        if not isinstance(img, (np.ndarray, torch.Tensor)):
-            raise ValueError(f"images[{i}] must be a [3, H, W] pixel array (numpy or torch), "
-                             f"got {type(img).__name__}")
-    return [torch.as_tensor(img) for img in images]
-
-
-class Engine:
-    def __init__(self, model: Pixtral, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None):
-        self.model = model
-        if tokenizer is not None and model.args.vision is not None:
-            tokenizer.check_matches(model.args.vision)
-        self._tokenizer = tokenizer
-        self.config = config = config or EngineConfig()
-        memory_bytes = config.memory_bytes
-        if model.device.type == "cpu" and config.num_blocks is None and memory_bytes is None:
-            memory_bytes = CPU_CACHE_BYTES  # no free-memory query on the CPU
-        shape = plan_cache(model.args.text, model.dtype, model.device, config.block_size, config.num_blocks,
-                           memory_bytes, config.gpu_memory_fraction)
+class Engine(EngineLifecycle):
+    def __init__(self, model: Pixtral, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None,
+                 parallel: ParallelDriver | None = None):
+        """`parallel`: the driver of a tensor-parallel group whose rank 0 `model` is (see
+        from_pretrained); the engine then owns its workers and close() stops them."""
+        self.model, self.parallel = model, parallel
+        self._closed: str | None = None
+        try:
+            if tokenizer is not None and model.args.vision is not None:
+                tokenizer.check_matches(model.args.vision)
+            self._tokenizer = tokenizer
+            self.config = config = config or EngineConfig()
+            self.model_runner = (ModelRunner(model, config) if parallel is None else
+                                 parallel.start_runner(model, config))
+        except BaseException:
+            if parallel is not None:
+                parallel.shutdown()
+            raise
+        if parallel is not None:  # stops the workers at interpreter exit if close() was never called
+            self._finalizer = weakref.finalize(self, parallel.shutdown)
+        shape = self.model_runner.shape
         self.blocks = BlockManager(shape.num_blocks, shape.block_size)
-        usable = len(self.blocks.free_blocks)
-        if config.max_batch_size > max(usable, DEFAULT_MAX_BATCH_SIZE):
-            # each running sequence holds at least one block: rows past `usable` could never run,
-            # and the decode runner would still allocate buffers for them (the default always passes)
-            raise ValueError(f"max_batch_size={config.max_batch_size} is more sequences than the KV cache "
-                             f"could ever run at once ({usable} blocks of {shape.block_size} tokens, each running "
-                             f"sequence holding at least one): lower max_batch_size or give the cache more memory")
-        self.cache = PagedKVCache(shape, model.device)
-        self.max_model_len = min(config.max_model_len or model.args.text.max_seq_len, model.args.text.max_seq_len)
+        self.cache, self.runner = self.model_runner.cache, self.model_runner.decoder
+        self.max_model_len = self.model_runner.max_model_len
         self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_prefill_tokens, self.max_model_len)
-        max_blocks = -(-self.max_model_len // shape.block_size)
-        self.runner = DecodeRunner(model, self.cache, config.max_batch_size, max_blocks, config.graph_buckets,
-                                   config.use_cuda_graphs)
         log.info("engine: %s", self.describe())
-        if config.capture_on_start:
-            self.runner.capture(greedy_only=True, progress=config.progress)
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._lock = threading.RLock()  # see the thread model above
         self._inbox: deque[Sequence] = deque()  # added, not yet queued: append/popleft are thread-safe
+        if config.capture_on_start:
+            self._call("capture", True, False, progress=config.progress)
+
+    def _call(self, name: str, *args, **local):
+        """model_runner.name(*args): on every rank, in step, under tensor parallelism."""
+        if self.parallel is None:
+            return getattr(self.model_runner, name)(*args, **local)
+        return self.parallel.call(self.model_runner, name, *args, **local)
 
     def describe(self) -> str:
         """Which implementation runs what: said once, never silently chosen."""
@@ -107,7 +105,8 @@ class Engine:
         if decode == "triton" and model.device.type == "cuda":
             decode += f" (CUDA extension unavailable: {_cuda_decode.status()})"
         weights = describe_scheme(model) or "dense"
-        return (f"{model.device} {str(model.dtype).removeprefix('torch.')}, kernels={model.backend}, "
+        parallel = "" if self.parallel is None else f"{self.parallel.describe()}, "
+        return (f"{parallel}{model.device} {str(model.dtype).removeprefix('torch.')}, kernels={model.backend}, "
                 f"weights={weights}, decode attention={decode}, cuda graphs={self.runner.use_cuda_graphs}, "
                 f"KV cache {shape.num_blocks} blocks x {shape.block_size} tokens, max_model_len={self.max_model_len}")
 
@@ -122,12 +121,21 @@ class Engine:
         return self._tokenizer
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=torch.bfloat16, backend: str = "auto", **limits) -> "Engine":
+    def from_pretrained(cls, path, device=None, dtype=torch.bfloat16, backend: str = "auto",
+                        tensor_parallel_size: int = 1, **limits) -> "Engine":
+        """tensor_parallel_size=N > 1 splits the decoder over N ranks: N - 1 worker processes are
+        spawned (rank r on cuda:r, NCCL; or all on the CPU, gloo), each loading only its share of
+        the checkpoint; under torchrun (WORLD_SIZE set) the ranks join its group instead, and on
+        ranks > 0 this call serves the driver's steps and then exits the process."""
         from pixtral_fast.model.load import load_model
+        from pixtral_fast.parallel import driver
 
         config = EngineConfig(**limits)
-        model = load_model(path, device=device, dtype=dtype, backend=backend, progress=config.progress)
-        return cls(model, Tokenizer.for_checkpoint(path), config)
+        if check_size(tensor_parallel_size) == 1:
+            model = load_model(path, device=device, dtype=dtype, backend=backend, progress=config.progress)
+            return cls(model, Tokenizer.for_checkpoint(path), config)
+        model, parallel = driver.start(path, tensor_parallel_size, device, dtype, backend, config.progress)
+        return cls(model, Tokenizer.for_checkpoint(path), config, parallel=parallel)
 
     @classmethod
     def from_model(cls, model: Pixtral, tokenizer: Tokenizer | None = None, **limits) -> "Engine":
@@ -148,12 +156,13 @@ class Engine:
         Thread-safe, and never waits for a step. Parameters this model cannot honour raise
         ValueError before admission; a request that cannot be tokenized, checked or ever fit comes
         back already finished, with finish_reason 'error' and the reason in .error."""
+        self._check_open()
         params = self._admissible(params)
         seq = Sequence(id=next(self._ids), prompt=[], images=[], params=params,  # count(): atomic
                        seed=params.seed if params.seed is not None else secrets.randbits(62))
         try:
             encoded = request if isinstance(request, Encoded) else self.tokenizer.encode(request)
-            images = _image_tensors(encoded.images)
+            images = image_tensors(encoded.images)
             self.model.check_request(encoded.tokens, images)
             seq.prompt, seq.images = [int(t) for t in encoded.tokens], images
         except Exception as e:  # whatever the tokenizer or the checks raise, the request fails alone
@@ -264,10 +273,16 @@ class Engine:
     def step(self) -> None:
         """One prefill of the newly admitted sequences and one decode step of all running ones.
         Thread-safe. No ordinary exception escapes (see the module docstring); a KeyboardInterrupt
-        or SystemExit requeues the running sequences, blocks freed, and is re-raised."""
+        or SystemExit requeues the running sequences, blocks freed, and is re-raised. Under tensor
+        parallelism a failure inside a rank call stops the engine (TensorParallelError): every
+        request ends with that error and later calls raise it."""
         with self._lock:
+            self._check_open()
             try:
                 self._step()
+            except TensorParallelError as e:  # the ranks are out of step: the engine has stopped
+                self._stopped(str(e))
+                raise
             except Exception as e:  # outside the model calls: a bug; it ends this step's sequences, not the engine
                 log.exception("engine step failed")
                 victims = list(self.scheduler.running) or list(self.scheduler.waiting)[:1]  # progress, always
@@ -275,6 +290,8 @@ class Engine:
                     self.scheduler.fail(seq, f"internal error in the engine step: {describe_failure(e)}")
             except BaseException:
                 self.scheduler.requeue(list(self.scheduler.running))
+                if self.parallel is not None and self.parallel.failure:  # interrupted inside a call: out of step
+                    self._stopped(self.parallel.failure)
                 raise
 
     def _step(self) -> None:
@@ -288,8 +305,7 @@ class Engine:
             st.prefill_tokens += sum(len(s.tokens) for s in newcomers)
             st.prefill_images += sum(len(s.images) for s in newcomers)
             with nvtx_range("prefill", nvtx):
-                self._run("prefill", newcomers,
-                          lambda group: prefill(self.model, self.cache, self.blocks, group, st, nvtx))
+                self._run("prefill", newcomers, lambda group: self._prefill(group, nvtx))
             st.prefill_seconds += time.perf_counter() - t0
         rows = {}
         for seq in self.scheduler.reserve_decode():
@@ -301,10 +317,17 @@ class Engine:
         if running:
             t0 = time.perf_counter()
             with nvtx_range("decode_step", nvtx):
-                self._run("decode", running, lambda group: self.runner.step([rows[s] for s in group]))
+                self._run("decode", running, lambda group: self._call("decode", [rows[s] for s in group]))
             st.decode_seconds += time.perf_counter() - t0
             st.decode_steps += 1
             st.decode_tokens += len(running)
+
+    def _prefill(self, seqs: list[Sequence], nvtx: bool) -> StepOutput:
+        if self.parallel is None:
+            return prefill(self.model, self.cache, self.blocks, seqs, self.stats, nvtx)
+        vision = self.model.args.vision
+        batch = PrefillBatch.from_sequences(seqs, self.blocks, None if vision is None else vision.image_token_id)
+        return self._call("prefill", batch, stats=self.stats, nvtx=nvtx)
 
     def _run(self, phase: str, seqs: list[Sequence], compute: Callable[[list[Sequence]], StepOutput]) -> None:
         """compute(seqs) and records its tokens. If a batch raises, each sequence runs alone, so a
@@ -312,6 +335,8 @@ class Engine:
         with the exception as its error."""
         try:
             out = compute(seqs)
+        except TensorParallelError:
+            raise  # not this batch's fault, and no retry can run: the engine has stopped
         except Exception as e:
             if len(seqs) == 1:
                 log.warning("%s failed for request %d: %s", phase, seqs[0].id, describe_failure(e))

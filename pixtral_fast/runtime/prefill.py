@@ -4,6 +4,7 @@ fills the paged cache, then each one's next token."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -12,7 +13,7 @@ from pixtral_fast.model.text import AttentionMetadata
 from pixtral_fast.runtime.kv_cache import BlockManager, PagedKVCache
 from pixtral_fast.runtime.profiling import nvtx_range
 from pixtral_fast.runtime.requests import EngineStats
-from pixtral_fast.runtime.sampling import StepOutput, sample_rows
+from pixtral_fast.runtime.sampling import SamplingParams, StepOutput, sample_rows
 from pixtral_fast.runtime.scheduler import Sequence
 
 
@@ -27,27 +28,54 @@ def image_rows(seqs: list[Sequence], image_token_id: int) -> list[int]:
     return rows
 
 
+@dataclass
+class PrefillBatch:
+    """Everything one prefill step computes from, as host values: what a tensor-parallel driver
+    sends its workers so that every rank runs the same step."""
+    tokens: list[int]            # every sequence's tokens, packed back to back
+    lengths: list[int]
+    slots: list[int]             # the cache slot of each token
+    images: list[torch.Tensor]
+    image_rows: list[int]        # rows of `tokens` that take image features, in order
+    params: list[SamplingParams]
+    seeds: list[int]
+    steps: list[int]             # tokens each sequence generated so far (its noise counter)
+
+    @classmethod
+    def from_sequences(cls, seqs: list[Sequence], blocks: BlockManager, image_token_id: int | None) -> "PrefillBatch":
+        images = [img for s in seqs for img in s.images]
+        return cls(tokens=[t for s in seqs for t in s.tokens], lengths=[len(s.tokens) for s in seqs],
+                   slots=[x for s in seqs for x in blocks.slots(s.id)], images=images,
+                   image_rows=image_rows(seqs, image_token_id) if images else [],
+                   params=[s.params for s in seqs], seeds=[s.seed for s in seqs],
+                   steps=[len(s.generated) for s in seqs])
+
+
 @torch.inference_mode()
-def prefill(model: Pixtral, cache: PagedKVCache, blocks: BlockManager, seqs: list[Sequence], stats: EngineStats,
-            nvtx: bool = False) -> StepOutput:
+def run_prefill(model: Pixtral, cache: PagedKVCache, batch: PrefillBatch, stats: EngineStats,
+                nvtx: bool = False) -> StepOutput:
     device = model.device
-    images = [img for s in seqs for img in s.images]
     t0 = time.perf_counter()
     with nvtx_range("vit", nvtx):
-        features = model.encode_images(images) if images else None
+        features = model.encode_images(batch.images) if batch.images else None
         if features is not None and features.is_cuda:
             torch.cuda.synchronize()  # only so that the ViT's share of prefill is measured
     stats.vit_seconds += time.perf_counter() - t0
-    tokens = torch.tensor([t for s in seqs for t in s.tokens], dtype=torch.int64, device=device)
+    tokens = torch.tensor(batch.tokens, dtype=torch.int64, device=device)
     h = model.tok_embeddings(tokens)
     if features is not None:
         # Engine.add_request checked (model.check_request) that each prompt's [IMG] count matches its patches.
-        rows = torch.tensor(image_rows(seqs, model.args.vision.image_token_id), dtype=torch.int64, device=device)
+        rows = torch.tensor(batch.image_rows, dtype=torch.int64, device=device)
         h[rows] = features.to(h.dtype)
-    lengths = [len(s.tokens) for s in seqs]
-    slots = torch.tensor([x for s in seqs for x in blocks.slots(s.id)], dtype=torch.int64, device=device)
-    meta = AttentionMetadata.for_sequences(lengths, device, slot_mapping=slots)
+    slots = torch.tensor(batch.slots, dtype=torch.int64, device=device)
+    meta = AttentionMetadata.for_sequences(batch.lengths, device, slot_mapping=slots)
     h = model.decode_hidden(h, meta, cache.layers)
-    last = torch.tensor(lengths, dtype=torch.int64).cumsum(0) - 1
+    last = torch.tensor(batch.lengths, dtype=torch.int64).cumsum(0) - 1
     logits = model.logits(h[last.to(device)])
-    return sample_rows(logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s.generated) for s in seqs])
+    return sample_rows(logits, batch.params, batch.seeds, batch.steps)
+
+
+def prefill(model: Pixtral, cache: PagedKVCache, blocks: BlockManager, seqs: list[Sequence], stats: EngineStats,
+            nvtx: bool = False) -> StepOutput:
+    image_token_id = None if model.args.vision is None else model.args.vision.image_token_id
+    return run_prefill(model, cache, PrefillBatch.from_sequences(seqs, blocks, image_token_id), stats, nvtx)

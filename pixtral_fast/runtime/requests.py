@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import torch
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
 from pixtral_fast.tokenizer import Encoded
@@ -51,3 +53,16 @@ def is_batch(request: Any) -> bool:
 def describe_failure(e: BaseException) -> str:
     """A ValueError's message is meant for the user as is; anything else is named by its type."""
     return str(e) if isinstance(e, ValueError) and str(e) else f"{type(e).__name__}: {e}"
+
+
+def image_tensors(images: Any) -> list[torch.Tensor]:
+    """Encoded.images as tensors; ValueError naming images / images[i] and what it got, rather
+    than a raw torch error, or a lone [3, H, W] tensor silently taken for 3 images (its channels)."""
+    if not isinstance(images, (list, tuple)):
+        raise ValueError(f"images must be a list of [3, H, W] pixel arrays (numpy or torch), "
+                         f"got {type(images).__name__}")
+    for i, img in enumerate(images):
+        if not isinstance(img, (np.ndarray, torch.Tensor)):
+            raise ValueError(f"images[{i}] must be a [3, H, W] pixel array (numpy or torch), "
+                             f"got {type(img).__name__}")
+    return [torch.as_tensor(img) for img in images]

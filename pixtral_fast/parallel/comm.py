@@ -1,0 +1,118 @@
+"""The process groups of a tensor-parallel model and the few collectives it uses.
+
+Two groups: the data group (NCCL between GPUs, gloo on the CPU) carries the all-reduces and the
+logits gather inside the model step, under a bounded timeout so that a dead or stuck rank ends in
+an error rather than a hang; the control group (always gloo, on the host) carries the driver's
+step messages, whose wait has no useful bound (an idle engine sends nothing for hours)."""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from pixtral_fast.parallel.plan import ShardPlan
+
+DEFAULT_TIMEOUT_S = 120.0
+IDLE_TIMEOUT = datetime.timedelta(days=365)
+
+
+class TensorParallelError(RuntimeError):
+    """A tensor-parallel rank failed or died: the engine cannot go on (its ranks are no longer in
+    step) and has shut down."""
+
+
+class Collectives:
+    """This rank's view of the tensor-parallel group: `plan` (size, rank) plus the groups."""
+
+    def __init__(self, plan: ShardPlan, data_group=None, control_group=None):
+        self.plan = plan
+        self.data_group, self.control_group = data_group, control_group
+
+    @property
+    def size(self) -> int:
+        return self.plan.size
+
+    @property
+    def rank(self) -> int:
+        return self.plan.rank
+
+    def _needs_group(self) -> None:
+        if self.data_group is None:
+            raise RuntimeError(f"this model is rank {self.rank}'s shard of a {self.size}-way tensor-parallel "
+                               "model built without a process group (for planning only): it cannot run")
+
+    # -- inside the model step (data group) ---------------------------------------------------------
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sums the ranks' partial results, in place."""
+        self._needs_group()
+        dist.all_reduce(x, group=self.data_group)
+        return x
+
+    def gather_columns(self, x: torch.Tensor, width: int) -> torch.Tensor:
+        """Each rank's [..., n] block side by side, in rank order, cut to `width` columns."""
+        self._needs_group()
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x, group=self.data_group)
+        return torch.cat(parts, dim=-1)[..., :width]
+
+    # -- between steps (control group, host objects) ------------------------------------------------
+
+    def broadcast(self, obj=None):
+        """The driver's object, on every rank (the driver passes it, the others receive it)."""
+        self._needs_group()
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.control_group)
+        return box[0]
+
+    def gather(self, obj) -> list | None:
+        """Every rank's object, in rank order, on the driver (None elsewhere)."""
+        self._needs_group()
+        out = [None] * self.size if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0, group=self.control_group)
+        return out
+
+    def min_int(self, value: int) -> int:
+        self._needs_group()
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control_group)
+        return int(t.item())
+
+    def destroy(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self.data_group = self.control_group = None
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def join_group(plan: ShardPlan, device: torch.device, init_method: str | None, timeout_s: float) -> Collectives:
+    """Joins (or, under torchrun, reuses) the default process group and makes the control group.
+    Every rank calls this in the same order."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend_for(device), init_method=init_method, rank=plan.rank,
+                                world_size=plan.size, timeout=timeout, **kwargs)
+    if dist.get_world_size() != plan.size or dist.get_rank() != plan.rank:
+        raise ValueError(f"the process group has world size {dist.get_world_size()} (this is rank "
+                         f"{dist.get_rank()}), but tensor_parallel_size={plan.size} (rank {plan.rank}) was asked")
+    control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    return Collectives(plan, dist.group.WORLD, control)
+
+
+def torchrun_rank() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) when launched by torchrun (WORLD_SIZE set), else None."""
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    try:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"WORLD_SIZE is set but RANK/LOCAL_RANK are not usable ({e}): launch with torchrun") from None

@@ -1,0 +1,267 @@
+"""Rank 0 of a tensor-parallel engine: starts the workers (spawn) or joins torchrun's group, and
+has every rank run each ModelRunner call in step with its own: the call's name and host inputs
+(tokens, positions, slots, block tables, sampling parameters, images) go out in one broadcast, then
+each rank runs the same step, the model's all-reduces pairing the ranks up inside it.
+
+The scheduler, the block manager and the tokenizer live on the driver only. Any failure during a
+call (a dead worker, a collective that timed out, a fault on any rank) leaves the ranks out of step,
+so it ends the engine: TensorParallelError naming the dead rank, every worker stopped."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pixtral_fast.parallel.comm import DEFAULT_TIMEOUT_S, Collectives, TensorParallelError, join_group, torchrun_rank
+from pixtral_fast.parallel.plan import ShardPlan, check_size
+from pixtral_fast.parallel.worker import GATHERED, load_shard, serve_steps
+
+log = logging.getLogger("pixtral_fast")
+JOIN_GRACE_S = 10.0
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class ParallelDriver:
+    def __init__(self, comm: Collectives, processes: list[subprocess.Popen], scratch: Path | None = None,
+                 lifeline: int | None = None):
+        self.comm, self.processes, self.scratch, self.lifeline = comm, processes, scratch, lifeline
+        self.failure: str | None = None
+        self.closed = False
+
+    @property
+    def size(self) -> int:
+        return self.comm.size
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    def describe(self) -> str:
+        return f"tensor parallel {self.size} ({'nccl' if self.comm.data_group is not None and _is_nccl() else 'gloo'})"
+
+    # -- calls ----------------------------------------------------------------------------------------
+
+    def start_runner(self, model, config):
+        """Every rank's ModelRunner, built together (they agree on the cache's size)."""
+        from pixtral_fast.runtime.model_runner import ModelRunner
+
+        def run():
+            self._send("setup", (config,))
+            return ModelRunner(model, config, self.comm)
+
+        return self._guarded("setup", run, passthrough=(ValueError,))
+
+    def call(self, runner, name: str, *args, **local):
+        """runner.name(*args) on every rank; the driver's result (or every rank's, in rank order,
+        for the GATHERED calls). `local` keyword arguments stay on the driver."""
+        def run():
+            self._send(name, args)
+            result = getattr(runner, name)(*args, **local)
+            return self.comm.gather(result) if name in GATHERED else result
+
+        return self._guarded(name, run)
+
+    def _send(self, name: str, args: tuple) -> None:
+        self.comm.broadcast((name, args))
+
+    def _guarded(self, what: str, run, passthrough: tuple[type, ...] = ()):
+        if self.failure is not None:
+            raise TensorParallelError(self.failure)
+        if self.closed:
+            raise TensorParallelError("the tensor-parallel engine is closed")
+        dead = self._dead()
+        if dead:
+            self._fail(f"{dead} before the {what} step")
+        try:
+            return run()
+        except BaseException as e:
+            if isinstance(e, passthrough) or not isinstance(e, Exception):  # an interrupt stays one
+                self.failure = f"tensor-parallel engine stopped: {type(e).__name__} during the {what} step"
+                self.shutdown()
+                raise
+            dead = self._dead(wait_s=2.0)  # a killed worker's exit code may take a moment to show
+            cause = dead or f"rank 0 failed: {type(e).__name__}: {str(e)[:500]}"
+            self._fail(f"{cause} during the {what} step", e)
+
+    def _dead(self, wait_s: float = 0.0) -> str:
+        """Which workers have died, in words ('' if none)."""
+        deadline = time.monotonic() + wait_s
+        while wait_s and all(p.poll() is None for p in self.processes) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        gone = [f"worker rank {r} (pid {p.pid}) {_describe_exit(p.returncode)}"
+                for r, p in enumerate(self.processes, start=1) if p.poll() is not None]
+        return "; ".join(gone)
+
+    def _fail(self, message: str, cause: BaseException | None = None):
+        self.failure = f"tensor-parallel engine stopped: {message}"
+        log.error("%s", self.failure)
+        self.shutdown()
+        raise TensorParallelError(self.failure) from cause
+
+    # -- shutdown -------------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stops every worker (a stop message when the ranks are in step; otherwise, and for any
+        still alive after the grace period, terminate then kill) and leaves the process group.
+        Idempotent; also run at interpreter exit."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.failure is None:
+            try:
+                self._send("stop", ())
+            except Exception as e:  # a worker died meanwhile: it is stopped anyway
+                log.debug("stop message failed: %s", e)
+        _stop_processes(self.processes, JOIN_GRACE_S if self.failure is None else 2.0)
+        try:
+            self.comm.destroy()
+        except Exception as e:
+            log.debug("destroying the process group failed: %s", e)
+        _release(self.scratch, self.lifeline)
+
+
+def _stop_processes(processes: list[subprocess.Popen], grace_s: float) -> None:
+    deadline = time.monotonic() + grace_s
+    for p in processes:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for p in processes:
+        for stop in (p.terminate, p.kill):
+            if p.poll() is None:
+                stop()
+                try:
+                    p.wait(timeout=2.0)
+                except subprocess.TimeoutExpired:
+                    pass
+
+
+def _release(scratch: Path | None, lifeline: int | None) -> None:
+    if lifeline is not None:
+        try:
+            os.close(lifeline)
+        except OSError:
+            pass
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _is_nccl() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_initialized() and dist.get_backend() == "nccl"
+
+
+def parallel_devices(size: int, device) -> torch.device:
+    """The driver's device; rank r runs on cuda:r (cuda:LOCAL_RANK under torchrun) or the CPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    parsed = torch.device(device)
+    if parsed.type == "cuda":
+        if parsed.index not in (None, 0):
+            raise ValueError(f"device {device!r}: with tensor_parallel_size={size} rank r runs on cuda:r; "
+                             "give device='cuda' (or 'cpu')")
+        if not torch.cuda.is_available() or torch.cuda.device_count() < size:
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            raise ValueError(f"tensor_parallel_size={size} needs {size} CUDA devices; this machine has {count}")
+        return torch.device("cuda", 0)
+    if parsed.type != "cpu":
+        raise ValueError(f"device {device!r}: only 'cpu' and 'cuda' devices are supported")
+    return parsed
+
+
+def start(path, size: int, device, dtype: torch.dtype, backend: str, progress: bool,
+          timeout_s: float = DEFAULT_TIMEOUT_S):
+    """(the driver's model, the driver) for a `size`-way engine: spawns size - 1 workers, or under
+    torchrun joins its group (where ranks > 0 serve the driver here and exit when it closes)."""
+    from pixtral_fast.model.load import check_dtype, checkpoint_path, is_quantized, read_args
+
+    check_size(size)  # everything a rank would trip over, found before any process starts
+    check_dtype(dtype)
+    ShardPlan(size).check(read_args(checkpoint_path(path)).text)
+    if is_quantized(path):
+        raise ValueError(f"{path}: tensor parallelism does not take compressed-tensors (quantized) checkpoints "
+                         "yet; run it with tensor_parallel_size=1, or give the bf16 checkpoint")
+    launched = torchrun_rank()
+    if launched is not None:
+        return _join_torchrun(path, size, launched, device, dtype, backend, progress, timeout_s)
+    device = parallel_devices(size, device)
+    scratch = Path(tempfile.mkdtemp(prefix="pixtral-fast-tp-"))
+    init_method = f"file://{scratch / 'rendezvous'}"
+    watch_fd, lifeline = os.pipe()  # the workers read watch_fd; only this process holds lifeline
+    processes: list[subprocess.Popen] = []
+    driver = None
+    try:
+        for r in range(1, size):
+            argv = [sys.executable, "-m", "pixtral_fast.parallel", "--rank", str(r), "--size", str(size),
+                    "--init-method", init_method, "--path", str(path), "--device-type", device.type,
+                    "--dtype", str(dtype).removeprefix("torch."), "--backend", backend,
+                    "--timeout-s", str(timeout_s), "--parent-fd", str(watch_fd)]
+            processes.append(subprocess.Popen(argv, pass_fds=(watch_fd,)))
+        os.close(watch_fd)
+        watch_fd = None
+        comm = join_group(ShardPlan(size, 0), device, init_method, timeout_s)
+        driver = ParallelDriver(comm, processes, scratch, lifeline)
+        return _load_driver_shard(driver, path, device, dtype, backend, progress), driver
+    except BaseException:
+        if driver is not None:
+            driver.shutdown()
+        else:
+            for p in processes:
+                p.kill()
+                p.wait()
+            if watch_fd is not None:
+                os.close(watch_fd)
+            _release(scratch, lifeline)
+        raise
+
+
+def _load_driver_shard(driver: ParallelDriver, path, device, dtype, backend, progress):
+    model, error, statuses = load_shard(path, device, dtype, backend, driver.comm, progress)
+    if error is not None:
+        raise error
+    failed = [(r, s) for r, s in enumerate(statuses) if s is not None]
+    if failed:
+        raise TensorParallelError(f"worker rank {failed[0][0]} could not load its shard of {path}: {failed[0][1]}")
+    return model
+
+
+def _join_torchrun(path, size, launched, device, dtype, backend, progress, timeout_s):
+    rank, world, local_rank = launched
+    if world != size:
+        raise ValueError(f"tensor_parallel_size={size} but torchrun started {world} processes (WORLD_SIZE): "
+                         "launch as many as the model is split")
+    want_cuda = (device is None and torch.cuda.is_available()) or torch.device(device or "cpu").type == "cuda"
+    device = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
+    comm = join_group(ShardPlan(size, rank), device, None, timeout_s)
+    if rank != 0:
+        model, _, _ = load_shard(path, device, dtype, backend, comm)
+        if model is not None:
+            serve_steps(model, comm)
+        comm.destroy()
+        raise SystemExit(0)  # this rank's work was the driver's engine; it ends with it
+    driver = ParallelDriver(comm, [])
+    try:
+        return _load_driver_shard(driver, path, device, dtype, backend, progress), driver
+    except BaseException:
+        driver.shutdown()
+        raise

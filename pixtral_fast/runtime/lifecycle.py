@@ -1,0 +1,72 @@
+"""The engine's lifecycle (close, the context manager, the end of every request) and the calls
+that ask every tensor-parallel rank at once (prompt logits, weight bytes): a mixin of Engine,
+kept apart so that engine.py holds the request path only."""
+from __future__ import annotations
+
+import torch
+
+from pixtral_fast.parallel import TensorParallelError
+from pixtral_fast.runtime.requests import image_tensors
+
+
+class EngineLifecycle:
+    def close(self) -> None:
+        """Ends every unfinished request (finish_reason 'abort') and stops the tensor-parallel
+        workers; the engine takes no more requests. Idempotent; `with Engine... as engine:` calls it."""
+        with self._lock:
+            if self._closed is None:
+                self._end_all("abort", None)
+                self._closed = "the engine is closed"
+            if self.parallel is not None:
+                self.parallel.shutdown()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The spawned tensor-parallel workers' process ids (none without tensor parallelism)."""
+        return [] if self.parallel is None else self.parallel.worker_pids
+
+    def prompt_logits(self, tokens, images=()) -> torch.Tensor:
+        """Float32 [seq, vocab] logits of one causal sequence (no cache, like model(tokens, images)),
+        on the host; under tensor parallelism every rank runs its share."""
+        tokens = torch.as_tensor(tokens)
+        self.model.check_tokens(tokens)
+        if tokens.numel() == 0:
+            raise ValueError("tokens is empty")
+        images = image_tensors(images)
+        self.model.check_request(tokens.cpu().numpy(), images)
+        with self._lock:
+            self._check_open()
+            return self._call("prompt_logits", tokens.cpu(), images)
+
+    def weight_bytes(self) -> list[dict[str, int]]:
+        """Each rank's weight bytes by part (decoder layers, embedding and output, the rest)."""
+        with self._lock:
+            self._check_open()
+            out = self._call("weight_bytes")
+        return [out] if self.parallel is None else out
+
+    def _check_open(self) -> None:
+        if self._closed is not None:
+            raise (TensorParallelError if self.parallel is not None and self.parallel.failure else RuntimeError)(
+                self._closed)
+
+    def _end_all(self, reason: str, error: str | None) -> None:
+        """Every request not yet finished ends now, its blocks freed."""
+        while self._inbox:
+            self.scheduler.add(self._inbox.popleft())
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            if error is None:
+                self.scheduler.finish(seq, reason)
+            else:
+                self.scheduler.fail(seq, error)
+
+    def _stopped(self, message: str) -> None:
+        """The tensor-parallel ranks fell out of step: no request can run any more."""
+        self._closed = message
+        self._end_all("error", message)

@@ -1,0 +1,68 @@
+"""One rank's model, paged KV cache and decode runner, and the steps an engine asks of them. The
+engine drives one directly; under tensor parallelism every rank holds one, and the driver has the
+workers run each call in step with its own (pixtral_fast/parallel/driver.py)."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from pixtral_fast.model.pixtral import Pixtral
+from pixtral_fast.parallel.comm import Collectives
+from pixtral_fast.runtime.config import CPU_CACHE_BYTES, DEFAULT_MAX_BATCH_SIZE, EngineConfig
+from pixtral_fast.runtime.graphs import DecodeRow, DecodeRunner
+from pixtral_fast.runtime.kv_cache import PagedKVCache, plan_cache
+from pixtral_fast.runtime.prefill import PrefillBatch, run_prefill
+from pixtral_fast.runtime.requests import EngineStats
+from pixtral_fast.runtime.sampling import StepOutput
+
+
+class ModelRunner:
+    def __init__(self, model: Pixtral, config: EngineConfig, comm: Collectives | None = None):
+        self.model = model
+        memory_bytes = config.memory_bytes
+        if model.device.type == "cpu" and config.num_blocks is None and memory_bytes is None:
+            memory_bytes = CPU_CACHE_BYTES  # no free-memory query on the CPU
+        # local_text: this rank's KV heads; the cache holds only those.
+        shape = plan_cache(model.local_text, model.dtype, model.device, config.block_size, config.num_blocks,
+                           memory_bytes, config.gpu_memory_fraction)
+        if comm is not None and comm.size > 1:  # every rank's cache holds the same blocks: the smallest plan
+            shape = replace(shape, num_blocks=comm.min_int(shape.num_blocks))
+        self.shape = shape
+        usable = shape.num_blocks - 1  # the scratch block is never handed out
+        if config.max_batch_size > max(usable, DEFAULT_MAX_BATCH_SIZE):
+            # each running sequence holds at least one block: rows past `usable` could never run,
+            # and the decode runner would still allocate buffers for them (the default always passes)
+            raise ValueError(f"max_batch_size={config.max_batch_size} is more sequences than the KV cache "
+                             f"could ever run at once ({usable} blocks of {shape.block_size} tokens, each running "
+                             f"sequence holding at least one): lower max_batch_size or give the cache more memory")
+        self.cache = PagedKVCache(shape, model.device)
+        text = model.args.text
+        self.max_model_len = min(config.max_model_len or text.max_seq_len, text.max_seq_len)
+        max_blocks = -(-self.max_model_len // shape.block_size)
+        self.decoder = DecodeRunner(model, self.cache, config.max_batch_size, max_blocks, config.graph_buckets,
+                                    config.use_cuda_graphs)
+        self.stats = EngineStats()  # a worker's own; the driver passes the engine's
+
+    def prefill(self, batch: PrefillBatch, stats: EngineStats | None = None, nvtx: bool = False) -> StepOutput:
+        return run_prefill(self.model, self.cache, batch, stats or self.stats, nvtx)
+
+    def decode(self, rows: list[DecodeRow]) -> StepOutput:
+        return self.decoder.step(rows)
+
+    def capture(self, greedy_only: bool = True, logprobs: bool = False, progress: bool = False) -> None:
+        self.decoder.capture(greedy_only=greedy_only, progress=progress, logprobs=logprobs)
+
+    @torch.inference_mode()
+    def prompt_logits(self, tokens: torch.Tensor, images: list[torch.Tensor]) -> torch.Tensor:
+        """Float32 [seq, vocab] logits of one causal sequence, no cache (model.forward), on the host."""
+        return self.model(tokens, images).cpu()
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Bytes of this rank's weights: the decoder layers, the embedding and output, the rest."""
+        out = {"decoder_layers": 0, "embedding_and_output": 0, "other": 0}
+        for name, p in self.model.state_dict().items():
+            key = ("decoder_layers" if name.startswith("layers.") else
+                   "embedding_and_output" if name in ("tok_embeddings.weight", "output.weight") else "other")
+            out[key] += p.numel() * p.element_size()
+        return out
