@@ -219,7 +219,12 @@ def start(path, size: int, device, dtype: torch.dtype, backend: str, progress: b
             processes.append(subprocess.Popen(argv, pass_fds=(watch_fd,)))
         os.close(watch_fd)
         watch_fd = None
-        comm = join_group(ShardPlan(size, 0), device, init_method, timeout_s)
+        try:
+            comm = join_group(ShardPlan(size, 0), device, init_method, timeout_s)
+        except Exception as e:
+            gone = ParallelDriver(Collectives(ShardPlan(size, 0)), processes)._dead(wait_s=1.0)
+            raise TensorParallelError(f"the {size} ranks did not form a process group within {timeout_s:g} s"
+                                      + (f": {gone} (its log is above)" if gone else f" ({e})")) from e
         driver = ParallelDriver(comm, processes, scratch, lifeline)
         return _load_driver_shard(driver, path, device, dtype, backend, progress), driver
     except BaseException:
