@@ -4,7 +4,14 @@ size, each next to its roofline (DESIGN §4: weights + KV bytes per step over HB
 
 With `scheme` ("w4a16" or "fp8"), the decoder's linears are quantized on the device as
 `pixtral-fast quantize` would (round-to-nearest, pixtral_fast.quant.model.quantize_model) and run
-packed; the roofline then counts the bytes the quantized model reads (packed weights and scales)."""
+packed; the roofline then counts the bytes the quantized model reads (packed weights and scales).
+
+Tensor parallelism (tensor_parallel_size N > 1): random weights exist in one process only, and
+worker ranks load their shard from a checkpoint file, so `run(params, ...)` at N > 1 builds no
+model: it reports the per-rank memory plan and the N-GPU decode roofline
+(pixtral_fast/parallel/memory.py), counted on the meta device. Decode speed at N > 1 needs a real
+checkpoint: `run_checkpoint(folder, tensor_parallel_size=N)` (`bench --model DIR`) loads it
+through Engine.from_pretrained and times it against that roofline."""
 from __future__ import annotations
 
 import json
@@ -18,6 +25,7 @@ import torch
 from pixtral_fast.config import IMG_BREAK_ID, IMG_END_ID, IMG_ID, ModelArgs, VisionArgs
 from pixtral_fast.model.load import check_dtype, resolve_device
 from pixtral_fast.model.pixtral import Pixtral, build_model
+from pixtral_fast.parallel.plan import ShardPlan
 from pixtral_fast.quant.describe import describe_scheme
 from pixtral_fast.quant.memory import decode_step_bytes, held_bytes
 from pixtral_fast.runtime.engine import Engine
@@ -126,7 +134,7 @@ def check_fits(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Non
     if need > have:
         raise ValueError(f"the model's weights need {need / 1e9:.1f} GB in {str(dtype).removeprefix('torch.')} but "
                          f"{device} has {have / 1e9:.1f} GB free: it does not fit one device (a larger model needs "
-                         "tensor parallelism, not built yet)")
+                         "--tensor-parallel-size N to plan it over N GPUs)")
 
 
 def _sync(device) -> None:
@@ -148,7 +156,8 @@ def time_to_first_token(engine: Engine, prompt: Encoded, reps: int) -> dict:
             "vit_ms": 1e3 * statistics.median(vit)}
 
 
-def decode_throughput(engine: Engine, batch: int, context: int, steps: int) -> dict:
+def decode_throughput(engine: Engine, batch: int, context: int, steps: int, ideal=None) -> dict:
+    """ideal(batch, context) -> (bytes, seconds) of the step's roofline; default: one device's."""
     vocab = engine.model.args.text.vocab_size
     g = torch.Generator().manual_seed(batch)
     prompts = [Encoded(tokens=[BOS] + torch.randint(1000, vocab, (context - 1,), generator=g).tolist(), images=[])
@@ -166,11 +175,15 @@ def decode_throughput(engine: Engine, batch: int, context: int, steps: int) -> d
     while engine.has_unfinished():
         engine.step()
     step_s = seconds / n_steps
-    ideal_s = decode_bytes(engine.model, batch, context) / HBM_BYTES_PER_S
+    if ideal is None:
+        step_bytes = decode_bytes(engine.model, batch, context)
+        ideal_s = step_bytes / HBM_BYTES_PER_S
+    else:
+        step_bytes, ideal_s = ideal(batch, context)
     return {"batch": batch, "context": context, "stopped_early": sum(s.finish_reason != "length" for s in seqs),
             "step_ms": 1e3 * step_s, "tok_per_s": tokens / seconds,
             "roofline_tok_per_s": batch / ideal_s, "fraction_of_roofline": ideal_s / step_s,
-            "achieved_GB_per_s": decode_bytes(engine.model, batch, context) / step_s / 1e9}
+            "achieved_GB_per_s": step_bytes / step_s / 1e9}
 
 
 def engine_params(max_new_tokens: int, vocab_size: int):
@@ -182,16 +195,9 @@ def engine_params(max_new_tokens: int, vocab_size: int):
     return SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=(vocab_size - 1,))
 
 
-def run(params, batches=(1, 8, 32), image_size=1024, decode_steps=32, context=None, device=None,
-        dtype=torch.bfloat16, backend="auto", nvtx=False, reps: int = 3, out: str | Path | None = None,
-        cuda_graphs: bool = True, scheme: str | None = None, group_size: int = 128) -> dict:
-    """The report; with `out`, also written there after each section, so that a run cut short
-    still leaves what it measured. scheme: None (bf16/fp16/fp32 weights), "w4a16" (int4, one
-    scale per group_size inputs) or "fp8" (e4m3, one scale per output channel)."""
-    args = ModelArgs.from_params_json(params)
-    device, dtype = resolve_device(device), check_dtype(dtype)
+def check_run_args(args: ModelArgs, where, batches, image_size: int, decode_steps: int, context) -> None:
     if args.vision is None:
-        raise ValueError(f"{params}: bench times an image prompt, and this model has no vision encoder")
+        raise ValueError(f"{where}: bench times an image prompt, and this model has no vision encoder")
     patch, merge, largest = args.vision.patch_size, args.vision.spatial_merge_size, args.vision.image_size
     unit = patch * merge
     if image_size % unit or not unit <= image_size <= largest:
@@ -204,7 +210,34 @@ def run(params, batches=(1, 8, 32), image_size=1024, decode_steps=32, context=No
         raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
     if context is not None and context < 2:
         raise ValueError(f"context must be >= 2 (BOS + one token), got {context}")
+
+
+def check_parallel_size(size) -> int:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"tensor_parallel_size must be a positive integer, got {size!r}")
+    return size
+
+
+def engine_limits(batches, context: int, prompt: Encoded, decode_steps: int) -> dict:
+    longest = max(context, len(prompt.tokens)) + decode_steps + 8
+    return dict(max_batch_size=max(batches), max_model_len=longest, num_blocks=max(batches) * -(-longest // 16) + 64,
+                max_prefill_tokens=max(batches) * context)  # every batch starts together
+
+
+def run(params, batches=(1, 8, 32), image_size=1024, decode_steps=32, context=None, device=None,
+        dtype=torch.bfloat16, backend="auto", nvtx=False, reps: int = 3, out: str | Path | None = None,
+        cuda_graphs: bool = True, scheme: str | None = None, group_size: int = 128,
+        tensor_parallel_size: int = 1) -> dict:
+    """The report; with `out`, also written there after each section, so that a run cut short
+    still leaves what it measured. scheme: None (bf16/fp16/fp32 weights), "w4a16" (int4, one
+    scale per group_size inputs) or "fp8" (e4m3, one scale per output channel).
+    tensor_parallel_size > 1: the memory plan and roofline only (see the module docstring)."""
+    args = ModelArgs.from_params_json(params)
+    device, dtype = resolve_device(device), check_dtype(dtype)
+    check_run_args(args, params, batches, image_size, decode_steps, context)
     check_scheme(args, scheme, group_size)
+    if check_parallel_size(tensor_parallel_size) > 1:
+        return parallel_plan_report(args, tensor_parallel_size, batches, image_size, context, dtype, scheme, out)
     check_fits(args, device, dtype)
     if scheme is None:
         model = random_model(args, device, dtype).set_backend(backend)
@@ -212,11 +245,8 @@ def run(params, batches=(1, 8, 32), image_size=1024, decode_steps=32, context=No
         model = random_quantized_model(args, device, dtype, scheme, group_size, backend)
     prompt = image_prompt(image_size, args.vision)
     context = context or len(prompt.tokens)
-    longest = max(context, len(prompt.tokens)) + decode_steps + 8
-    engine = Engine.from_model(model, max_batch_size=max(batches), nvtx=nvtx, max_model_len=longest,
-                               use_cuda_graphs=None if cuda_graphs else False,
-                               num_blocks=max(batches) * -(-longest // 16) + 64,
-                               max_prefill_tokens=max(batches) * context)  # every batch starts together
+    engine = Engine.from_model(model, nvtx=nvtx, use_cuda_graphs=None if cuda_graphs else False,
+                               **engine_limits(batches, context, prompt, decode_steps))
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "engine": engine.describe(),
@@ -226,7 +256,12 @@ def run(params, batches=(1, 8, 32), image_size=1024, decode_steps=32, context=No
         "decode_weight_bytes_per_step_GB": decode_bytes(model, 1, 0) / 1e9,
         "hbm_bytes_per_s_assumed": HBM_BYTES_PER_S,
     }
+    return measure(engine, report, prompt, batches, context, decode_steps, reps, image_size, out)
 
+
+def measure(engine: Engine, report: dict, prompt: Encoded, batches, context: int, decode_steps: int, reps: int,
+            image_size: int, out, ideal=None) -> dict:
+    """Adds the time to first token and the decode throughput per batch size to `report`."""
     def emit(key, value):
         report[key] = value
         if out is not None:
@@ -235,5 +270,60 @@ def run(params, batches=(1, 8, 32), image_size=1024, decode_steps=32, context=No
     emit("time_to_first_token", {**time_to_first_token(engine, prompt, reps), "image": f"{image_size}x{image_size}"})
     emit("decode", [])
     for b in batches:
-        emit("decode", report["decode"] + [decode_throughput(engine, b, context, decode_steps)])
+        emit("decode", report["decode"] + [decode_throughput(engine, b, context, decode_steps, ideal)])
     return report
+
+
+def parallel_plan_report(args: ModelArgs, size: int, batches, image_size: int, context, dtype, scheme, out) -> dict:
+    """`bench --params P --random-weights --tensor-parallel-size N`: the plan, on the meta device."""
+    from pixtral_fast.parallel.memory import tensor_parallel_report
+
+    if scheme is not None:
+        raise ValueError(f"scheme={scheme!r} with tensor_parallel_size={size}: quantized weights are not split "
+                         "across ranks yet; plan the dense model (no --scheme)")
+    ShardPlan(size).check(args.text)
+    context = context or len(image_prompt(image_size, args.vision).tokens)
+    report = {"tensor_parallel_size": size, "parameters": parameter_count(build_model(args, device="meta", dtype=dtype)),
+              "decode_context": context,
+              **tensor_parallel_report(args, size, sorted(set(batches)), context, dtype),
+              "note": (f"plan only, counted on the meta device: no model was built. Random weights exist in one "
+                       f"process and the {size - 1} worker ranks load their shards from a checkpoint file, so "
+                       f"tensor-parallel decode speed needs a real checkpoint: pixtral-fast bench --model DIR "
+                       f"--tensor-parallel-size {size} (on {size} GPUs)")}
+    if not torch.cuda.is_available():
+        report["note"] += "; no GPU here: each GPU is assumed to be an H200 (141 GB)"
+    if out is not None:
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def run_checkpoint(path, batches=(1, 8, 32), image_size=1024, decode_steps=32, context=None, device=None,
+                   dtype=torch.bfloat16, backend="auto", nvtx=False, reps: int = 3, out: str | Path | None = None,
+                   cuda_graphs: bool = True, tensor_parallel_size: int = 1) -> dict:
+    """`bench --model DIR [--tensor-parallel-size N]`: the checkpoint's real weights through
+    Engine.from_pretrained, timed like run(); the roofline is the N-GPU one of
+    pixtral_fast/parallel/memory.py (rank 0's bytes, plus the collectives when N > 1)."""
+    from pixtral_fast.model.load import checkpoint_path, read_args
+    from pixtral_fast.parallel.memory import decode_roofline, rank_plan, tensor_parallel_report
+
+    size = check_parallel_size(tensor_parallel_size)
+    args, dtype = read_args(checkpoint_path(path)), check_dtype(dtype)
+    check_run_args(args, path, batches, image_size, decode_steps, context)
+    prompt = image_prompt(image_size, args.vision)
+    context = context or len(prompt.tokens)
+    rank0 = rank_plan(args, size, 0, dtype)
+    engine = Engine.from_pretrained(path, device=device, dtype=dtype, backend=backend, tensor_parallel_size=size,
+                                    nvtx=nvtx, use_cuda_graphs=None if cuda_graphs else False, progress=False,
+                                    **engine_limits(batches, context, prompt, decode_steps))
+
+    def ideal(batch: int, ctx: int) -> tuple[int, float]:
+        line = decode_roofline(args, rank0, size, batch, ctx, dtype)
+        return line["hbm_bytes_per_rank"], line["step_ms"] / 1e3
+
+    with engine:
+        device = engine.model.device
+        report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  "engine": engine.describe(), "tensor_parallel_size": size,
+                  "weights_per_rank_GB": [sum(parts.values()) / 1e9 for parts in engine.weight_bytes()],
+                  **tensor_parallel_report(args, size, sorted(set(batches)), context, dtype)}
+        return measure(engine, report, prompt, batches, context, decode_steps, reps, image_size, out, ideal)

@@ -1,9 +1,13 @@
 """The `pixtral-fast` command: generate, demo, bench, make-tiny, convert-hf, serve.
 
+`python -m pixtral_fast.cli ...` runs the same command (what `torchrun -m pixtral_fast.cli` needs).
+
 Each subcommand is one `add_*(subparsers)` registration in COMMANDS (serve's lives in
 pixtral_fast/serve/command.py, which imports FastAPI and uvicorn only when it runs). Errors follow the habits of standard tools:
 - a user error (bad arguments, device, config, checkpoint, image, sampling parameter; any
-  ValueError or OSError) prints one line `pixtral-fast: error: ...` on stderr and exits 2;
+  ValueError or OSError), and a tensor-parallel rank that died or timed out (TensorParallelError),
+  prints one line `pixtral-fast: error: ...` on stderr and exits 2 (under torchrun, a rank > 0
+  says `pixtral-fast (rank R): error: ...`);
 - Ctrl-C prints `pixtral-fast: error: interrupted` and exits 130;
 - a closed stdout (`pixtral-fast generate ... | head -c 1`) ends quietly with exit 141, as a tool
   killed by SIGPIPE does;
@@ -91,6 +95,12 @@ def add_runtime_options(cmd: argparse.ArgumentParser, dtype: bool = True, graphs
         cmd.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly (to profile each kernel)")
 
 
+def add_parallel_option(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--tensor-parallel-size", "-tp", type=int_at_least(1), default=1, metavar="N",
+                     help="split the decoder over N ranks: N GPUs (cuda:0..N-1, NCCL) or N CPU processes (gloo); "
+                          "under torchrun, N = the number of processes it starts")
+
+
 # -- generate ---------------------------------------------------------------------------------------
 
 def check_images(paths: list[Path]) -> None:
@@ -109,15 +119,19 @@ def _generate(a) -> None:
                     seed=a.seed)
     SamplingParams(**sampling)  # refuses nan, negatives, ... now rather than after loading 25 GB
     check_images(a.image)
+    # Under torchrun, ranks > 0 serve rank 0's engine inside this call and exit 0 when it closes:
+    # only rank 0 gets past it, so only rank 0 prints.
     engine = Engine.from_pretrained(a.model, device=a.device, dtype=torch_dtype(a.dtype), backend=a.backend,
                                     nvtx=a.nvtx, max_batch_size=a.max_batch_size,
-                                    use_cuda_graphs=False if a.no_cuda_graphs else None)
-    print(f"{PROG}: {engine.describe()}", file=sys.stderr)
-    content = [{"type": "image", "image": path} for path in a.image] + [{"type": "text", "text": a.prompt}]
-    with contextlib.closing(engine.stream([{"role": "user", "content": content}], **sampling)) as pieces:
-        for piece in pieces:
-            print(piece, end="", flush=True)
-    print()
+                                    use_cuda_graphs=False if a.no_cuda_graphs else None,
+                                    tensor_parallel_size=a.tensor_parallel_size)
+    with engine:  # stops the tensor-parallel workers
+        print(f"{PROG}: {engine.describe()}", file=sys.stderr)
+        content = [{"type": "image", "image": path} for path in a.image] + [{"type": "text", "text": a.prompt}]
+        with contextlib.closing(engine.stream([{"role": "user", "content": content}], **sampling)) as pieces:
+            for piece in pieces:
+                print(piece, end="", flush=True)
+        print()
 
 
 def add_generate(sub) -> argparse.ArgumentParser:
@@ -132,6 +146,7 @@ def add_generate(sub) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--max-batch-size", type=int_at_least(1), default=8)
     add_runtime_options(g)
+    add_parallel_option(g)
     g.set_defaults(func=_generate)
     return g
 
@@ -156,19 +171,32 @@ def add_demo(sub) -> argparse.ArgumentParser:
 def _bench(a) -> None:
     from pixtral_fast import benchmark
 
-    report = benchmark.run(a.params, batches=a.batch, image_size=a.image_size, decode_steps=a.decode_steps,
-                           context=a.context, device=a.device, dtype=torch_dtype(a.dtype), backend=a.backend,
-                           nvtx=a.nvtx, out=a.out, cuda_graphs=not a.no_cuda_graphs,
-                           scheme=a.scheme, group_size=a.group_size)
+    common = dict(batches=a.batch, image_size=a.image_size, decode_steps=a.decode_steps, context=a.context,
+                  device=a.device, dtype=torch_dtype(a.dtype), backend=a.backend, nvtx=a.nvtx, out=a.out,
+                  cuda_graphs=not a.no_cuda_graphs, tensor_parallel_size=a.tensor_parallel_size)
+    if a.model is not None:
+        if a.random_weights or a.scheme is not None:
+            raise ValueError("--model DIR times the checkpoint's own weights: drop --random-weights and --scheme "
+                             "(or bench --params params.json --random-weights)")
+        report = benchmark.run_checkpoint(a.model, **common)
+    else:
+        if not a.random_weights:
+            raise ValueError("--params builds the model with random weights: add --random-weights "
+                             "(or time a checkpoint with --model DIR)")
+        report = benchmark.run(a.params, scheme=a.scheme, group_size=a.group_size, **common)
     json.dump(report, sys.stdout, indent=2)
     print()
 
 
 def add_bench(sub) -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="end-to-end speed: time to first token and decode tok/s")
-    b.add_argument("--params", required=True, help="params.json of the model to build")
-    b.add_argument("--random-weights", action="store_true", required=True,
-                   help="weights are made on the device (no checkpoint is read)")
+    source = b.add_mutually_exclusive_group(required=True)
+    source.add_argument("--params", help="params.json of the model to build (with --random-weights)")
+    source.add_argument("--model", help="checkpoint folder: time its real weights (also across ranks: "
+                        "--tensor-parallel-size N)")
+    b.add_argument("--random-weights", action="store_true",
+                   help="weights are made on the device (no checkpoint is read); with --tensor-parallel-size "
+                        "N > 1: the per-rank memory plan and N-GPU roofline only")
     b.add_argument("--batch", type=int_at_least(1), nargs="+", default=[1, 8, 32])
     b.add_argument("--image-size", type=int_at_least(1), default=1024)
     b.add_argument("--context", type=int_at_least(1), default=None,
@@ -177,6 +205,7 @@ def add_bench(sub) -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="also write the report here, refreshed after each section")
     add_bench_scheme_options(b)  # --scheme w4a16|fp8, --group-size
     add_runtime_options(b)
+    add_parallel_option(b)
     b.set_defaults(func=_bench)
     return b
 
@@ -241,7 +270,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] 
 
 
 def parser() -> argparse.ArgumentParser:
-    p = Parser(prog=PROG, description="Pixtral-12B inference on one GPU")
+    p = Parser(prog=PROG, description="Pixtral inference on one GPU, or split over several (--tensor-parallel-size)")
     p.add_argument("--debug", action="store_true", help="show the traceback of any error")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     for register in COMMANDS:
@@ -257,6 +286,8 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     """What a user can cause: bad values and files, images PIL refuses, mistral_common's request
     errors, and running out of memory. Everything else is our bug."""
     types: list[type[BaseException]] = [ValueError, OSError]
+    if "pixtral_fast.parallel.comm" in sys.modules:  # a rank died or timed out: said in one line, no traceback
+        types.append(sys.modules["pixtral_fast.parallel.comm"].TensorParallelError)
     if "torch" in sys.modules:
         types.append(sys.modules["torch"].OutOfMemoryError)
     if "PIL.Image" in sys.modules:
@@ -280,8 +311,10 @@ def one_line(e: BaseException) -> str:
 
 
 def _fail(message: str, code: int) -> None:
+    rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"  # torchrun: say which process
+    where = "" if rank == "0" else f" (rank {rank})"
     with contextlib.suppress(OSError):  # stderr itself may be gone
-        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+        print(f"{PROG}{where}: error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(code)
 
 

@@ -37,8 +37,10 @@ USEFUL_BATCH = 32                 # DEFAULT_MAX_BATCH_SIZE, the bench's largest 
 USEFUL_CONTEXT = 8192             # tokens per sequence: one 1024x1024 image (4160) and as much text
 
 
-def _is_replicated(name: str, plan: ShardPlan, args: ModelArgs) -> bool:
-    return plan.slice_for(name, args.text) is None
+def is_replicated(name: str, args: ModelArgs) -> bool:
+    """Whether every rank of any tensor-parallel plan holds `name` whole (the ViT, the adapter,
+    the patch merger, every norm); at size 1 the same tensors count as replicated."""
+    return ShardPlan(2, 0).slice_for(name, args.text) is None
 
 
 def rank_plan(args: ModelArgs, size: int, rank: int, dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -52,7 +54,7 @@ def rank_plan(args: ModelArgs, size: int, rank: int, dtype: torch.dtype = torch.
     parts = {"split": 0, "replicated": 0, "decoder_layers": 0, "embedding_and_output": 0, "vision": 0}
     for name, t in model.state_dict().items():
         n = t.numel() * t.element_size()
-        parts["replicated" if size == 1 or _is_replicated(name, plan, args) else "split"] += n
+        parts["replicated" if is_replicated(name, args) else "split"] += n
         if name.startswith("layers."):
             parts["decoder_layers"] += n
         elif name in ("tok_embeddings.weight", "output.weight"):

@@ -3,6 +3,9 @@
     pixtral-fast serve --model DIR [--host 127.0.0.1] [--port 8000] [--dtype auto] ...
     pixtral-fast serve --tiny            # the embedded tiny checkpoint: try it with no weights
     python -m pixtral_fast.serve.command ...   # the same, without the pixtral-fast entry point
+    pixtral-fast serve --model DIR --tensor-parallel-size 2   # rank 0 serves HTTP; 1 worker process
+    torchrun --nproc-per-node 2 -m pixtral_fast.cli serve --model DIR --tensor-parallel-size 2
+                                         # rank 0 listens; the other ranks only run its model steps
 """
 from __future__ import annotations
 
@@ -137,6 +140,9 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
     e.add_argument("--num-gpu-blocks-override", type=positive_int, default=None, help="KV cache size in blocks")
     e.add_argument("--block-size", type=int, default=None, help="tokens per KV block (16..256, a power of two)")
     e.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    e.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1, metavar="N",
+                   help="split the decoder over N GPUs (cuda:0..N-1) or N CPU processes; under torchrun, the "
+                        "number of processes it starts")
     e.add_argument("--nvtx", action="store_true", help="NVTX ranges around prefill, ViT and decode steps")
 
 
@@ -149,6 +155,7 @@ def engine_limits(a) -> dict:
         limits["use_cuda_graphs"] = False
     limits["nvtx"] = a.nvtx
     limits["progress"] = sys.stderr.isatty()
+    limits["tensor_parallel_size"] = a.tensor_parallel_size
     return limits
 
 
@@ -178,6 +185,10 @@ def build_engine(a):
         from pixtral_fast.benchmark import random_model
         from pixtral_fast.runtime.config import EngineConfig
 
+        if limits.pop("tensor_parallel_size") > 1:
+            raise ValueError(f"--load-format dummy with --tensor-parallel-size {a.tensor_parallel_size}: random "
+                             "weights are made in this process only, and the other ranks load their shards from "
+                             "the checkpoint files; serve the checkpoint itself (--load-format auto)")
         model = random_model(read_args(folder), device, dtype).set_backend(a.backend)
         return Engine(model, Tokenizer.for_checkpoint(folder), EngineConfig(**limits)), folder.resolve().name
     return Engine.from_pretrained(folder, device=device, dtype=dtype, backend=a.backend, **limits), folder.resolve().name
@@ -197,13 +208,20 @@ def build_settings(a, default_name: str):
                           max_request_bytes=a.max_request_bytes, media=media, shutdown_grace=a.shutdown_grace)
 
 
+def _torchrun_follower() -> bool:
+    """A torchrun rank > 0: it runs rank 0's model steps inside Engine.from_pretrained (and exits
+    there); it never listens."""
+    from pixtral_fast.parallel.comm import torchrun_rank
+
+    launched = torchrun_rank()
+    return launched is not None and launched[0] != 0
+
+
 def run_serve(a) -> None:
-    import uvicorn
-
-    from pixtral_fast.runtime.async_engine import AsyncEngine
-    from pixtral_fast.serve.app import build_app
-
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if _torchrun_follower():
+        build_engine(a)  # raises SystemExit(0) once rank 0's engine closes
+        raise RuntimeError("a torchrun rank > 0 came back from Engine.from_pretrained")
     # The engine thread gives up the GIL inside every torch op and must win it back from the event
     # loop: a shorter switch interval keeps it from queueing behind HTTP work (5 ms by default).
     sys.setswitchinterval(0.0005)
@@ -214,7 +232,19 @@ def run_serve(a) -> None:
     except OSError as e:
         sock.close()
         raise ValueError(f"--host {a.host} --port {a.port}: cannot listen there ({e.strerror or e})") from None
-    engine, default_name = build_engine(a)
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(sock.close)
+        engine, default_name = build_engine(a)
+        cleanup.callback(engine.close)  # stops the tensor-parallel workers, however the server ends
+        _serve(a, engine, default_name, sock)
+
+
+def _serve(a, engine, default_name: str, sock) -> None:
+    import uvicorn
+
+    from pixtral_fast.runtime.async_engine import AsyncEngine
+    from pixtral_fast.serve.app import build_app
+
     settings = build_settings(a, default_name)
     tokenizer = engine.tokenizer
     if hasattr(tokenizer, "max_image_pixels"):
@@ -267,6 +297,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run_serve(a)
     except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"pixtral-fast: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except RuntimeError as e:  # a tensor-parallel rank died or timed out: one line, no traceback
+        from pixtral_fast.parallel.comm import TensorParallelError
+
+        if not isinstance(e, TensorParallelError):
+            raise
         print(f"pixtral-fast: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -1,0 +1,144 @@
+"""The tensor-parallel entry points for real, on the CPU (gloo): `pixtral-fast serve
+--tensor-parallel-size 2` in a subprocess answers a chat request with an image exactly as the
+offline TP=1 engine does and, on SIGTERM, exits 0 leaving no worker behind; `torchrun
+--nproc-per-node 2 -m pixtral_fast.cli generate ... --tensor-parallel-size 2` prints (from rank 0
+only) the TP=1 text; a bad --tensor-parallel-size and a TensorParallelError are one-line errors,
+exit 2, for generate, serve and bench."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import psutil
+import pytest
+import torch
+
+import pixtral_fast as pf
+from pixtral_fast.cli import main
+from pixtral_fast.parallel import TensorParallelError
+from pixtral_fast.tiny import make_tiny
+from tests.support.serve_server import CPU_ARGS, REPO, ServerProcess, data_url, picture, user_message
+
+PROMPT = "Describe the picture, please."
+MAX_NEW = 8
+IMAGE = (40, 56, 3)  # width, height, seed
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("media") / "picture.png"
+    picture(*IMAGE).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_dir, image_file):
+    """The TP=1 offline engine's greedy answer to PROMPT about image_file."""
+    with pf.Engine.from_pretrained(tiny_dir, device="cpu", dtype=torch.float32, backend="reference",
+                                   progress=False, num_blocks=64) as engine:
+        messages = [{"role": "user", "content": [{"type": "image", "image": image_file},
+                                                 {"type": "text", "text": PROMPT}]}]
+        text = engine.generate(messages, max_new_tokens=MAX_NEW).text
+    assert text
+    return text
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_at_tp2_answers_as_tp1_and_sigterm_leaves_no_worker(tiny_dir, tmp_path, request):
+    server = ServerProcess(["--model", str(tiny_dir), *CPU_ARGS, "--tensor-parallel-size", "2",
+                            "--num-gpu-blocks-override", "64", "--disable-uvicorn-access-log",
+                            "--served-model-name", "tiny"], tmp_path / "server.log", wait=False)
+    try:
+        expected = request.getfixturevalue("expected")  # the TP=1 engine loads while the server starts
+        server.wait_ready()
+        assert "tensor parallel 2 (gloo)" in server.log()
+        workers = psutil.Process(server.proc.pid).children(recursive=True)
+        assert len(workers) == 1 and "pixtral_fast.parallel" in " ".join(workers[0].cmdline())
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        url = data_url(picture(*IMAGE))  # image_file's pixels, as a PNG data URL
+        answer = client.chat.completions.create(model="tiny", messages=user_message(PROMPT, url),
+                                                max_tokens=MAX_NEW, temperature=0)
+        assert answer.choices[0].message.content == expected
+    finally:
+        code = server.terminate()
+    assert code == 0, server.log()
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"workers left running: {[p.pid for p in alive]}"
+
+
+def test_torchrun_generate_at_tp2_prints_the_tp1_text_from_rank_0_only(tiny_dir, image_file, expected):
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    argv = [str(TORCHRUN), "--nnodes", "1", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+            "--master-port", str(free_port()), "-m", "pixtral_fast.cli", "generate", "--model", str(tiny_dir),
+            "--image", str(image_file), "--prompt", PROMPT, "--max-new-tokens", str(MAX_NEW),
+            "--device", "cpu", "--dtype", "fp32", "--backend", "reference", "--tensor-parallel-size", "2"]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == expected + "\n"  # one copy: rank 1 printed nothing
+    assert done.stderr.count("pixtral-fast: tensor parallel 2 (gloo)") == 1
+
+
+@pytest.mark.parametrize("command", ["generate", "serve", "bench"])
+@pytest.mark.parametrize("value,phrase", [("0", "must be >= 1, got 0"), ("two", "not an integer: 'two'")])
+def test_a_bad_tensor_parallel_size_is_one_line_exit_2(command, value, phrase, tiny_dir, tmp_path, capsys):
+    head = {"generate": ["generate", "--model", str(tiny_dir), "--prompt", "x"],
+            "serve": ["serve", "--model", str(tiny_dir)],
+            "bench": ["bench", "--params", str(tiny_dir / "params.json"), "--random-weights"]}[command]
+    with pytest.raises(SystemExit) as e:
+        main([*head, "--tensor-parallel-size", value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.count("\n") == 1 and "--tensor-parallel-size" in err and phrase in err
+
+
+def test_a_split_the_decoder_cannot_take_is_named_before_any_worker_starts(tiny_dir, capsys):
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(tiny_dir), "--prompt", "x", "--device", "cpu",
+              "--tensor-parallel-size", "3"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "tensor_parallel_size=3 cannot split this decoder" in err and "n_heads 4" in err
+    assert time.monotonic() - started < 30
+
+
+DEAD = "tensor-parallel engine stopped: worker rank 1 (pid 4242) killed by SIGKILL during the decode step"
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_a_tensor_parallel_error_is_one_line_exit_2(command, tiny_dir, monkeypatch, capsys):
+    def dead_rank(*args, **kwargs):
+        raise TensorParallelError(DEAD)
+
+    monkeypatch.setattr(pf.Engine, "from_pretrained", dead_rank)
+    argv = {"generate": ["generate", "--model", str(tiny_dir), "--prompt", "x", "--device", "cpu"],
+            "serve": ["serve", "--model", str(tiny_dir), "--device", "cpu", "--port", "0"]}[command]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--tensor-parallel-size", "2"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"pixtral-fast: error: {DEAD}\n"
+
+
+def test_serve_refuses_dummy_weights_across_ranks(tiny_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--model", str(tiny_dir), "--load-format", "dummy", "--device", "cpu", "--port", "0",
+              "--tensor-parallel-size", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--load-format dummy with --tensor-parallel-size 2" in err
