@@ -26,6 +26,7 @@ from typing import Any
 
 from mistral_common.exceptions import MistralCommonException
 
+from pixtral_fast.parallel import TensorParallelError
 from pixtral_fast.runtime.detokenize import IncrementalDetokenizer
 from pixtral_fast.runtime.engine import Engine, RequestError
 from pixtral_fast.runtime.sampling import SamplingParams
@@ -282,7 +283,8 @@ class AsyncEngine:
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         stop = stop_strings(stop)
         if not self.alive:
-            raise EngineClosed("the engine is shutting down" if self._closing else "the engine is not running")
+            raise EngineClosed("the engine is shutting down" if self._closing else
+                               "the engine is not running" + (f": {self.fault}" if self.fault is not None else ""))
         with self._lock:
             if self.max_waiting is not None and self.num_waiting() >= self.max_waiting:
                 raise QueueFull(f"{self.num_waiting()} requests are waiting (max_waiting={self.max_waiting})")
@@ -330,6 +332,8 @@ class AsyncEngine:
                     self._step()
                 self.snapshot = self._take_snapshot()  # before the news: callers then see this state
                 self._publish()
+        except TensorParallelError as e:  # the engine stopped (the driver logged why): so does this thread
+            self.fault = e
         except BaseException as e:  # the thread dies: say so to everyone waiting
             self.fault = e
             log.exception("engine thread stopped")
@@ -380,6 +384,9 @@ class AsyncEngine:
     def _step(self) -> None:
         try:
             self.engine.step()
+        except TensorParallelError:  # a rank died: the engine has stopped for good, and so does this thread
+            self._publish()  # each request's error first (health then answers 503)
+            raise
         except Exception as e:  # noqa: BLE001 - Engine.step keeps faults inside; if one escapes, fail its batch
             log.exception("engine step failed")
             for handle in list(self._active.values()):
