@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import openai
-import psutil
 import pytest
 import torch
 
@@ -54,6 +53,27 @@ def expected(tiny_dir, image_file):
     return text
 
 
+def children(pid: int) -> dict[int, str]:
+    """pid's child processes (the process table, /proc): {pid: command line}."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            if entry.name.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            pass  # gone meanwhile, or not a process
+    return out
+
+
+def running(pid: int) -> bool:
+    """Whether pid is still a live process (a zombie, dead but not yet reaped, is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -68,8 +88,8 @@ def test_server_at_tp2_answers_as_tp1_and_sigterm_leaves_no_worker(tiny_dir, tmp
         expected = request.getfixturevalue("expected")  # the TP=1 engine loads while the server starts
         server.wait_ready()
         assert "tensor parallel 2 (gloo)" in server.log()
-        workers = psutil.Process(server.proc.pid).children(recursive=True)
-        assert len(workers) == 1 and "pixtral_fast.parallel" in " ".join(workers[0].cmdline())
+        workers = children(server.proc.pid)
+        assert len(workers) == 1 and "-m pixtral_fast.parallel --rank 1 --size 2" in next(iter(workers.values()))
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
         url = data_url(picture(*IMAGE))  # image_file's pixels, as a PNG data URL
         answer = client.chat.completions.create(model="tiny", messages=user_message(PROMPT, url),
@@ -78,8 +98,10 @@ def test_server_at_tp2_answers_as_tp1_and_sigterm_leaves_no_worker(tiny_dir, tmp
     finally:
         code = server.terminate()
     assert code == 0, server.log()
-    _, alive = psutil.wait_procs(workers, timeout=10)
-    assert not alive, f"workers left running: {[p.pid for p in alive]}"
+    deadline = time.monotonic() + 10
+    while any(map(running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(running, workers)), f"workers left running: {[p for p in workers if running(p)]}"
 
 
 def test_torchrun_generate_at_tp2_prints_the_tp1_text_from_rank_0_only(tiny_dir, image_file, expected):
