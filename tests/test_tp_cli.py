@@ -144,18 +144,24 @@ def test_a_split_the_decoder_cannot_take_is_named_before_any_worker_starts(tiny_
 DEAD = "tensor-parallel engine stopped: worker rank 1 (pid 4242) killed by SIGKILL during the decode step"
 
 
+@pytest.mark.parametrize("rank", [None, "1"], ids=["spawned", "torchrun rank 1"])
 @pytest.mark.parametrize("command", ["generate", "serve"])
-def test_a_tensor_parallel_error_is_one_line_exit_2(command, tiny_dir, monkeypatch, capsys):
+def test_a_tensor_parallel_error_is_one_line_exit_2(command, rank, tiny_dir, monkeypatch, capsys):
     def dead_rank(*args, **kwargs):
         raise TensorParallelError(DEAD)
 
     monkeypatch.setattr(pf.Engine, "from_pretrained", dead_rank)
+    if rank is not None:  # under torchrun a rank > 0 says which it is
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
     argv = {"generate": ["generate", "--model", str(tiny_dir), "--prompt", "x", "--device", "cpu"],
             "serve": ["serve", "--model", str(tiny_dir), "--device", "cpu", "--port", "0"]}[command]
     with pytest.raises(SystemExit) as e:
         main([*argv, "--tensor-parallel-size", "2"])
     assert e.value.code == 2
-    assert capsys.readouterr().err == f"pixtral-fast: error: {DEAD}\n"
+    where = "" if rank is None else f" (rank {rank})"
+    assert capsys.readouterr().err == f"pixtral-fast{where}: error: {DEAD}\n"
 
 
 def test_serve_refuses_dummy_weights_across_ranks(tiny_dir, capsys):
