@@ -18,6 +18,9 @@ DEFAULT_TIMEOUT_S = 120.0
 IDLE_TIMEOUT = datetime.timedelta(days=365)
 
 
+_in_use = False  # a tensor-parallel engine of this process holds the default group
+
+
 class TensorParallelError(RuntimeError):
     """A tensor-parallel rank failed or died: the engine cannot go on (its ranks are no longer in
     step) and has shut down."""
@@ -26,9 +29,10 @@ class TensorParallelError(RuntimeError):
 class Collectives:
     """This rank's view of the tensor-parallel group: `plan` (size, rank) plus the groups."""
 
-    def __init__(self, plan: ShardPlan, data_group=None, control_group=None):
+    def __init__(self, plan: ShardPlan, data_group=None, control_group=None, owns_world: bool = False):
         self.plan = plan
         self.data_group, self.control_group = data_group, control_group
+        self.owns_world = owns_world  # we made the default group (not torchrun's caller): ours to destroy
 
     @property
     def size(self) -> int:
@@ -82,8 +86,10 @@ class Collectives:
         return int(t.item())
 
     def destroy(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        global _in_use
+        if self.data_group is not None and dist.is_initialized():
+            dist.destroy_process_group(None if self.owns_world else self.control_group)
+            _in_use = False
         self.data_group = self.control_group = None
 
 
@@ -91,11 +97,26 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def check_free(spawning: bool) -> None:
+    """RuntimeError unless this process can start a tensor-parallel engine: its ranks use
+    torch.distributed's default group, of which a process has one."""
+    if _in_use:
+        raise RuntimeError("a tensor-parallel engine is already running in this process: close() it before "
+                           "starting another (its ranks hold torch.distributed's one default process group)")
+    if spawning and dist.is_initialized():
+        raise RuntimeError("torch.distributed is already initialized in this process, so the engine cannot make "
+                           "its own process group for the workers it would spawn: launch the script under "
+                           "torchrun (the engine then joins that group) or destroy the group first")
+
+
 def join_group(plan: ShardPlan, device: torch.device, init_method: str | None, timeout_s: float) -> Collectives:
     """Joins (or, under torchrun, reuses) the default process group and makes the control group.
     Every rank calls this in the same order."""
+    global _in_use
+    check_free(spawning=init_method is not None)
     timeout = datetime.timedelta(seconds=timeout_s)
-    if not dist.is_initialized():
+    owns_world = not dist.is_initialized()
+    if owns_world:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         kwargs = {"device_id": device} if device.type == "cuda" else {}
@@ -105,7 +126,8 @@ def join_group(plan: ShardPlan, device: torch.device, init_method: str | None, t
         raise ValueError(f"the process group has world size {dist.get_world_size()} (this is rank "
                          f"{dist.get_rank()}), but tensor_parallel_size={plan.size} (rank {plan.rank}) was asked")
     control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
-    return Collectives(plan, dist.group.WORLD, control)
+    _in_use = True
+    return Collectives(plan, dist.group.WORLD, control, owns_world)
 
 
 def torchrun_rank() -> tuple[int, int, int] | None:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from pixtral_fast.parallel.comm import DEFAULT_TIMEOUT_S, Collectives, TensorParallelError, join_group, torchrun_rank
+from pixtral_fast.parallel.comm import (DEFAULT_TIMEOUT_S, Collectives, TensorParallelError, check_free, join_group,
+                                        torchrun_rank)
 from pixtral_fast.parallel.plan import ShardPlan, check_size
 from pixtral_fast.parallel.worker import GATHERED, load_shard, serve_steps
 
@@ -202,6 +203,7 @@ def start(path, size: int, device, dtype: torch.dtype, backend: str, progress: b
         raise ValueError(f"{path}: tensor parallelism does not take compressed-tensors (quantized) checkpoints "
                          "yet; run it with tensor_parallel_size=1, or give the bf16 checkpoint")
     launched = torchrun_rank()
+    check_free(spawning=launched is None)
     if launched is not None:
         return _join_torchrun(path, size, launched, device, dtype, backend, progress, timeout_s)
     device = parallel_devices(size, device)
