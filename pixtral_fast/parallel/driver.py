@@ -15,10 +15,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from pixtral_fast.parallel.comm import (DEFAULT_TIMEOUT_S, Collectives, TensorParallelError, check_free, join_group,
                                         torchrun_rank)
@@ -46,6 +48,23 @@ class ParallelDriver:
         self.comm, self.processes, self.scratch, self.lifeline = comm, processes, scratch, lifeline
         self.failure: str | None = None
         self.closed = False
+        if processes and _is_nccl():
+            threading.Thread(target=self._watch_nccl, name="pixtral-fast-tp-watch", daemon=True).start()
+
+    def _watch_nccl(self) -> None:
+        """NCCL waits for a dead peer until its timeout (and the watchdog then ends this process):
+        aborting the group as soon as a worker dies fails the collective in flight instead, which
+        the step in flight then reports as that worker's death. (gloo fails at once by itself.)"""
+        while not self.closed:
+            if any(p.poll() is not None for p in self.processes):
+                if not self.closed:
+                    log.error("a tensor-parallel worker died: %s; aborting the NCCL group", self._dead())
+                    try:
+                        dist.distributed_c10d._abort_process_group(self.comm.data_group)
+                    except Exception as e:  # torch without the call: the collective's timeout ends it
+                        log.error("could not abort the NCCL group (%s): the step waits for its timeout", e)
+                return
+            time.sleep(0.2)
 
     @property
     def size(self) -> int:
@@ -92,7 +111,7 @@ class ParallelDriver:
         if dead:
             self._fail(f"{dead} before the {what} step")
         try:
-            return run()
+            result = run()
         except BaseException as e:
             if isinstance(e, passthrough) or not isinstance(e, Exception):  # an interrupt stays one
                 self.failure = f"tensor-parallel engine stopped: {type(e).__name__} during the {what} step"
@@ -101,6 +120,10 @@ class ParallelDriver:
             dead = self._dead(wait_s=2.0)  # a killed worker's exit code may take a moment to show
             cause = dead or f"rank 0 failed: {type(e).__name__}: {str(e)[:500]}"
             self._fail(f"{cause} during the {what} step", e)
+        dead = self._dead()  # a rank that died mid-call may have left garbage (an aborted NCCL group)
+        if dead:
+            self._fail(f"{dead} during the {what} step")
+        return result
 
     def _dead(self, wait_s: float = 0.0) -> str:
         """Which workers have died, in words ('' if none)."""
@@ -167,8 +190,6 @@ def _release(scratch: Path | None, lifeline: int | None) -> None:
 
 
 def _is_nccl() -> bool:
-    import torch.distributed as dist
-
     return dist.is_initialized() and dist.get_backend() == "nccl"
 
 
