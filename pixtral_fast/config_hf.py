@@ -5,12 +5,13 @@ what the format can say that we do not run."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pixtral_fast.config import (IMG_ID, TEXT_FIELDS, ConfigError, Names, TextArgs, VisionArgs, _check_vision,
-                                 _checked, _int, _show, check_value)
+from pixtral_fast.config import (IMG_BREAK_ID, IMG_END_ID, IMG_ID, TEXT_FIELDS, ConfigError, Names, TextArgs,
+                                 VisionArgs, _check_vision, _checked, _int, _show, check_value)
 
 _HF_TEXT = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "head_dim": "head_dim",
             "hidden_dim": "intermediate_size", "n_heads": "num_attention_heads",
@@ -22,6 +23,28 @@ _HF_VISION = {"hidden_size": "hidden_size", "num_channels": "num_channels", "ima
 _HF_TOP = {"image_token_id": "image_token_index", "adapter_bias": "multimodal_projector_bias",
            "spatial_merge_size": "spatial_merge_size"}
 _MISSING = object()
+
+
+# Mistral's 32768-token SentencePiece vocabulary (v7, Pixtral-Large) holds [IMG_BREAK]/[IMG_END]
+# at 14/15; Tekken (Pixtral-12B, Mistral-Small-3.1/3.2) at 12/13.
+_SENTENCEPIECE_V7_VOCAB, _SENTENCEPIECE_V7_MARKERS = 32768, (14, 15)
+
+
+def image_marker_ids(path: Path, vocab_size: int) -> tuple[int, int]:
+    """[IMG_BREAK] and [IMG_END] ids of an HF folder. HF's config has no field for them (the
+    processor finds them by name in the tokenizer): read them from the folder's tokenizer.json when
+    it has them, else from the vocabulary the model was built for."""
+    tokenizer_json = Path(path).parent / "tokenizer.json"
+    if tokenizer_json.is_file():
+        try:
+            added = json.loads(tokenizer_json.read_bytes()).get("added_tokens", [])
+            ids = {t.get("content"): t.get("id") for t in added if isinstance(t, dict)}
+        except (ValueError, AttributeError, RecursionError):
+            ids = {}  # not ours to judge here: the tokenizer itself is checked when it is loaded
+        found = ids.get("[IMG_BREAK]"), ids.get("[IMG_END]")
+        if all(isinstance(i, int) and not isinstance(i, bool) for i in found):
+            return found
+    return _SENTENCEPIECE_V7_MARKERS if vocab_size == _SENTENCEPIECE_V7_VOCAB else (IMG_BREAK_ID, IMG_END_ID)
 
 
 def hf_values(path: Path, raw: dict[str, Any]) -> tuple[dict, dict, Callable[[str], Names]]:
@@ -91,6 +114,8 @@ def hf_values(path: Path, raw: dict[str, Any]) -> tuple[dict, dict, Callable[[st
     vision["num_channels"] = need(vc, "num_channels", "vision_config", 3)
     vision["rope_theta"] = theta(vc, "vision_config")
     vision["image_token_id"] = need(raw, "image_token_index", "config", IMG_ID)
+    if isinstance(text.get("vocab_size"), int):  # (a bad vocab_size is refused with its name below)
+        vision["image_break_token_id"], vision["image_end_token_id"] = image_marker_ids(path, text["vocab_size"])
     vision["adapter_bias"] = need(raw, "multimodal_projector_bias", "config", not mistral3)
     if mistral3:
         vision["spatial_merge_size"] = need(raw, "spatial_merge_size", "config", 2)

@@ -18,7 +18,7 @@ import pixtral_fast as pf
 from pixtral_fast.config import TextArgs
 from pixtral_fast.parallel import ShardPlan
 from pixtral_fast.tiny import TINY_LARGE_ARGS, make_tiny
-from pixtral_fast.weights import CheckpointError, hf_files
+from pixtral_fast.weights import hf_files
 from tests.support.engines import assert_clean
 from tests.support.tp import CPU_FP32, greedy_batch, request_with_images, tp_engine, write_sharded_hf
 
@@ -40,15 +40,11 @@ class Case:
 
 
 GREEDY_CASE = Case("pixtral-12b", hf=False, size=2)
-LARGE_HF_BUG = ("an HF config.json carries no [IMG_BREAK]/[IMG_END] ids and config_hf.py leaves them at Pixtral-12B's "
-                "12/13, so a Pixtral-Large HF folder (v7m1 tokenizer: 14/15) is refused by Tokenizer.check_matches, "
-                "at TP=1 too")
 CASES = [
     GREEDY_CASE,
     Case("pixtral-12b", hf=True, size=4),      # n_kv_heads 2 < 4 ranks: KV heads replicated, HF's permuted wk cut
     Case("pixtral-large", hf=False, size=3),   # n_kv_heads 1; vocab 32768 is not a multiple of 3
-    pytest.param(Case("pixtral-large", hf=True, size=2),  # n_kv_heads 1, from the sharded HF folder
-                 marks=pytest.mark.xfail(strict=True, raises=CheckpointError, reason=LARGE_HF_BUG)),
+    Case("pixtral-large", hf=True, size=2),    # n_kv_heads 1, from the sharded HF folder
 ]
 
 
