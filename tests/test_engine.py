@@ -83,6 +83,7 @@ def test_small_cache_waits_and_preempts_but_stays_exact(model):
     eng = engine(model, num_blocks=9)  # 8 usable blocks of 16 tokens
     got = eng.generate(three_requests(), max_new_tokens=30)
     assert [c.tokens for c in got] == alone
+    assert eng.scheduler.preemptions > 0
     assert eng.blocks.usage()["used_blocks"] == 0
 
 

@@ -195,9 +195,8 @@ def test_greedy_batch_through_preemption_equals_one_process(parallel, reference)
 
     before = tp2.stats.prefill_tokens
     got = tp2.generate(requests, max_new_tokens=new)
-    # A preempted sequence re-prefills its prompt and what it generated (recompute): more tokens
-    # are prefilled than the prompts hold only if the scheduler preempted (EngineStats has no
-    # preemption counter).
+    # A preempted sequence re-prefills its prompt and what it generated (recompute).
+    assert tp2.scheduler.preemptions > 0
     assert tp2.stats.prefill_tokens - before > sum(prompts)
     want = ref.generate(greedy_batch(), max_new_tokens=new)
     assert [c.tokens for c in got] == [c.tokens for c in want]

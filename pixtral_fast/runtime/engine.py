@@ -127,15 +127,19 @@ class Engine(EngineLifecycle):
         spawned (rank r on cuda:r, NCCL; or all on the CPU, gloo), each loading only its share of
         the checkpoint; under torchrun (WORLD_SIZE set) the ranks join its group instead, and on
         ranks > 0 this call serves the driver's steps and then exits the process."""
-        from pixtral_fast.model.load import load_model
+        from pixtral_fast.model.load import checkpoint_path, load_model, read_args
         from pixtral_fast.parallel import driver
 
         config = EngineConfig(**limits)
         if check_size(tensor_parallel_size) == 1:
             model = load_model(path, device=device, dtype=dtype, backend=backend, progress=config.progress)
             return cls(model, Tokenizer.for_checkpoint(path), config)
+        tokenizer = Tokenizer.for_checkpoint(path)
+        vision = read_args(checkpoint_path(path)).vision
+        if vision is not None:  # a mismatch found before any worker starts and loads
+            tokenizer.check_matches(vision)
         model, parallel = driver.start(path, tensor_parallel_size, device, dtype, backend, config.progress)
-        return cls(model, Tokenizer.for_checkpoint(path), config, parallel=parallel)
+        return cls(model, tokenizer, config, parallel=parallel)
 
     @classmethod
     def from_model(cls, model: Pixtral, tokenizer: Tokenizer | None = None, **limits) -> "Engine":

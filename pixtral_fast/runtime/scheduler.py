@@ -49,6 +49,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.preemptions = 0  # running sequences sent back to the queue for lack of cache
 
     def refusal(self, seq: Sequence) -> str | None:
         """Why this prompt can never run here, or None. Reads only fixed limits: safe without the lock."""
@@ -131,6 +132,7 @@ class Scheduler:
             self.running.pop()
             self.blocks.free(victim.id)
             self.waiting.appendleft(victim)
+            self.preemptions += 1
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
