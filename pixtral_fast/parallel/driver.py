@@ -149,17 +149,26 @@ class ParallelDriver:
         if self.closed:
             return
         self.closed = True
-        if self.failure is None:
-            try:
-                self._send("stop", ())
-            except Exception as e:  # a worker died meanwhile: it is stopped anyway
-                log.debug("stop message failed: %s", e)
-        _stop_processes(self.processes, JOIN_GRACE_S if self.failure is None else 2.0)
         try:
-            self.comm.destroy()
-        except Exception as e:
-            log.debug("destroying the process group failed: %s", e)
-        _release(self.scratch, self.lifeline)
+            if self.failure is None:
+                try:
+                    self._send("stop", ())
+                except Exception as e:  # a worker died meanwhile: it is stopped anyway
+                    log.debug("stop message failed: %s", e)
+            _stop_processes(self.processes, JOIN_GRACE_S if self.failure is None else 2.0)
+        finally:  # even when interrupted (Ctrl-C during the grace period): nothing may outlive us
+            for p in self.processes:
+                if p.poll() is None:
+                    p.kill()
+                try:
+                    p.wait(timeout=2.0)  # reaped: no zombie left behind
+                except subprocess.TimeoutExpired:
+                    pass
+            try:
+                self.comm.destroy()
+            except Exception as e:
+                log.debug("destroying the process group failed: %s", e)
+            _release(self.scratch, self.lifeline)
 
 
 def _stop_processes(processes: list[subprocess.Popen], grace_s: float) -> None:
@@ -250,9 +259,9 @@ def start(path, size: int, device, dtype: torch.dtype, backend: str, progress: b
                                       + (f": {gone} (its log is above)" if gone else f" ({e})")) from e
         driver = ParallelDriver(comm, processes, scratch, lifeline)
         return _load_driver_shard(driver, path, device, dtype, backend, progress), driver
-    except BaseException:
+    except BaseException as e:
         if driver is not None:
-            driver.shutdown()
+            _stop_out_of_step(driver, e)
         else:
             for p in processes:
                 p.kill()
@@ -290,6 +299,16 @@ def _join_torchrun(path, size, launched, device, dtype, backend, progress, timeo
     driver = ParallelDriver(comm, [])
     try:
         return _load_driver_shard(driver, path, device, dtype, backend, progress), driver
-    except BaseException:
-        driver.shutdown()
+    except BaseException as e:
+        _stop_out_of_step(driver, e)
         raise
+
+
+def _stop_out_of_step(driver: ParallelDriver, error: BaseException) -> None:
+    """Start-up failed. An ordinary exception was raised after every rank reported its load (the
+    workers wait for a message: a stop reaches them); an interrupt may have come before the driver
+    reported (the workers wait in that gather, where a stop message would never be read), so then
+    they are killed (torchrun's ranks see this process's connections close)."""
+    if not isinstance(error, Exception):
+        driver.failure = f"start-up interrupted ({type(error).__name__})"
+    driver.shutdown()

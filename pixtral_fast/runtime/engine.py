@@ -94,7 +94,12 @@ class Engine(EngineLifecycle):
         """model_runner.name(*args): on every rank, in step, under tensor parallelism."""
         if self.parallel is None:
             return getattr(self.model_runner, name)(*args, **local)
-        return self.parallel.call(self.model_runner, name, *args, **local)
+        try:
+            return self.parallel.call(self.model_runner, name, *args, **local)
+        except BaseException:
+            if self.parallel.failure is not None:  # the ranks fell out of step: no request can run
+                self._stopped(self.parallel.failure)
+            raise
 
     def describe(self) -> str:
         """Which implementation runs what: said once, never silently chosen."""
