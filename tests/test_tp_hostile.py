@@ -3,7 +3,7 @@ batches, sampled and logprob requests through preemption, streams closed early, 
 threads at TP=2 all answer as TP=1 does and leave the engine usable and holding nothing; an
 interrupt outside a rank call keeps the engine, one inside a rank call (or a fault on rank 0 only)
 stops it clearly with nothing held and no worker left; odd decoder shapes and the patch-merging
-variant give TP=1's logits.
+variant give TP=1's logits. The xfail(strict) tests are open bugs (see their reasons).
 
 One tensor-parallel engine per process: the shared TP=2 engine lives in `pool`, and a test that
 needs its own engine (or other sizes) calls pool.release() first."""
