@@ -3,7 +3,7 @@ batches, sampled and logprob requests through preemption, streams closed early, 
 threads at TP=2 all answer as TP=1 does and leave the engine usable and holding nothing; an
 interrupt outside a rank call keeps the engine, one inside a rank call (or a fault on rank 0 only)
 stops it clearly with nothing held and no worker left; odd decoder shapes and the patch-merging
-variant give TP=1's logits. The xfail(strict) tests are open bugs (see their reasons).
+variant give TP=1's logits.
 
 One tensor-parallel engine per process: the shared TP=2 engine lives in `pool`, and a test that
 needs its own engine (or other sizes) calls pool.release() first."""
@@ -231,9 +231,6 @@ def local_subclass_image(pixels: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(pixels).as_subclass(UserImage)
 
 
-@pytest.mark.xfail(strict=True, reason="image_tensors keeps a user's tensor subclass and the driver pickles it into "
-                                       "the step message: a subclass the workers cannot unpickle (or the driver "
-                                       "cannot pickle) stops the whole engine, where TP=1 serves the request")
 def test_an_image_of_a_user_tensor_subclass_is_served_as_at_tp1(pool):
     one, two = pool.one, pool.two()
     try:
@@ -385,9 +382,6 @@ def dying_rank_1(pool, tmp_path):
             dist.destroy_process_group()
 
 
-@pytest.mark.xfail(strict=True, reason="a failure in join_group after init_process_group (here new_group) leaves the "
-                                       "default group initialized: every later engine in the process is refused "
-                                       "('torch.distributed is already initialized')")
 def test_a_failed_join_leaves_no_process_group(dying_rank_1, monkeypatch):
     def refuse(*args, **kwargs):
         raise RuntimeError("no control group")
@@ -398,9 +392,6 @@ def test_a_failed_join_leaves_no_process_group(dying_rank_1, monkeypatch):
     assert not dist.is_initialized() and not comm._in_use
 
 
-@pytest.mark.xfail(strict=True, reason="the control group is made with the 365-day idle timeout: a rank that died "
-                                       "after the default group's rendezvous makes the driver wait in new_group for "
-                                       "a year instead of the rendezvous timeout")
 def test_a_rank_dead_before_the_control_group_fails_the_join_in_bounded_time(dying_rank_1, monkeypatch):
     # The idle timeout is cut to 8 s here only so that the bug ends instead of hanging the run.
     monkeypatch.setattr(comm, "IDLE_TIMEOUT", datetime.timedelta(seconds=8))

@@ -18,10 +18,11 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", required=True)
     p.add_argument("--timeout-s", type=float, required=True)
     p.add_argument("--parent-fd", type=int, required=True)
+    p.add_argument("--scratch", default=None, help="the driver's folder for ready-/error- files")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
     a = _parse()
     main(a.rank, a.size, a.init_method, a.path, a.device_type, getattr(torch, a.dtype), a.backend, a.timeout_s,
-         a.parent_fd)
+         a.parent_fd, a.scratch)

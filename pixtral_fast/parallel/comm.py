@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import threading
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,7 @@ IDLE_TIMEOUT = datetime.timedelta(days=365)
 
 
 _in_use = False  # a tensor-parallel engine of this process holds the default group
+joining: set = set()  # threads of abandoned start-ups still waiting out their rendezvous
 
 
 class TensorParallelError(RuntimeError):
@@ -111,10 +113,13 @@ class Collectives:
 
     def destroy(self) -> None:
         global _in_use
-        if self.data_group is not None and dist.is_initialized():
-            dist.destroy_process_group(None if self.owns_world else self.control_group)
-            _in_use = False
-        self.data_group = self.control_group = None
+        try:
+            if self.data_group is not None and dist.is_initialized():
+                dist.destroy_process_group(None if self.owns_world else self.control_group)
+        finally:  # a failed destroy must not leave the process unable to start another engine
+            if self.data_group is not None:
+                _in_use = False
+            self.data_group = self.control_group = None
 
 
 def backend_for(device: torch.device) -> str:
@@ -127,6 +132,9 @@ def check_free(spawning: bool) -> None:
     if _in_use:
         raise RuntimeError("a tensor-parallel engine is already running in this process: close() it before "
                            "starting another (its ranks hold torch.distributed's one default process group)")
+    if joining - {threading.current_thread()}:
+        raise RuntimeError("a failed tensor-parallel start-up is still waiting out its rendezvous timeout in "
+                           "this process; try again once it has")
     if spawning and dist.is_initialized():
         raise RuntimeError("torch.distributed is already initialized in this process, so the engine cannot make "
                            "its own process group for the workers it would spawn: launch the script under "
@@ -146,10 +154,21 @@ def join_group(plan: ShardPlan, device: torch.device, init_method: str | None, t
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend_for(device), init_method=init_method, rank=plan.rank,
                                 world_size=plan.size, timeout=timeout, **kwargs)
-    if dist.get_world_size() != plan.size or dist.get_rank() != plan.rank:
-        raise ValueError(f"the process group has world size {dist.get_world_size()} (this is rank "
-                         f"{dist.get_rank()}), but tensor_parallel_size={plan.size} (rank {plan.rank}) was asked")
-    control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    try:
+        if dist.get_world_size() != plan.size or dist.get_rank() != plan.rank:
+            raise ValueError(f"the process group has world size {dist.get_world_size()} (this is rank "
+                             f"{dist.get_rank()}), but tensor_parallel_size={plan.size} (rank {plan.rank}) was asked")
+        # Made under the rendezvous timeout, so that a rank that died since the default group's
+        # rendezvous fails this in bounded time; only then may its waits last (an idle engine).
+        # (A torch without _set_pg_timeout makes it with the idle timeout at once.)
+        set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+        control = dist.new_group(backend="gloo", timeout=timeout if set_timeout else IDLE_TIMEOUT)
+        if set_timeout is not None:
+            set_timeout(IDLE_TIMEOUT, control)
+    except BaseException:
+        if owns_world and dist.is_initialized():
+            dist.destroy_process_group()  # a half-made group of ours would refuse every later engine
+        raise
     _in_use = True
     return Collectives(plan, dist.group.WORLD, control, owns_world)
 

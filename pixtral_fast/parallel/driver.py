@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from pixtral_fast.parallel.comm import (DEFAULT_TIMEOUT_S, Collectives, TensorParallelError, check_free, join_group,
                                         torchrun_rank)
+from pixtral_fast.parallel import comm as comm_module
 from pixtral_fast.parallel.plan import ShardPlan, check_size
 from pixtral_fast.parallel.worker import GATHERED, load_shard, serve_steps
 
@@ -48,7 +49,8 @@ class ParallelDriver:
         self.comm, self.processes, self.scratch, self.lifeline = comm, processes, scratch, lifeline
         self.failure: str | None = None
         self.closed = False
-        if processes and _is_nccl():
+        self.backend = "nccl" if _is_nccl() else "gloo"
+        if processes and self.backend == "nccl":
             threading.Thread(target=self._watch_nccl, name="pixtral-fast-tp-watch", daemon=True).start()
 
     def _watch_nccl(self) -> None:
@@ -75,7 +77,7 @@ class ParallelDriver:
         return [p.pid for p in self.processes]
 
     def describe(self) -> str:
-        return f"tensor parallel {self.size} ({'nccl' if self.comm.data_group is not None and _is_nccl() else 'gloo'})"
+        return f"tensor parallel {self.size} ({self.backend})"
 
     # -- calls ----------------------------------------------------------------------------------------
 
@@ -130,9 +132,7 @@ class ParallelDriver:
         deadline = time.monotonic() + wait_s
         while wait_s and all(p.poll() is None for p in self.processes) and time.monotonic() < deadline:
             time.sleep(0.02)
-        gone = [f"worker rank {r} (pid {p.pid}) {_describe_exit(p.returncode)}"
-                for r, p in enumerate(self.processes, start=1) if p.poll() is not None]
-        return "; ".join(gone)
+        return _gone(self.processes, self.scratch)
 
     def _fail(self, message: str, cause: BaseException | None = None):
         self.failure = f"tensor-parallel engine stopped: {message}"
@@ -169,6 +169,74 @@ class ParallelDriver:
             except Exception as e:
                 log.debug("destroying the process group failed: %s", e)
             _release(self.scratch, self.lifeline)
+
+
+def _wait_ready(processes: list[subprocess.Popen], scratch: Path, timeout_s: float) -> None:
+    """Waits until every worker is about to join the group (its ready file), failing at once, with
+    its error, for one that exits first (an import error, a bad environment): the rendezvous itself
+    would only time out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        waiting = [r for r in range(1, len(processes) + 1) if not (scratch / f"ready-{r}").exists()]
+        gone = _gone(processes, scratch)
+        if gone:
+            raise TensorParallelError(f"{gone} while starting (its log is above)")
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise TensorParallelError(f"worker rank(s) {waiting} did not start within {timeout_s:g} s")
+        time.sleep(0.05)
+
+
+def _join_watching(plan: ShardPlan, device: torch.device, init_method: str, timeout_s: float,
+                   processes: list[subprocess.Popen], scratch: Path) -> Collectives:
+    """join_group, while watching the workers: one that dies meanwhile fails the start-up at once
+    (the rendezvous would wait for it until its timeout). The abandoned join then times out in its
+    own thread, and until it has, check_free refuses a new engine."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the driver's thread too, not only the joining one
+    outcome: dict[str, object] = {}
+
+    abandoned = threading.Event()
+
+    def join():
+        try:
+            outcome["comm"] = join_group(plan, device, init_method, timeout_s)
+            if abandoned.is_set():  # formed just as the start-up gave up: nobody will use it
+                outcome["comm"].destroy()
+        except BaseException as e:  # noqa: BLE001 (handed to the starting thread)
+            outcome["error"] = e
+        finally:
+            comm_module.joining.discard(thread)
+
+    thread = threading.Thread(target=join, name="pixtral-fast-tp-join", daemon=True)
+    comm_module.joining.add(thread)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.05)
+        gone = _gone(processes, scratch)
+        if gone and thread.is_alive():
+            abandoned.set()
+            raise TensorParallelError(f"{gone} while the ranks formed their process group (its log is above)")
+    if "error" in outcome:
+        e = outcome["error"]
+        gone = _gone(processes, scratch)
+        raise TensorParallelError(f"the {plan.size} ranks did not form a process group: "
+                                  + (f"{gone} (its log is above)" if gone else f"{type(e).__name__}: {e}")) from e
+    return outcome["comm"]
+
+
+def _gone(processes: list[subprocess.Popen], scratch: Path | None) -> str:
+    """The workers that have exited, in words, each with its own one-line error when it left one."""
+    gone = []
+    for r, p in enumerate(processes, start=1):
+        if p.poll() is None:
+            continue
+        said = ""
+        if scratch is not None and (scratch / f"error-{r}").is_file():
+            said = ": " + (scratch / f"error-{r}").read_text(errors="replace").strip()
+        gone.append(f"worker rank {r} (pid {p.pid}) {_describe_exit(p.returncode)}{said}")
+    return "; ".join(gone)
 
 
 def _stop_processes(processes: list[subprocess.Popen], grace_s: float) -> None:
@@ -247,16 +315,12 @@ def start(path, size: int, device, dtype: torch.dtype, backend: str, progress: b
             argv = [sys.executable, "-m", "pixtral_fast.parallel", "--rank", str(r), "--size", str(size),
                     "--init-method", init_method, "--path", str(path), "--device-type", device.type,
                     "--dtype", str(dtype).removeprefix("torch."), "--backend", backend,
-                    "--timeout-s", str(timeout_s), "--parent-fd", str(watch_fd)]
+                    "--timeout-s", str(timeout_s), "--parent-fd", str(watch_fd), "--scratch", str(scratch)]
             processes.append(subprocess.Popen(argv, pass_fds=(watch_fd,)))
         os.close(watch_fd)
         watch_fd = None
-        try:
-            comm = join_group(ShardPlan(size, 0), device, init_method, timeout_s)
-        except Exception as e:
-            gone = ParallelDriver(Collectives(ShardPlan(size, 0)), processes)._dead(wait_s=1.0)
-            raise TensorParallelError(f"the {size} ranks did not form a process group within {timeout_s:g} s"
-                                      + (f": {gone} (its log is above)" if gone else f" ({e})")) from e
+        _wait_ready(processes, scratch, timeout_s)
+        comm = _join_watching(ShardPlan(size, 0), device, init_method, timeout_s, processes, scratch)
         driver = ParallelDriver(comm, processes, scratch, lifeline)
         return _load_driver_shard(driver, path, device, dtype, backend, progress), driver
     except BaseException as e:

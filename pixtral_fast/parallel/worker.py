@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -68,8 +69,10 @@ def _exit_with_parent(fd: int) -> None:
 
 
 def main(rank: int, size: int, init_method: str, path: str, device_type: str, dtype: torch.dtype, backend: str,
-         timeout_s: float, parent_fd: int) -> None:
-    """Entry point of a spawned worker process."""
+         timeout_s: float, parent_fd: int, scratch: str | None = None) -> None:
+    """Entry point of a spawned worker process. In `scratch` (the driver's folder) it leaves
+    ready-RANK once it is about to join the group, and error-RANK (one line) if it fails, so that
+    the driver can tell a rank that died at start-up, and why, without waiting out the rendezvous."""
     _exit_with_parent(parent_fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle; it stops us
     logging.basicConfig(format=f"pixtral-fast rank {rank}: %(message)s")
@@ -77,14 +80,23 @@ def main(rank: int, size: int, init_method: str, path: str, device_type: str, dt
     if device.type == "cpu":  # the ranks share the host's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     try:
-        comm = join_group(ShardPlan(size, rank), device, init_method, timeout_s)
+        plan = ShardPlan(size, rank)
+        if scratch is not None:  # last before the rendezvous: a failure before it is seen at once
+            (Path(scratch) / f"ready-{rank}").touch()
+        comm = join_group(plan, device, init_method, timeout_s)
         model, _, _ = load_shard(path, device, dtype, backend, comm)
         if model is not None:
             serve_steps(model, comm)
         comm.destroy()
     except BaseException as e:  # noqa: BLE001 (a worker ends here whatever happened; the driver names it)
         if not isinstance(e, KeyboardInterrupt):
-            log.error("worker failed: %s", "".join(traceback.format_exception_only(e)).strip())
+            line = "".join(traceback.format_exception_only(e)).strip()
+            log.error("worker failed: %s", line)
             log.debug("%s", traceback.format_exc())
+            if scratch is not None:
+                try:
+                    (Path(scratch) / f"error-{rank}").write_text(line[:2000])
+                except OSError:
+                    pass
         os._exit(1)
 

@@ -65,4 +65,6 @@ def image_tensors(images: Any) -> list[torch.Tensor]:
         if not isinstance(img, (np.ndarray, torch.Tensor)):
             raise ValueError(f"images[{i}] must be a [3, H, W] pixel array (numpy or torch), "
                              f"got {type(img).__name__}")
-    return [torch.as_tensor(img) for img in images]
+    # Plain tensors, cut from autograd: a user's tensor subclass must not travel in a tensor-parallel
+    # step message (a worker may be unable to unpickle it, which would stop every rank).
+    return [torch.as_tensor(img).detach().as_subclass(torch.Tensor) for img in images]
