@@ -69,24 +69,3 @@ def test_workers_stop_when_the_driver_is_killed(checkpoint):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
     assert _wait_gone(pids, 10) == [], "a worker outlived its killed driver"
-
-
-def test_one_tensor_parallel_engine_per_process(checkpoint):
-    """A second engine while one runs is refused at once (its ranks would need the process's one
-    default group); after close() the next one starts and answers the same."""
-    import torch
-
-    from pixtral_fast.runtime.engine import Engine
-
-    kw = dict(tensor_parallel_size=2, device="cpu", dtype=torch.float32, backend="reference", num_blocks=16,
-              progress=False)
-    message = [{"role": "user", "content": "hi"}]
-    with Engine.from_pretrained(checkpoint, **kw) as engine:
-        first = engine.generate(message, max_new_tokens=3).tokens
-        t0 = time.monotonic()
-        with pytest.raises(RuntimeError, match="a tensor-parallel engine is already running in this process"):
-            Engine.from_pretrained(checkpoint, **kw)
-        assert time.monotonic() - t0 < 5
-        assert engine.generate(message, max_new_tokens=3).tokens == first  # the first one is untouched
-    with Engine.from_pretrained(checkpoint, **kw) as engine:
-        assert engine.generate(message, max_new_tokens=3).tokens == first
