@@ -39,6 +39,7 @@ class Collectives:
         self.plan = plan
         self.data_group, self.control_group = data_group, control_group
         self.owns_world = owns_world  # we made the default group (not torchrun's caller): ours to destroy
+        self._message: torch.Tensor | None = None  # the step-message buffer (broadcast)
 
     @property
     def size(self) -> int:
@@ -77,7 +78,9 @@ class Collectives:
         a larger one (a prefill with images, a huge batch) takes a second for the rest."""
         self._needs_group()
         head = MESSAGE_BYTES - 8
-        buf = torch.zeros(MESSAGE_BYTES, dtype=torch.uint8)
+        if self._message is None:  # one buffer per rank, reused every step (the length says what is valid)
+            self._message = torch.empty(MESSAGE_BYTES, dtype=torch.uint8)
+        buf = self._message
         payload = b""
         if self.rank == 0:
             payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
