@@ -1,6 +1,6 @@
 """The device's copy bandwidth: one large device-to-device copy (read + write), timed with CUDA
 events, the best of several. It is what a memory-bound kernel can hope for on this very device,
-next to the datasheet's 4.8 TB/s; bench/report.py gives every roofline against both. Prints JSON.
+next to the datasheet's figure for this GPU; bench/report.py gives every roofline against both. Prints JSON.
 On a CPU (the device check's stand-in mode) it times a small host copy instead."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from bench.roofline import HBM_BYTES_PER_S
+from bench.roofline import hardware
 
 
 def copy_bandwidth(nbytes: int, reps: int, device: str) -> dict:
@@ -33,10 +33,11 @@ def copy_bandwidth(nbytes: int, reps: int, device: str) -> dict:
             times.append(time.perf_counter() - t0)
     assert torch.equal(dst[:: max(1, nbytes // 4096)], src[:: max(1, nbytes // 4096)]), "the copy is wrong"
     best = min(times)
+    datasheet = hardware.spec_for(torch.cuda.get_device_name(0) if device == "cuda" else None).hbm_bytes_per_s
     bytes_moved = 2 * nbytes  # each byte read once and written once
     return {"copy_bytes": nbytes, "reps": reps, "best_ms": 1e3 * best, "median_ms": 1e3 * sorted(times)[reps // 2],
-            "copy_bytes_per_s": bytes_moved / best, "datasheet_bytes_per_s": HBM_BYTES_PER_S,
-            "fraction_of_datasheet": bytes_moved / best / HBM_BYTES_PER_S}
+            "copy_bytes_per_s": bytes_moved / best, "datasheet_bytes_per_s": datasheet,
+            "fraction_of_datasheet": bytes_moved / best / datasheet}
 
 
 def main() -> None:

@@ -1,11 +1,12 @@
 """Folds one device run into one JSON report: kernel benchmarks (pytest-benchmark JSON) with the
 ratio of each peer's time to ours per group, the end-to-end bench, its HF peer, the copy
 bandwidth, and every stage's record (time, limit, exit status, test summary and failures).
-Every bandwidth figure is given against both the datasheet's 4.8 TB/s and the copy bandwidth
-measured on the same device in the same run.
+Every bandwidth figure is given against both the datasheet's HBM bandwidth of the GPU that ran
+(env.json names it; an H200's 4.8 TB/s where none did) and the copy bandwidth measured on the same
+device in the same run.
 
-  python -m bench.report DIR                      reads DIR/*.json, writes DIR/report.json
-  python -m bench.report stage DIR NAME SECONDS LIMIT RC [LOG]
+  python bench report DIR                         reads DIR/*.json, writes DIR/report.json
+  python bench report stage DIR NAME SECONDS LIMIT RC [LOG]
                                                   adds one stage's record to DIR/stages.json, then
                                                   folds as above (no torch import: fast)
 """
@@ -16,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from bench.roofline import HBM_BYTES_PER_S, OURS, ratio_table
+from bench.roofline import OURS, hardware, ratio_table
 
 
 def kernel_results(path: Path) -> tuple[list[dict], dict[str, dict[str, float]]]:
@@ -48,16 +49,16 @@ def pytest_record(log: Path) -> dict:
             "failed": [ln.split(" ", 1)[1][:300] for ln in lines if ln.startswith(("FAILED ", "ERROR "))][:50]}
 
 
-def with_copy_rooflines(node, copy_bytes_per_s: float | None):
-    """Adds fraction_of_copy_bw next to every GB/s figure (fraction_of_hbm is the datasheet's)."""
+def with_copy_rooflines(node, copy_bytes_per_s: float | None, datasheet_bytes_per_s: float):
+    """Adds fraction_of_datasheet and fraction_of_copy_bw next to every GB/s figure."""
     if isinstance(node, list):
-        return [with_copy_rooflines(x, copy_bytes_per_s) for x in node]
+        return [with_copy_rooflines(x, copy_bytes_per_s, datasheet_bytes_per_s) for x in node]
     if not isinstance(node, dict):
         return node
-    node = {k: with_copy_rooflines(v, copy_bytes_per_s) for k, v in node.items()}
+    node = {k: with_copy_rooflines(v, copy_bytes_per_s, datasheet_bytes_per_s) for k, v in node.items()}
     for key in ("GB_per_s", "achieved_GB_per_s"):
         if key in node:
-            node.setdefault("fraction_of_datasheet_4.8TB", node[key] * 1e9 / HBM_BYTES_PER_S)
+            node.setdefault("fraction_of_datasheet", node[key] * 1e9 / datasheet_bytes_per_s)
             if copy_bytes_per_s:
                 node["fraction_of_copy_bw"] = node[key] * 1e9 / copy_bytes_per_s
     return node
@@ -76,17 +77,22 @@ def main(out: Path) -> None:
     report: dict = {}
     env = read_json(out / "env.json") or {}
     copy_bw = (env.get("copy_bandwidth") or {}).get("copy_bytes_per_s")
-    report["rooflines"] = {"datasheet_bytes_per_s": HBM_BYTES_PER_S, "measured_copy_bytes_per_s": copy_bw,
-                           "copy_over_datasheet": copy_bw / HBM_BYTES_PER_S if copy_bw else None}
+    spec = hardware.spec_for(env.get("gpu"))
+    datasheet = spec.hbm_bytes_per_s
+    report["rooflines"] = {"gpu": env.get("gpu"), "limits_of": spec.name,
+                           "limits_assumed": not hardware.is_listed(env.get("gpu")),
+                           "datasheet_bytes_per_s": datasheet, "bf16_flops": spec.bf16_flops,
+                           "measured_copy_bytes_per_s": copy_bw,
+                           "copy_over_datasheet": copy_bw / datasheet if copy_bw else None}
     if (out / "bench.json").is_file() and (out / "bench.json").stat().st_size:
         rows, groups = kernel_results(out / "bench.json")
-        report["kernels"] = with_copy_rooflines(rows, copy_bw)
+        report["kernels"] = with_copy_rooflines(rows, copy_bw, datasheet)
         report["ratios_vs_peers"] = ratio_table(groups)
         report["speedup_vs_fastest_peer"] = speedups(groups)
     for name in ("env", "stages", "e2e", "hf_e2e", "serve_load"):
         data = read_json(out / f"{name}.json")
         if data is not None:
-            report[name] = with_copy_rooflines(data, copy_bw)
+            report[name] = with_copy_rooflines(data, copy_bw, datasheet)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print("\n".join(report.get("ratios_vs_peers", [])))
 

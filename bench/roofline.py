@@ -1,9 +1,17 @@
-"""The H200's limits and the ratio table, without torch: bench/report.py runs after every stage
-of the device check, and must not pay torch's import each time."""
+"""The GPU's limits and the ratio table, without torch: bench/report.py runs after every stage
+of the device check, and must not pay torch's import each time. The limits come from
+pixtral_fast/hardware.py, loaded by path for the same reason (the package imports torch)."""
 from __future__ import annotations
 
-HBM_BYTES_PER_S = 4.8e12   # H200 HBM3e, datasheet
-BF16_FLOPS = 790e12        # dense bf16 tensor-core rate measured on this H200 (DESIGN §4)
+import importlib.util
+import sys
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location(
+    "pixtral_fast_hardware", Path(__file__).resolve().parents[1] / "pixtral_fast" / "hardware.py")
+hardware = sys.modules.setdefault(_spec.name, importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(hardware)
+
 OURS = "pixtral_fast"
 
 

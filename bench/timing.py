@@ -1,6 +1,6 @@
 """Timing helpers: pytest-benchmark rounds with the GPU synchronised inside the timed call, an
 optional L2 flush before each round (memory-bound kernels are measured cold), and throughput plus
-the fraction of the H200's limits in extra_info."""
+the fraction of this GPU's limits in extra_info (an H200's on the CPU)."""
 from __future__ import annotations
 
 import statistics
@@ -9,9 +9,10 @@ from collections import defaultdict
 
 import torch
 
-from bench.roofline import BF16_FLOPS, HBM_BYTES_PER_S, OURS, ratio_table  # noqa: F401  (re-exported)
+from bench.roofline import OURS, hardware, ratio_table  # noqa: F401  (re-exported)
 
 ON_GPU = torch.cuda.is_available()
+SPEC = hardware.spec_for(torch.cuda.get_device_name(0) if ON_GPU else None)
 
 RESULTS: dict[str, dict[str, float]] = defaultdict(dict)  # group -> impl -> seconds
 
@@ -85,14 +86,14 @@ def measure(benchmark, fn, *, group: str, impl: str, flops: float | None = None,
 
     benchmark.pedantic(timed, setup=flush_l2 if (ON_GPU and cold_l2) else None, rounds=rounds, warmup_rounds=1)
     seconds = benchmark.stats.stats.median
-    info = {"impl": impl, "wall_median_ms": seconds * 1e3, "rounds": rounds}
+    info = {"impl": impl, "wall_median_ms": seconds * 1e3, "rounds": rounds, "limits_of": SPEC.name}
     if ON_GPU:
         seconds = event_seconds(fn, rounds, cold_l2)
         info["device_median_ms"] = seconds * 1e3
     if flops:
-        info |= {"TFLOP_per_s": flops / seconds / 1e12, "fraction_of_bf16_peak": flops / seconds / BF16_FLOPS}
+        info |= {"TFLOP_per_s": flops / seconds / 1e12, "fraction_of_bf16_peak": flops / seconds / SPEC.bf16_flops}
     if nbytes:
-        info |= {"GB_per_s": nbytes / seconds / 1e9, "fraction_of_hbm": nbytes / seconds / HBM_BYTES_PER_S}
+        info |= {"GB_per_s": nbytes / seconds / 1e9, "fraction_of_hbm": nbytes / seconds / SPEC.hbm_bytes_per_s}
     benchmark.extra_info.update(info)
     RESULTS[group][impl] = seconds
     return seconds

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from pixtral_fast import hardware
 from pixtral_fast.config import IMG_BREAK_ID, IMG_END_ID, IMG_ID, ModelArgs, VisionArgs
 from pixtral_fast.model.load import check_dtype, resolve_device
 from pixtral_fast.model.pixtral import Pixtral, build_model
@@ -31,7 +32,6 @@ from pixtral_fast.quant.memory import decode_step_bytes, held_bytes
 from pixtral_fast.runtime.engine import Engine
 from pixtral_fast.tokenizer import Encoded
 
-HBM_BYTES_PER_S = 4.8e12  # H200
 BOS, INST, END_INST = 1, 3, 4
 
 
@@ -177,7 +177,7 @@ def decode_throughput(engine: Engine, batch: int, context: int, steps: int, idea
     step_s = seconds / n_steps
     if ideal is None:
         step_bytes = decode_bytes(engine.model, batch, context)
-        ideal_s = step_bytes / HBM_BYTES_PER_S
+        ideal_s = step_bytes / hardware.current().hbm_bytes_per_s
     else:
         step_bytes, ideal_s = ideal(batch, context)
     return {"batch": batch, "context": context, "stopped_early": sum(s.finish_reason != "length" for s in seqs),
@@ -254,7 +254,8 @@ def run(params, batches=(1, 8, 32), image_size=1024, decode_steps=32, context=No
         "parameters": parameter_count(model),
         "weights_held_GB": held_bytes(model) / 1e9,
         "decode_weight_bytes_per_step_GB": decode_bytes(model, 1, 0) / 1e9,
-        "hbm_bytes_per_s_assumed": HBM_BYTES_PER_S,
+        "hbm_bytes_per_s_assumed": hardware.current().hbm_bytes_per_s,
+        "roofline_gpu": hardware.current().name,
     }
     return measure(engine, report, prompt, batches, context, decode_steps, reps, image_size, out)
 
@@ -291,7 +292,8 @@ def parallel_plan_report(args: ModelArgs, size: int, batches, image_size: int, c
                        f"tensor-parallel decode speed needs a real checkpoint: pixtral-fast bench --model DIR "
                        f"--tensor-parallel-size {size} (on {size} GPUs)")}
     if not torch.cuda.is_available():
-        report["note"] += "; no GPU here: each GPU is assumed to be an H200 (141 GB)"
+        report["note"] += (f"; no GPU here: each GPU is assumed to be an {hardware.DEFAULT.name} "
+                           f"({hardware.DEFAULT.memory_bytes / 1e9:.0f} GB)")
     if out is not None:
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -109,7 +109,24 @@ def test_report_gives_rooflines_against_both_bandwidths(tmp_path):
     report.main(tmp_path)
     row = json.loads((tmp_path / "report.json").read_text())["e2e"]["decode"][0]
     assert row["fraction_of_copy_bw"] == pytest.approx(0.5)
-    assert row["fraction_of_datasheet_4.8TB"] == pytest.approx(2000e9 / 4.8e12)
+    assert row["fraction_of_datasheet"] == pytest.approx(2000e9 / 4.8e12)  # no GPU named: an H200's
+
+
+@pytest.mark.parametrize("gpu, datasheet, assumed", [("NVIDIA H100 80GB HBM3", 3.35e12, False),
+                                                      ("NVIDIA H200", 4.8e12, False),
+                                                      ("NVIDIA H100 PCIe", 2.0e12, False),
+                                                      ("NVIDIA A100-SXM4-80GB", 4.8e12, True)])
+def test_report_takes_the_limits_of_the_gpu_that_ran(tmp_path, gpu, datasheet, assumed):
+    """The device check runs on an H100 as well as an H200: fractions are of that card's datasheet."""
+    from bench import report
+
+    (tmp_path / "env.json").write_text(json.dumps({"gpu": gpu, "copy_bandwidth": {"copy_bytes_per_s": 3.0e12}}))
+    (tmp_path / "e2e.json").write_text(json.dumps({"decode": [{"batch": 1, "achieved_GB_per_s": 1500.0}]}))
+    report.main(tmp_path)
+    folded = json.loads((tmp_path / "report.json").read_text())
+    assert folded["rooflines"]["datasheet_bytes_per_s"] == datasheet
+    assert folded["rooflines"]["limits_assumed"] is assumed
+    assert folded["e2e"]["decode"][0]["fraction_of_datasheet"] == pytest.approx(1500e9 / datasheet)
 
 
 def test_report_records_failures(tmp_path):

@@ -11,9 +11,9 @@ much text again).
 
 Roofline of one decode step at batch B, context C, per rank (every rank runs the same step):
     HBM time       = (the rank's decoder weight bytes, replicated norms included, + B x C x KV
-                      bytes per token per rank) / HBM_BYTES_PER_S
+                      bytes per token per rank) / the GPU's HBM bandwidth
     all-reduces    = 2 per layer + 1 (the vocabulary-parallel embedding) of [B, dim] in the model
-                     dtype, ring: 2 (N - 1) / N x bytes / NVLINK_BYTES_PER_S
+                     dtype, ring: 2 (N - 1) / N x bytes / its NVLink bandwidth per direction
     logits gather  = all-gather of [B, N x ceil(V / N)] in the model dtype: (N - 1) / N x bytes / NVLINK
     tok/s          = B / (HBM time + all-reduces + gather)
 The collectives cannot overlap the matmuls of a decode step (each waits for the one before it),
@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import torch
 
+from pixtral_fast import hardware
 from pixtral_fast.config import ModelArgs
 from pixtral_fast.parallel.comm import Collectives
 from pixtral_fast.parallel.plan import ShardPlan
 
-HBM_BYTES_PER_S = 4.8e12          # H200 HBM3e (DESIGN §4)
-NVLINK_BYTES_PER_S = 450e9        # H200 NVLink 4: 900 GB/s both ways, 450 GB/s per direction
 ALL_REDUCE_LATENCY_S = 10e-6      # assumed fixed cost of one small NCCL collective inside a CUDA graph
-H200_MEMORY_BYTES = 141e9         # H200's rated memory, assumed when no GPU is present
 KV_MEMORY_FRACTION = 0.9          # EngineConfig.gpu_memory_fraction's default
 USEFUL_BATCH = 32                 # DEFAULT_MAX_BATCH_SIZE, the bench's largest default batch
 USEFUL_CONTEXT = 8192             # tokens per sequence: one 1024x1024 image (4160) and as much text
@@ -75,7 +73,8 @@ def device_memory() -> tuple[int, str]:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return int(props.total_memory), f"{props.name} (read from the device)"
-    return int(H200_MEMORY_BYTES), "H200, 141 GB (assumed: no GPU here)"
+    spec = hardware.DEFAULT
+    return int(spec.memory_bytes), f"{spec.name}, {spec.memory_bytes / 1e9:.0f} GB (assumed: no GPU here)"
 
 
 def memory_plan(args: ModelArgs, size: int, dtype: torch.dtype = torch.bfloat16, memory_bytes: int | None = None,
@@ -107,11 +106,11 @@ def memory_plan(args: ModelArgs, size: int, dtype: torch.dtype = torch.bfloat16,
 
 
 def ring_all_reduce_s(nbytes: float, size: int) -> float:
-    return 0.0 if size == 1 else 2 * (size - 1) / size * nbytes / NVLINK_BYTES_PER_S
+    return 0.0 if size == 1 else 2 * (size - 1) / size * nbytes / hardware.current().nvlink_bytes_per_s
 
 
 def ring_all_gather_s(total_bytes: float, size: int) -> float:
-    return 0.0 if size == 1 else (size - 1) / size * total_bytes / NVLINK_BYTES_PER_S
+    return 0.0 if size == 1 else (size - 1) / size * total_bytes / hardware.current().nvlink_bytes_per_s
 
 
 def decode_roofline(args: ModelArgs, rank: dict, size: int, batch: int, context: int,
@@ -121,7 +120,7 @@ def decode_roofline(args: ModelArgs, rank: dict, size: int, batch: int, context:
     elem = dtype.itemsize
     hbm_bytes = (rank["decode_weight_bytes"] + (batch - 1) * rank["embedding_row_bytes"]
                  + batch * context * rank["kv_bytes_per_token"])
-    hbm_s = hbm_bytes / HBM_BYTES_PER_S
+    hbm_s = hbm_bytes / hardware.current().hbm_bytes_per_s
     n_reduces = 0 if size == 1 else 2 * t.n_layers + 1
     reduce_s = n_reduces * ring_all_reduce_s(batch * t.dim * elem, size)
     vocab_padded = size * ShardPlan(size).vocab_rows_per_rank(t.vocab_size)
@@ -135,7 +134,9 @@ def decode_roofline(args: ModelArgs, rank: dict, size: int, batch: int, context:
 
 
 def constants() -> dict:
-    return {"hbm_bytes_per_s": HBM_BYTES_PER_S, "nvlink_bytes_per_s_per_direction": NVLINK_BYTES_PER_S,
+    spec = hardware.current()
+    return {"gpu": spec.name, "hbm_bytes_per_s": spec.hbm_bytes_per_s,
+            "nvlink_bytes_per_s_per_direction": spec.nvlink_bytes_per_s,
             "assumed_collective_latency_s": ALL_REDUCE_LATENCY_S, "kv_memory_fraction": KV_MEMORY_FRACTION}
 
 
