@@ -26,15 +26,17 @@ cd "$(dirname "$0")/.."
 #   stage         work on the device                                      expect   CPU stand-in
 #   packages      pip --target of ~20 small wheels, no compile               ~5 s    3 s
 #   env           versions + a 4 GiB device-to-device copy, best of 20      ~10 s   15 s (64 MiB host copy)
-#   build_varlen  nvcc sm_90a + bindings.cpp against torch (pip -e), IN     ~60 s   84 s (nvcc sm_90a of the
-#                 PARALLEL with the GPU varlen attention tests                        .cu; varlen collection 23 s)
+#   build_varlen  pip -e (no compile, seconds), then nvcc sm_90a +          ~60 s   84 s (nvcc sm_90a of the
+#                 bindings.cpp in place IN PARALLEL with the GPU varlen               .cu; varlen collection 23 s)
+#                 attention tests (which need the package, not _C)
 #   model         fast model vs reference, engine vs recompute, fp32 and    ~40 s   40 s (collection 15 s)
 #                 bf16 (the CUDA decode extension end to end), eager+graphs
 #   gpu_rest      every other gpu-marked test, two pytest processes         ~50 s   85 s (two collections)
 #   kernels       kernel benchmarks vs peers, each output checked against   ~63 s   70 s (interpreter, tiny shapes)
 #                 the reference before timing; the quantized linears run
-#                 last (~8 s of it: 4 JIT compiles, 48 cases of a few dozen
-#                 rounds), so a stage cut at its limit loses only those
+#                 first (~8 s of it: 4 JIT compiles, 48 cases of a few dozen
+#                 rounds): a stage cut at its limit loses prefill kernels,
+#                 whose correctness the test stages have already run
 #   e2e           full-size random-weight engine bench, batch 1/8/32        ~45 s   47 s (tiny model)
 #   hf_e2e        the HF transformers peer of the e2e bench, batch 1/8      ~30 s   35 s (tiny model, bf16 CPU)
 #   serve         `pixtral-fast serve` on random full-size weights vs the   ~35 s   (tiny model: tests/test_serve*)
@@ -67,12 +69,14 @@ start=$(date +%s)
 say() { echo "== [$(( $(date +%s) - start ))s] $*"; }
 limit() { local s=$1; shift; timeout -s INT -k 5 "$s" "$@"; }
 wanted() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
-PYTEST=(-m pytest -q -rfE -p no:cacheprovider)
+# -P everywhere: never the repository root on sys.path, where kernels/ would shadow Hugging Face's
+# `kernels` (README); bench scripts run as `python bench NAME` for the same reason.
+PYTEST=(-P -m pytest -q -rfE -p no:cacheprovider)
 GPU_ONLY=(-m gpu)  # (on the CPU every gpu test skips: the stand-in is pytest's start and collection)
 
 # finish NAME SECONDS RC [PYTEST_LOG]: the stage's record, the fold, the log tarball.
 finish() {
-  $PY -m bench.report stage "$OUT" "$1" "$2" "${BUDGET[$1]}" "$3" ${4:+"$4"} > /dev/null 2>> "$LOGS/report.log"
+  $PY bench report stage "$OUT" "$1" "$2" "${BUDGET[$1]}" "$3" ${4:+"$4"} > /dev/null 2>> "$LOGS/report.log"
   tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs 2>/dev/null
 }
 # run_stage NAME CMD...: times CMD under the stage's limit (CMD is a shell function below).
@@ -103,25 +107,23 @@ stage_packages() {
 }
 
 stage_env() {
-  limit "${BUDGET[env]}" $PY - "$OUT/env.json" > "$LOGS/env.log" 2>&1 <<'PYEOF'
-import json, subprocess, sys
-import torch, triton
-from bench.bandwidth import copy_bandwidth
-env = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda}
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    env |= {"gpu": p.name, "sms": p.multi_processor_count, "memory_gib": p.total_memory / 2**30,
-            "driver": subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                     capture_output=True, text=True).stdout.strip()}
-    env["copy_bandwidth"] = copy_bandwidth(4 << 30, 20, "cuda")
-else:
-    env |= {"gpu": None, "copy_bandwidth": copy_bandwidth(64 << 20, 5, "cpu")}
-open(sys.argv[1], "w").write(json.dumps(env, indent=2) + "\n")
-print(json.dumps(env))
-PYEOF
+  limit "${BUDGET[env]}" $PY bench device_env "$OUT/env.json" > "$LOGS/env.log" 2>&1
   local rc=$?
   cat "$LOGS/env.log"
   return $rc
+}
+
+install_package() {
+  # The package importable at once, nothing compiled (seconds): the varlen tests start on it.
+  [ "$MODE" = gpu ] || return 0
+  PIXTRAL_FAST_BUILD_CUDA=0 $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . \
+    && $PY -P -c "import pixtral_fast.kernels" && return 0
+  echo "editable install failed: the package from an in-place folder instead"
+  ln -sfn ../kernels pixtral_fast/kernels
+  # importable through a folder that holds the package alone, never the repository root
+  mkdir -p /tmp/inplace && ln -sfn "$PWD/pixtral_fast" /tmp/inplace/pixtral_fast
+  echo /tmp/inplace > "$($PY -P -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/pixtral_fast_inplace.pth"
+  $PY -P -c "import pixtral_fast.kernels"
 }
 
 build_extension() {
@@ -131,17 +133,14 @@ build_extension() {
       -Xcompiler -fPIC -gencode arch=compute_90a,code=sm_90a
     return $?
   fi
-  # Only this GPU's arch (sm_90a): half the nvcc time of the default sm_80 + sm_90a.
-  PIXTRAL_FAST_CUDA_ARCHS=90a $PY -m pip install -q --no-index --no-deps --no-build-isolation -e .
-  if ! $PY -c "import pixtral_fast.kernels"; then
-    echo "editable install failed: in-place build instead"
-    ln -sfn ../kernels pixtral_fast/kernels
-    PIXTRAL_FAST_CUDA_ARCHS=90a $PY setup.py build_ext --inplace
-  fi
-  $PY -c "from pixtral_fast import ops, _cuda_decode as c; print('decode attention:', ops.decode_backend('cuda'), '-', c.status())"
+  # pixtral_fast._C in place, beside the installed package; only this GPU's arch (sm_90a): half
+  # the nvcc time of the default sm_80 + sm_90a.
+  PIXTRAL_FAST_CUDA_ARCHS=90a $PY -P setup.py -q build_ext --inplace || return $?
+  $PY -P -c "from pixtral_fast import ops, _cuda_decode as c; print('decode attention:', ops.decode_backend('cuda'), '-', c.status())"
 }
 
 stage_build_varlen() {
+  install_package > "$LOGS/install.log" 2>&1 || { tail -5 "$LOGS/install.log"; return 1; }
   # The extension builds while the varlen attention tests (which do not use it) run.
   limit "${BUDGET[build_varlen]}" bash -c "$(declare -f build_extension); MODE=$MODE PY=$PY WORK=$WORK build_extension" \
     > "$LOGS/build.log" 2>&1 &
@@ -190,7 +189,10 @@ stage_gpu_rest() {
 stage_kernels() {
   local select=()
   [ "$MODE" = cpu ] && select=(-m "not gpu")
-  limit "${BUDGET[kernels]}" $PY "${PYTEST[@]}" bench --benchmark-only --benchmark-json="$OUT/bench.json" \
+  # The quantized linears first: a stage cut at its limit loses the last files, and these have no
+  # other measurement; then decode attention, then the prefill kernels.
+  limit "${BUDGET[kernels]}" $PY "${PYTEST[@]}" bench/test_bench_quant.py bench/test_bench_decode.py \
+    bench/test_bench_kernels.py --benchmark-only --benchmark-json="$OUT/bench.json" \
     --benchmark-columns=median,rounds "${select[@]}" > "$LOGS/bench.log" 2>&1
   local rc=$?
   grep -A80 "pixtral_fast vs peers" "$LOGS/bench.log" | head -60
@@ -200,7 +202,7 @@ stage_kernels() {
 
 e2e_args() {  # the full-size model on the GPU; a tiny one on the CPU
   if [ "$MODE" = cpu ]; then
-    [ -f "$WORK/tiny/params.json" ] || $PY -m pixtral_fast.cli make-tiny "$WORK/tiny" > /dev/null 2>&1
+    [ -f "$WORK/tiny/params.json" ] || $PY -P -m pixtral_fast.cli make-tiny "$WORK/tiny" > /dev/null 2>&1
     echo "--params $WORK/tiny/params.json --image-size 64 --device cpu"
   else
     echo "--params tests/data/params.json --image-size 1024"
@@ -211,7 +213,7 @@ stage_e2e() {
   local batches="1 8 32" steps=32
   [ "$MODE" = cpu ] && { batches="1 2"; steps=2; }
   # shellcheck disable=SC2046
-  limit "${BUDGET[e2e]}" $PY -m pixtral_fast.cli bench $(e2e_args) --random-weights --batch $batches \
+  limit "${BUDGET[e2e]}" $PY -P -m pixtral_fast.cli bench $(e2e_args) --random-weights --batch $batches \
     --decode-steps $steps --out "$OUT/e2e.json" > /dev/null 2> "$LOGS/e2e.log"
   local rc=$?
   cat "$OUT/e2e.json" 2>/dev/null
@@ -222,7 +224,7 @@ stage_hf_e2e() {
   local batches="1 8" steps=16
   [ "$MODE" = cpu ] && { batches="1"; steps=2; }
   # shellcheck disable=SC2046
-  limit "${BUDGET[hf_e2e]}" $PY -m bench.hf_e2e $(e2e_args) --batch $batches --decode-steps $steps \
+  limit "${BUDGET[hf_e2e]}" $PY bench hf_e2e $(e2e_args) --batch $batches --decode-steps $steps \
     --out "$OUT/hf_e2e.json" > /dev/null 2> "$LOGS/hf_e2e.log"
   local rc=$?
   cat "$OUT/hf_e2e.json" 2>/dev/null
@@ -232,7 +234,7 @@ stage_hf_e2e() {
 stage_serve() {
   local args=(--model tests/data --load-format dummy --kv-cache-memory 8GiB --max-model-len 4096)
   [ "$MODE" = cpu ] && args=(--tiny --device cpu)
-  limit "${BUDGET[serve]}" $PY -m bench.serve_load "${args[@]}" --offline --concurrency 16 --num-requests 32 \
+  limit "${BUDGET[serve]}" $PY bench serve_load "${args[@]}" --offline --concurrency 16 --num-requests 32 \
     --max-tokens 32 --repeat 1 --out "$OUT/serve_load.json" > "$LOGS/serve_load.log" 2>&1
   local rc=$?
   tail -2 "$LOGS/serve_load.log"
@@ -245,6 +247,6 @@ say "device check, mode=$MODE, out=$OUT, work=$WORK"
 for s in "${STAGES[@]}"; do
   run_stage "$s" "stage_$s"
 done
-$PY -m bench.report "$OUT" 2>> "$LOGS/report.log"
+$PY bench report "$OUT" 2>> "$LOGS/report.log"
 tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs 2>/dev/null
 say "done: $(ls "$OUT" | tr '\n' ' ')"

@@ -25,7 +25,7 @@ trap 'rm -rf "$tmp"' EXIT
 
 "$PY" -m pip install -q --dry-run --ignore-installed --disable-pip-version-check --report "$tmp/report.json" \
   --target "$tmp/target" "${TARGET[@]}" "${REQUIREMENTS[@]}"
-"$PY" - "$tmp/report.json" "$DEVICE_HAS" > "$tmp/pins.txt" <<'PYEOF'
+"$PY" -P - "$tmp/report.json" "$DEVICE_HAS" > "$tmp/pins.txt" <<'PYEOF'
 import json, re, sys
 norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
 skip = {norm(n) for n in sys.argv[2].split()}
@@ -42,7 +42,7 @@ rm -rf .whl && mkdir -p .whl
 "$PY" -m pip download -q --no-deps --disable-pip-version-check "${TARGET[@]}" -d .whl -r "$tmp/pins.txt"
 cp "$tmp/pins.txt" .whl/pins.txt
 # Every pin has its wheel, and nothing else came along.
-"$PY" - .whl <<'PYEOF'
+"$PY" -P - .whl <<'PYEOF'
 import re, sys
 from pathlib import Path
 norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()

@@ -1,6 +1,7 @@
 """The `pixtral-fast` command: generate, demo, bench, make-tiny, convert-hf, serve.
 
-`python -m pixtral_fast.cli ...` runs the same command (what `torchrun -m pixtral_fast.cli` needs).
+`python -m pixtral_fast.cli ...` runs the same command; under torchrun use
+`torchrun --no-python pixtral-fast ...`, which never puts the current folder on sys.path.
 
 Each subcommand is one `add_*(subparsers)` registration in COMMANDS (serve's lives in
 pixtral_fast/serve/command.py, which imports FastAPI and uvicorn only when it runs). Errors follow the habits of standard tools:

@@ -91,7 +91,6 @@ def test_params_json_round_trip():
 
 
 def test_hf_config_matches_params_json(tmp_path):
-    pytest.importorskip("transformers")
     from tests.support.hf_peer import tiny_hf_model
 
     tiny_hf_model().config.save_pretrained(tmp_path)

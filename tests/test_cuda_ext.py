@@ -119,7 +119,7 @@ def test_op_rejects_cpu_tensors(ext):
 
 
 @pytest.mark.parametrize("order", ["extension first", "ops first"])
-def test_registration_coexists_with_python_ops(ext, order):
+def test_registration_coexists_with_python_ops(ext, order, tmp_path):
     """TORCH_LIBRARY(pixtral_fast) in C++ and torch.library.custom_op("pixtral_fast::...") in
     pixtral_fast.ops share one namespace, loaded in either order (a fresh process each). Importing
     anything of the package runs pixtral_fast/__init__.py, which imports ops: so the library is
@@ -137,7 +137,7 @@ def test_registration_coexists_with_python_ops(ext, order):
     code = "\n".join(["import torch", *steps, "print(torch.ops.pixtral_fast.gqa_decode_attention_cuda, "
                        "torch.ops.pixtral_fast.gqa_decode_attention)"])
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

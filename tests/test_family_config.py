@@ -65,7 +65,6 @@ def test_params_json_round_trip(variant, tmp_path):
 
 
 def hf_config_dir(tmp_path, variant):
-    pytest.importorskip("transformers")
     from tests.support.hf_mistral3 import BUILDERS
 
     BUILDERS[variant]().config.save_pretrained(tmp_path)

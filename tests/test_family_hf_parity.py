@@ -12,8 +12,6 @@ from tests.support.hf_mistral3 import BUILDERS, hf_logits, image_for_merged_grid
 from tests.support.hf_peer import image_tokens
 from tests.tolerances import MODEL_FP32_ATOL
 
-pytest.importorskip("transformers")
-
 BOS, INST, END_INST = 1, 3, 4
 TEXT = (300, 301, 302, 303, 304)
 

@@ -38,7 +38,6 @@ def test_channel_major_order_by_hand():
 
 
 def test_matches_hf_mistral3_patch_merger():
-    pytest.importorskip("transformers")
     from transformers import Mistral3Config, MistralConfig, PixtralVisionConfig
     from transformers.models.mistral3.modeling_mistral3 import Mistral3PatchMerger
 

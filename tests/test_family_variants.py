@@ -69,7 +69,6 @@ def test_key_maps_are_inverse(tmp_path, variant):
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_export_to_hf_loads_in_transformers_with_same_logits(tmp_path, variant):
-    pytest.importorskip("transformers")
     from transformers import AutoModelForImageTextToText
 
     from tests.support.hf_mistral3 import hf_logits

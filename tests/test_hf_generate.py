@@ -13,8 +13,6 @@ from pixtral_fast.tokenizer import Encoded
 from tests.conftest import DEVICE
 from tests.support.hf_peer import hf_inputs, image_tokens, save_tiny_hf, tiny_hf_model
 
-pytest.importorskip("transformers")
-
 BOS, EOS, INST, END_INST = 1, 2, 3, 4
 NEW_TOKENS = 20
 

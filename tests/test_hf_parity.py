@@ -10,7 +10,6 @@ from tests.support.hf_peer import IMAGE_CASES as CASES
 from tests.support.hf_peer import hf_logits, prompt, save_tiny_hf, tiny_hf_model
 from tests.tolerances import MODEL_FP32_ATOL
 
-pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):

@@ -129,6 +129,7 @@ def test_params_are_frozen_after_validation():
 
 
 def test_numpy_integers_are_integers():
-    np = pytest.importorskip("numpy")
+    import numpy as np
+
     p = SamplingParams(max_new_tokens=np.int64(5), top_k=np.int32(3), seed=np.uint64(2**64 - 1))
     assert (p.max_new_tokens, p.top_k, p.seed) == (5, 3, -1) and type(p.top_k) is int

@@ -21,12 +21,13 @@ import pixtral_fast as pf
 from pixtral_fast.cli import main
 from pixtral_fast.parallel import TensorParallelError
 from pixtral_fast.tiny import make_tiny
-from tests.support.serve_server import CPU_ARGS, REPO, ServerProcess, data_url, picture, user_message
+from tests.support.serve_server import CPU_ARGS, ServerProcess, data_url, picture, user_message
 
 PROMPT = "Describe the picture, please."
 MAX_NEW = 8
 IMAGE = (40, 56, 3)  # width, height, seed
 TORCHRUN = Path(sys.executable).with_name("torchrun")
+ENTRY = Path(sys.executable).with_name("pixtral-fast")
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +105,13 @@ def test_server_at_tp2_answers_as_tp1_and_sigterm_leaves_no_worker(tiny_dir, tmp
     assert not any(map(running, workers)), f"workers left running: {[p for p in workers if running(p)]}"
 
 
-def test_torchrun_generate_at_tp2_prints_the_tp1_text_from_rank_0_only(tiny_dir, image_file, expected):
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
+def test_torchrun_generate_at_tp2_prints_the_tp1_text_from_rank_0_only(tiny_dir, image_file, expected, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     argv = [str(TORCHRUN), "--nnodes", "1", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-            "--master-port", str(free_port()), "-m", "pixtral_fast.cli", "generate", "--model", str(tiny_dir),
+            "--master-port", str(free_port()), "--no-python", str(ENTRY), "generate", "--model", str(tiny_dir),
             "--image", str(image_file), "--prompt", PROMPT, "--max-new-tokens", str(MAX_NEW),
             "--device", "cpu", "--dtype", "fp32", "--backend", "reference", "--tensor-parallel-size", "2"]
-    done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout == expected + "\n"  # one copy: rank 1 printed nothing
     assert done.stderr.count("pixtral-fast: tensor parallel 2 (gloo)") == 1

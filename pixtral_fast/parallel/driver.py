@@ -29,6 +29,9 @@ from pixtral_fast.parallel.plan import ShardPlan, check_size
 from pixtral_fast.parallel.worker import GATHERED, load_shard, serve_steps
 
 log = logging.getLogger("pixtral_fast")
+# Workers never get their current folder on sys.path (-P, Python 3.11+): a folder holding a
+# `kernels/` (this repository's root, say) would shadow the `kernels` package transformers imports.
+SAFE_PATH = ("-P",) if sys.version_info >= (3, 11) else ()
 JOIN_GRACE_S = 10.0
 
 
@@ -312,7 +315,7 @@ def start(path, size: int, device, dtype: torch.dtype, backend: str, progress: b
     driver = None
     try:
         for r in range(1, size):
-            argv = [sys.executable, "-m", "pixtral_fast.parallel", "--rank", str(r), "--size", str(size),
+            argv = [sys.executable, *SAFE_PATH, "-m", "pixtral_fast.parallel", "--rank", str(r), "--size", str(size),
                     "--init-method", init_method, "--path", str(path), "--device-type", device.type,
                     "--dtype", str(dtype).removeprefix("torch."), "--backend", backend,
                     "--timeout-s", str(timeout_s), "--parent-fd", str(watch_fd), "--scratch", str(scratch)]

@@ -4,7 +4,7 @@
     pixtral-fast serve --tiny            # the embedded tiny checkpoint: try it with no weights
     python -m pixtral_fast.serve.command ...   # the same, without the pixtral-fast entry point
     pixtral-fast serve --model DIR --tensor-parallel-size 2   # rank 0 serves HTTP; 1 worker process
-    torchrun --nproc-per-node 2 -m pixtral_fast.cli serve --model DIR --tensor-parallel-size 2
+    torchrun --nproc-per-node 2 --no-python pixtral-fast serve --model DIR --tensor-parallel-size 2
                                          # rank 0 listens; the other ranks only run its model steps
 """
 from __future__ import annotations

@@ -59,7 +59,7 @@ def count(table: dict[str, tuple[int, ...]], prefixes: tuple[str, ...] = ("",)) 
     return sum(math.prod(s) for k, s in table.items() if k.startswith(prefixes))
 
 
-if __name__ == "__main__":  # python -m tests.support.family_keys: the counts quoted in the SOURCES.md files
+if __name__ == "__main__":  # python tests/support/family_keys.py: the counts quoted in the SOURCES.md files
     for name in VARIANT_DIRS:
         table = key_table(read_params(name))
         total = count(table)

@@ -8,14 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_interpreted(script: str, cwd: Path, timeout: float = 600) -> dict:
     """The JSON object the script prints on its last line; asserts that the script succeeded."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = str(ROOT)  # the package from this checkout, however it is installed
     proc = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]

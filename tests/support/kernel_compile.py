@@ -2,8 +2,8 @@
 tests/test_quant_compile.py).
 
 Each (module, arch) runs in a subprocess without TRITON_INTERPRET (the interpreter and the
-compiler cannot share a process; DESIGN §5), which is this file run as a module:
-`python -m tests.support.kernel_compile MODULE CAP OUT_DIR`. It compiles every spec of
+compiler cannot share a process; DESIGN §5), which is this file run as a script:
+`python tests/support/kernel_compile.py MODULE CAP OUT_DIR`. It compiles every spec of
 `compile_specs(CAP)` (two at a time: this machine has two cores), writes each cubin to OUT_DIR,
 reads registers / stack / local bytes with the cuobjdump bundled with Triton, takes spill
 counts from ptxas's own log (TRITON_DUMP_PTXAS_LOG) and prints one JSON line per spec.
@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
 WORKERS = 2
 TIMEOUT_S = 900  # generous (two cores, ~50 specs): a hung ptxas fails the test, not the whole CI run
 
@@ -118,11 +117,10 @@ def run_worker(module: str, cap: int, tmp_path: Path) -> tuple[subprocess.Comple
         "TRITON_CACHE_DIR": str(tmp_path / "triton_cache"),  # a clean cache: every spec really compiles
         "TRITON_DUMP_PTXAS_LOG": "1",
         "TRITON_DEFAULT_FP_FUSION": "1",  # the default anyway; set to silence Triton 3.9's notice
-        "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     })
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.support.kernel_compile", module, str(cap), str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+        [sys.executable, __file__, module, str(cap), str(tmp_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
     )
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     return proc, rows

@@ -16,7 +16,6 @@ import httpx
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[2]
 CPU_ARGS = ["--device", "cpu", "--dtype", "float32", "--backend", "reference"]
 
 
@@ -25,10 +24,9 @@ class ServerProcess:
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "w")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         self.proc = subprocess.Popen([sys.executable, "-m", "pixtral_fast.serve.command", "--host", "127.0.0.1",
                                       "--port", "0", *args], stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     cwd=REPO)
+                                     cwd=self.log_path.parent)
         self.url = self.wait_ready(startup_timeout) if wait else None
 
     def wait_ready(self, timeout: float = 180.0) -> str:
