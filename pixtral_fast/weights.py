@@ -197,7 +197,10 @@ def load_state_dict(folder: str | Path, args: ModelArgs, device, dtype: torch.dt
                     t = undo_hf_rope_permutation(t, heads if cut is None else cut[2] // args.text.head_dim)
                 if cut is not None and cut[3] > cut[2]:  # a vocabulary share padded to the equal size
                     t = torch.cat([t, t.new_zeros(cut[3] - cut[2], *t.shape[1:])])
-                state[new] = t.to(device=device, dtype=dtype)
+                # Contiguous, whatever the path: a column cut (wo, w2) read without a dtype conversion
+                # is a strided view of the whole tensor's rows (the kernels refuse it, and it keeps
+                # the whole tensor alive); .contiguous() copies only this rank's share.
+                state[new] = t.to(device=device, dtype=dtype).contiguous()
                 bar.update()
     bar.close()
     return state
