@@ -3,15 +3,17 @@ concurrent streaming clients replay a request mix (text-only and with images); r
 throughput, output tokens/s, time to first token and inter-token latency (p50/p99) as JSON.
 
 With --offline, the same workload first runs through the offline Engine in this process (the
-same checkpoint and limits, --max-num-seqs = the concurrency), and the report gives both output
-tokens/s and their ratio: what the HTTP layer costs.
+same checkpoint and limits, --max-num-seqs = the concurrency, parsed by the server's own argument
+parser), and the report gives both output tokens/s and their ratio: what the HTTP layer costs.
+The offline engine is closed and its memory freed before the server starts, so that one GPU never
+holds two full-size models (each side takes the best of --repeat runs, one side after the other).
 
     # CPU, tiny checkpoint: server tok/s must be >= 0.8x offline at 16 clients
-    python -m bench.serve_load --tiny --offline --concurrency 16 --num-requests 64
+    python bench serve_load --tiny --offline --concurrency 16 --num-requests 64
     # a running server
-    python -m bench.serve_load --url http://127.0.0.1:8000 --concurrency 32
+    python bench serve_load --url http://127.0.0.1:8000 --concurrency 32
     # the full-size model with random weights on a GPU (bench/device_check.sh)
-    python -m bench.serve_load --model tests/data --load-format dummy --offline --concurrency 16
+    python bench serve_load --model tests/data --load-format dummy --offline --concurrency 16
 """
 from __future__ import annotations
 
@@ -130,6 +132,26 @@ def offline_run(engine, requests: list, max_tokens: int) -> tuple[dict, list[str
             "request_throughput_per_s": len(requests) / wall}, [c.text for c in out]
 
 
+def offline_engine(a):
+    """The engine `pixtral-fast serve` would build from serve_args(a), in this process."""
+    from pixtral_fast.serve.command import add_serve_arguments, build_engine
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    return build_engine(parser.parse_args(serve_args(a)))[0]
+
+
+def release_memory() -> None:
+    """Gives a closed engine's device memory back before the server loads its own copy."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def serve_args(a) -> list[str]:
     args = ["--tiny"] if a.tiny else ["--model", a.model, "--load-format", a.load_format]
     if a.device:
@@ -154,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--backend", default="auto")
     p.add_argument("--kv-cache-memory", default=None,
-                   help="KV cache of the server and of the offline engine alike (e.g. 8GiB; both share a GPU)")
+                   help="KV cache of the server and of the offline engine alike (e.g. 8GiB)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--server-arg", action="append", default=[], help="extra server flag (repeatable)")
     p.add_argument("--served-model-name", default=None)
@@ -165,47 +187,38 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--image-every", type=int, default=2, help="every k-th request carries an image (0: none)")
     p.add_argument("--offline", action="store_true", help="also run the workload on the offline Engine")
     p.add_argument("--repeat", type=int, default=1,
-                   help="runs of each side, alternating; the fastest of each is reported (a shared machine)")
+                   help="runs of each side; the fastest of each is reported (a shared machine)")
     p.add_argument("--min-ratio", type=float, default=None, help="exit 1 if server/offline tok/s is below this")
     p.add_argument("--out", default=None, help="also write the JSON report here")
     a = p.parse_args(argv)
     if a.offline and a.url:
         p.error("--offline needs the server started here (--tiny or --model), with the same engine settings")
-    from pixtral_fast.serve.command import byte_size
-
-    kv_flag = a.kv_cache_memory
-    a.kv_cache_memory = byte_size(kv_flag) if kv_flag else None
-    a.max_num_seqs = a.concurrency  # for build_engine: the same limits as the server's
-    for name in ("max_num_batched_tokens", "gpu_memory_utilization", "num_gpu_blocks_override", "block_size"):
-        setattr(a, name, None)
-    a.enforce_eager, a.nvtx = False, False
-
     requests = workload(a.num_requests, a.image_every)
     report = {"workload": {"requests": a.num_requests, "max_tokens": a.max_tokens, "image_every": a.image_every,
                            "with_images": sum(1 for r in requests if len(r[0]["content"]) > 1)}}
-    offline_texts, engine, server = None, None, None
+    offline_texts = None
     if a.offline:
-        from pixtral_fast.serve.command import build_engine
-
-        engine, _ = build_engine(a)
-        offline_run(engine, requests[:2], 2)  # warm-up, as the server gets below
-    if a.url is None:
-        server = ServerProcess(serve_args(a), Path(tempfile.mkdtemp()) / "server.log")
-    try:
-        url = a.url or server.url
-        asyncio.run(run_clients(url, a.served_model_name, requests[:2], 2, 2, a.api_key))  # warm-up
-        for _ in range(a.repeat):
-            if engine is not None:
+        engine = offline_engine(a)
+        try:
+            offline_run(engine, requests[:2], 2)  # warm-up, as the server gets below
+            for _ in range(a.repeat):
                 side, offline_texts = offline_run(engine, requests, a.max_tokens)
                 if "offline" not in report or side["duration_s"] < report["offline"]["duration_s"]:
                     report["offline"] = side
-            run = asyncio.run(run_clients(url, a.served_model_name, requests, a.concurrency, a.max_tokens,
-                                          a.api_key))
-            if "results" not in locals() or run[1] < wall:
-                results, wall = run
+        finally:
+            engine.close()
+        del engine
+        release_memory()
+    server = None if a.url else ServerProcess(serve_args(a), Path(tempfile.mkdtemp()) / "server.log")
+    try:
+        url = a.url or server.url
+        asyncio.run(run_clients(url, a.served_model_name, requests[:2], 2, 2, a.api_key))  # warm-up
+        runs = [asyncio.run(run_clients(url, a.served_model_name, requests, a.concurrency, a.max_tokens,
+                                        a.api_key)) for _ in range(a.repeat)]
     finally:
         if server is not None:
             report["server_exit_code"] = server.terminate()
+    results, wall = min(runs, key=lambda run: run[1])
     report["server"] = summarize(results, wall, a.concurrency)
     if offline_texts is not None:
         report["server_vs_offline_output_tok_per_s"] = (report["server"]["output_tokens_per_s"]
