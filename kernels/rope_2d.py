@@ -3,7 +3,8 @@
 One launch rotates q and k: the grid's second axis walks q's head blocks, then k's, so GQA
 (Hq != Hk) and strided views into a fused QKV output need no extra copies. A program owns
 BLOCK_T tokens x BLOCK_H heads, computes each pair's angle once for its tokens and reuses it
-across heads.
+across heads. With a paged KV cache (CACHE, 1-D only: the decoder), the same launch also writes
+the rotated k and, on a third run of head blocks, v to their cache slots: no separate scatter.
 
 Angles: pos * inv_freq in fp32, with inv_freq passed in precomputed by
 `reference.rope_frequencies` (fp64 on the CPU, rounded once: never a device pow; the fp32 angle
@@ -68,21 +69,49 @@ def sincos_small(a):
 
 
 @triton.jit
-def _rotate_block(x_ptr, o_ptr, stride_t, stride_h, n_heads, t0, head0, t_ok, cos, sin,
-                  HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                  HEAD_DIM_P2: tl.constexpr):
-    HALF: tl.constexpr = HEAD_DIM_P2 // 2
-    lt = tl.arange(0, BLOCK_T)
+def _block_mask(n_heads, head0, t_ok, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM_P2: tl.constexpr):
     lh = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HEAD_DIM_P2)
     mask = t_ok[:, None, None] & (lh < n_heads - head0)[None, :, None]  # broadcast over D by tl.load
     if HEAD_DIM != HEAD_DIM_P2:  # head_dim padded to a power of two: padding columns masked
         mask = mask & (offs_d < HEAD_DIM)[None, None, :]
+    return mask
+
+
+@triton.jit
+def _load_block(x_ptr, stride_t, stride_h, t0, head0, mask, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                HEAD_DIM_P2: tl.constexpr):
+    lt = tl.arange(0, BLOCK_T)
+    lh = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM_P2)
     # 64-bit scalar bases (T x a fused-QKV row stride passes 2^31 in long prefills), 32-bit
     # offsets inside the tile: 64-bit pointer tensors would double the address registers.
     src = x_ptr + t0.to(tl.int64) * stride_t + head0.to(tl.int64) * stride_h
-    x = tl.load(src + (lt[:, None, None] * stride_t + lh[None, :, None] * stride_h + offs_d[None, None, :]),
-                mask=mask, other=0.0).to(tl.float32)
+    return tl.load(src + (lt[:, None, None] * stride_t + lh[None, :, None] * stride_h + offs_d[None, None, :]),
+                   mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_to_slots(cache_ptr, slot_ptr, y, n_heads, t0, head0, t_ok, mask, HEAD_DIM: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM_P2: tl.constexpr):
+    """Token t's heads to row slot_mapping[t] of a cache [slots, n_heads, HEAD_DIM]."""
+    lh = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM_P2)
+    slots = tl.load(slot_ptr + t0 + tl.arange(0, BLOCK_T), mask=t_ok, other=0)
+    dst = cache_ptr + slots.to(tl.int64)[:, None, None] * (n_heads * HEAD_DIM) + head0 * HEAD_DIM
+    tl.store(dst + (lh[None, :, None] * HEAD_DIM + offs_d[None, None, :]), y.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotate_block(x_ptr, o_ptr, cache_ptr, slot_ptr, stride_t, stride_h, n_heads, t0, head0, t_ok, cos, sin,
+                  HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                  HEAD_DIM_P2: tl.constexpr, CACHE: tl.constexpr):
+    HALF: tl.constexpr = HEAD_DIM_P2 // 2
+    lt = tl.arange(0, BLOCK_T)
+    lh = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM_P2)
+    mask = _block_mask(n_heads, head0, t_ok, HEAD_DIM, BLOCK_H, HEAD_DIM_P2)
+    x = _load_block(x_ptr, stride_t, stride_h, t0, head0, mask, BLOCK_T, BLOCK_H, HEAD_DIM_P2).to(tl.float32)
     x0, x1 = tl.split(tl.reshape(x, [BLOCK_T, BLOCK_H, HALF, 2]))
     c = cos[:, None, :]
     s = sin[:, None, :]
@@ -90,24 +119,19 @@ def _rotate_block(x_ptr, o_ptr, stride_t, stride_h, n_heads, t0, head0, t_ok, co
     dst = o_ptr + (t0.to(tl.int64) * n_heads + head0) * HEAD_DIM
     tl.store(dst + ((lt[:, None, None] * n_heads + lh[None, :, None]) * HEAD_DIM + offs_d[None, None, :]),
              y.to(o_ptr.dtype.element_ty), mask=mask)
+    if CACHE:
+        _store_to_slots(cache_ptr, slot_ptr, y, n_heads, t0, head0, t_ok, mask, HEAD_DIM, BLOCK_T, BLOCK_H,
+                        HEAD_DIM_P2)
 
 
 @triton.jit
-def _rope_kernel(
-    q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, freq_ptr,
-    n_tokens, q_heads, k_heads, stride_qt, stride_qh, stride_kt, stride_kh, stride_pt, stride_pc,
-    n_q_blocks,
-    AXES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-    HEAD_DIM_P2: tl.constexpr,
-):
+def _rope_heads(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, freq_ptr, kc_ptr, slot_ptr, n_tokens, q_heads, k_heads,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_pt, stride_pc, n_q_blocks, pid_h, t0, t_ok,
+                AXES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                HEAD_DIM_P2: tl.constexpr, CACHE: tl.constexpr):
     HALF: tl.constexpr = HEAD_DIM // 2
-    pid_t = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    t0 = pid_t * BLOCK_T
     offs_t = t0 + tl.arange(0, BLOCK_T)
     offs_p = tl.arange(0, HEAD_DIM_P2 // 2)
-    t_ok = offs_t < n_tokens
-
     # already in pair order (see pair_frequencies); padding pairs turn by 0 and are not stored
     if HEAD_DIM == HEAD_DIM_P2:
         freq = tl.load(freq_ptr + offs_p)
@@ -124,11 +148,33 @@ def _rope_kernel(
     cos, sin = _sincos(angle)
 
     if pid_h < n_q_blocks:
-        _rotate_block(q_ptr, qo_ptr, stride_qt, stride_qh, q_heads, t0, pid_h * BLOCK_H, t_ok,
-                      cos, sin, HEAD_DIM, BLOCK_T, BLOCK_H, HEAD_DIM_P2)
+        _rotate_block(q_ptr, qo_ptr, kc_ptr, slot_ptr, stride_qt, stride_qh, q_heads, t0, pid_h * BLOCK_H, t_ok,
+                      cos, sin, HEAD_DIM, BLOCK_T, BLOCK_H, HEAD_DIM_P2, False)
     else:
-        _rotate_block(k_ptr, ko_ptr, stride_kt, stride_kh, k_heads, t0, (pid_h - n_q_blocks) * BLOCK_H,
-                      t_ok, cos, sin, HEAD_DIM, BLOCK_T, BLOCK_H, HEAD_DIM_P2)
+        _rotate_block(k_ptr, ko_ptr, kc_ptr, slot_ptr, stride_kt, stride_kh, k_heads, t0,
+                      (pid_h - n_q_blocks) * BLOCK_H, t_ok, cos, sin, HEAD_DIM, BLOCK_T, BLOCK_H, HEAD_DIM_P2, CACHE)
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, freq_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+    n_tokens, q_heads, k_heads, stride_qt, stride_qh, stride_kt, stride_kh, stride_pt, stride_pc,
+    stride_vt, stride_vh, n_q_blocks, n_k_blocks,
+    AXES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr, CACHE: tl.constexpr,
+):
+    pid_h = tl.program_id(1)
+    t0 = tl.program_id(0) * BLOCK_T
+    t_ok = t0 + tl.arange(0, BLOCK_T) < n_tokens
+    if CACHE and pid_h >= n_q_blocks + n_k_blocks:  # v: copied to its cache slots as it is
+        head0 = (pid_h - n_q_blocks - n_k_blocks) * BLOCK_H
+        mask = _block_mask(k_heads, head0, t_ok, HEAD_DIM, BLOCK_H, HEAD_DIM_P2)
+        v = _load_block(v_ptr, stride_vt, stride_vh, t0, head0, mask, BLOCK_T, BLOCK_H, HEAD_DIM_P2)
+        _store_to_slots(vc_ptr, slot_ptr, v, k_heads, t0, head0, t_ok, mask, HEAD_DIM, BLOCK_T, BLOCK_H, HEAD_DIM_P2)
+    else:
+        _rope_heads(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, freq_ptr, kc_ptr, slot_ptr, n_tokens, q_heads, k_heads,
+                    stride_qt, stride_qh, stride_kt, stride_kh, stride_pt, stride_pc, n_q_blocks, pid_h, t0, t_ok,
+                    AXES, HEAD_DIM, BLOCK_T, BLOCK_H, HEAD_DIM_P2, CACHE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,10 +217,13 @@ def _config(head_dim: int) -> dict:
             "HEAD_DIM_P2": width}
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float, axes: int):
+def apply_rope(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float, axes: int,
+               cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
     """q [T, Hq, D], k [T, Hk, D] (last dim contiguous, other strides free); pos int32 [T, 2]
-    (axes=2: row, col) or [T] (axes=1). Returns new contiguous (q_rot, k_rot). Inputs are
-    validated by pixtral_fast.ops."""
+    (axes=2: row, col) or [T] (axes=1). Returns new contiguous (q_rot, k_rot). cache (1-D only):
+    (v [T, Hk, D], k_cache, v_cache [blocks, block_size, Hk, D] contiguous, slot_mapping int64
+    [T]): k_rot and v are also written to those flat slots. Inputs are validated by
+    pixtral_fast.ops."""
     if axes not in (1, 2):
         raise ValueError(f"axes must be 1 or 2, got {axes}")
     n_tokens, q_heads, head_dim = q.shape
@@ -186,17 +235,22 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float
     k_out = torch.empty((n_tokens, k_heads, head_dim), dtype=k.dtype, device=k.device)
     if n_tokens == 0:
         return q_out, k_out
+    if cache is not None and axes != 1:
+        raise ValueError("the KV-cache write is for the decoder's 1-D RoPE")
     cfg = _config(head_dim)
     freq = pair_frequencies(head_dim, theta, axes, q.device)
     n_q_blocks = triton.cdiv(q_heads, cfg["BLOCK_H"])
-    grid = (triton.cdiv(n_tokens, cfg["BLOCK_T"]), n_q_blocks + triton.cdiv(k_heads, cfg["BLOCK_H"]))
+    n_k_blocks = triton.cdiv(k_heads, cfg["BLOCK_H"])
+    v, k_cache, v_cache, slots = cache if cache is not None else (k, k, k, pos)  # unread without CACHE
+    grid = (triton.cdiv(n_tokens, cfg["BLOCK_T"]), n_q_blocks + n_k_blocks * (2 if cache is not None else 1))
     stride_pc = pos.stride(1) if axes == 2 else 0
     _rope_kernel[grid](
-        q, k, q_out, k_out, pos, freq,
+        q, k, q_out, k_out, pos, freq, v, k_cache, v_cache, slots,
         n_tokens, q_heads, k_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        pos.stride(0), stride_pc, n_q_blocks,
+        pos.stride(0), stride_pc, v.stride(0), v.stride(1), n_q_blocks, n_k_blocks,
         AXES=axes, HEAD_DIM=head_dim, BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"],
-        HEAD_DIM_P2=cfg["HEAD_DIM_P2"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HEAD_DIM_P2=cfg["HEAD_DIM_P2"], CACHE=cache is not None, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return q_out, k_out
 
@@ -206,36 +260,40 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float
 
 # What the JIT specializes for the models' tensors (aligned, head and token strides multiples of
 # 16 elements): the variant that runs. Odd strides give an unhinted variant (scalar loads).
-_ALIGNED_ARGS = ("q_ptr", "k_ptr", "qo_ptr", "ko_ptr", "pos_ptr", "freq_ptr",
-                 "stride_qt", "stride_qh", "stride_kt", "stride_kh")
+_ALIGNED_ARGS = ("q_ptr", "k_ptr", "qo_ptr", "ko_ptr", "pos_ptr", "freq_ptr", "v_ptr", "kc_ptr", "vc_ptr",
+                 "slot_ptr", "stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh")
 
 
 def compile_specs(capability: int) -> list[dict]:
     """Every shipped config: per dtype, 2-D RoPE at D=64 (the ViT) and D=128, 1-D RoPE at D=128
-    (the decoder) and D=64; in bf16 and fp32 also 1-D at 256 (2 tokens a program) and padded head
-    dims (masked columns: 2-D at 80, and 1-D at 40, whose strides are not multiples of 16).
-    fp16 compiles the bf16 code with another element type. The config does not depend on the arch."""
+    (the decoder) and D=64, each 1-D one also with the KV-cache write; in bf16 and fp32 also 1-D
+    at 256 (2 tokens a program) and padded head dims (masked columns: 2-D at 80, and 1-D at 40,
+    whose strides are not multiples of 16). fp16 compiles the bf16 code with another element
+    type. The config does not depend on the arch."""
     specs = []
     for dtype, name in TRITON_DTYPE.items():
         ptr = f"*{name}"
         extra = () if dtype == torch.float16 else ((1, 256), (2, 80), (1, 40))
         for axes, head_dim in ((2, 64), (2, 128), (1, 64), (1, 128)) + extra:
             cfg = _config(head_dim)
-            aligned = _ALIGNED_ARGS if head_dim % 16 == 0 else _ALIGNED_ARGS[:6]
-            specs.append({
-                "name": f"rope{axes}d_{name}_d{head_dim}",
-                "fn": _rope_kernel,
-                "signature": {
-                    "q_ptr": ptr, "k_ptr": ptr, "qo_ptr": ptr, "ko_ptr": ptr, "pos_ptr": "*i32",
-                    "freq_ptr": "*fp32", "n_tokens": "i32", "q_heads": "i32", "k_heads": "i32",
-                    "stride_qt": "i32", "stride_qh": "i32", "stride_kt": "i32", "stride_kh": "i32",
-                    "stride_pt": "i32", "stride_pc": "i32", "n_q_blocks": "i32",
-                    "AXES": "constexpr", "HEAD_DIM": "constexpr", "BLOCK_T": "constexpr",
-                    "BLOCK_H": "constexpr", "HEAD_DIM_P2": "constexpr",
-                },
-                "constexprs": {"AXES": axes, "HEAD_DIM": head_dim, "BLOCK_T": cfg["BLOCK_T"],
-                               "BLOCK_H": cfg["BLOCK_H"], "HEAD_DIM_P2": cfg["HEAD_DIM_P2"]},
-                "attrs": {arg: [["tt.divisibility", 16]] for arg in aligned},
-                "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
-            })
+            aligned = _ALIGNED_ARGS if head_dim % 16 == 0 else _ALIGNED_ARGS[:10]
+            for cache in (False, True) if axes == 1 else (False,):
+                specs.append({
+                    "name": f"rope{axes}d_{name}_d{head_dim}{'_kv_cache' if cache else ''}",
+                    "fn": _rope_kernel,
+                    "signature": {
+                        "q_ptr": ptr, "k_ptr": ptr, "qo_ptr": ptr, "ko_ptr": ptr, "pos_ptr": "*i32",
+                        "freq_ptr": "*fp32", "v_ptr": ptr, "kc_ptr": ptr, "vc_ptr": ptr, "slot_ptr": "*i64",
+                        "n_tokens": "i32", "q_heads": "i32", "k_heads": "i32",
+                        "stride_qt": "i32", "stride_qh": "i32", "stride_kt": "i32", "stride_kh": "i32",
+                        "stride_pt": "i32", "stride_pc": "i32", "stride_vt": "i32", "stride_vh": "i32",
+                        "n_q_blocks": "i32", "n_k_blocks": "i32",
+                        "AXES": "constexpr", "HEAD_DIM": "constexpr", "BLOCK_T": "constexpr",
+                        "BLOCK_H": "constexpr", "HEAD_DIM_P2": "constexpr", "CACHE": "constexpr",
+                    },
+                    "constexprs": {"AXES": axes, "HEAD_DIM": head_dim, "BLOCK_T": cfg["BLOCK_T"],
+                                   "BLOCK_H": cfg["BLOCK_H"], "HEAD_DIM_P2": cfg["HEAD_DIM_P2"], "CACHE": cache},
+                    "attrs": {arg: [["tt.divisibility", 16]] for arg in aligned},
+                    "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+                })
     return specs

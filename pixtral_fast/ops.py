@@ -26,6 +26,7 @@ from pixtral_fast._validation import check_tensor as _tensor
 from pixtral_fast._validation import on_device as _on_device
 from pixtral_fast.kernels import decode_attention as _decode
 from pixtral_fast.kernels import gated_ffn as _ffn
+from pixtral_fast.kernels import rms_norm as _norm
 from pixtral_fast.kernels import rope_2d as _rope
 from pixtral_fast.kernels import varlen_attention as _attn
 # The weight-quantized linears (compressed-tensors W4A16 and FP8), defined with their validation
@@ -178,6 +179,120 @@ def rope_1d(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float = 
     if not _rope.supports_head_dim(q.shape[-1], 1):
         return _reference_fallback("rope_1d", q.shape[-1], f"up to {_rope.MAX_HEAD_DIM}")(q, k, pos, theta)
     return _rope_1d_op(q, k, pos, theta)
+
+
+@torch.library.custom_op("pixtral_fast::rope_1d_kv_cache", mutates_args=("k_cache", "v_cache"))
+def _rope_1d_kv_cache_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, theta: float,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with _on_device(q):
+        return _rope.apply_rope(q, k, pos, theta, axes=1, cache=(v, k_cache, v_cache, slot_mapping))
+
+
+@_rope_1d_kv_cache_op.register_fake
+def _(q, k, v, pos, theta, k_cache, v_cache, slot_mapping):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format)
+
+
+def rope_1d_kv_cache(q, k, v, pos, theta, k_cache, v_cache, slot_mapping, *, validate_indices=True):
+    """rope_1d(q, k, pos, theta), with the rotated k and v written in the same launch to the paged
+    caches [blocks, block_size, Hk, D] at the flat slots slot_mapping (int64 [T]). Returns
+    (q_rot, k_rot). validate_indices=False skips the host read of the slots' range (callers that
+    own the cache, inside a CUDA graph)."""
+    _check_rope_pair(q, k, pos, None)
+    theta = _positive_real("theta", theta)
+    if q.shape[-1] % 2:
+        raise ValueError(f"q head_dim {q.shape[-1]} must be even for RoPE (it rotates pairs)")
+    _tensor("v", v, ndim=3)
+    _same("v", v, "k", k)
+    _head_dim("v", v)
+    if v.shape != k.shape:
+        raise ValueError(f"v {tuple(v.shape)} must have k's shape {tuple(k.shape)}")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _tensor(name, cache, ndim=4)
+        _same(name, cache, "k", k)
+        if cache.shape[2:] != k.shape[1:] or not cache.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous [blocks, block_size, {k.shape[1]}, {k.shape[2]}], "
+                             f"got shape {tuple(cache.shape)}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"v_cache {tuple(v_cache.shape)} must have k_cache's shape {tuple(k_cache.shape)}")
+    _tensor("slot_mapping", slot_mapping, ndim=1, dtypes=(torch.int64,))
+    _same("slot_mapping", slot_mapping, "q", q, dtype=False)
+    if slot_mapping.shape[0] != q.shape[0] or slot_mapping.stride(0) != 1:
+        raise ValueError(f"slot_mapping must be a contiguous int64 [{q.shape[0]}], got {tuple(slot_mapping.shape)}")
+    if validate_indices and not _capturing() and slot_mapping.numel():
+        slots = k_cache.shape[0] * k_cache.shape[1]
+        low, high = slot_mapping.min().item(), slot_mapping.max().item()
+        if low < 0 or high >= slots:
+            raise ValueError(f"slot_mapping holds slots {low}..{high}, outside the caches' 0..{slots - 1}")
+    if not _rope.supports_head_dim(q.shape[-1], 1):
+        fallback = _reference_fallback("rope_1d_kv_cache", q.shape[-1], f"up to {_rope.MAX_HEAD_DIM}")
+        return fallback(q, k, v, pos, theta, k_cache, v_cache, slot_mapping)
+    return _rope_1d_kv_cache_op(q, k, v, pos, theta, k_cache, v_cache, slot_mapping)
+
+
+# ---------------------------------------------------------------------------------------------
+# RMSNorm (and the residual add before it)
+
+
+@torch.library.custom_op("pixtral_fast::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    with _on_device(x):
+        return _norm.rms_norm(x, weight, eps)
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("pixtral_fast::add_rms_norm", mutates_args=())
+def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    with _on_device(x):
+        return _norm.rms_norm(x, weight, eps, residual)
+
+
+@_add_rms_norm_op.register_fake
+def _(x, residual, weight, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+def _check_norm(x, weight, eps, residual=None) -> tuple[torch.Tensor, float]:
+    """x as [rows, dim] (last dim contiguous), and eps; ValueError naming the bad argument."""
+    _tensor("x", x, dtypes=FLOAT_DTYPES)
+    _runnable("x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must be [..., dim] with dim >= 1, got shape {tuple(x.shape)}")
+    if x.shape[-1] > _norm.MAX_COLS:
+        raise ValueError(f"x's last dimension {x.shape[-1]} exceeds the {_norm.MAX_COLS} the kernel holds")
+    _tensor("weight", weight, ndim=1)
+    _same("weight", weight, "x", x)
+    if weight.shape[0] != x.shape[-1] or weight.stride(0) != 1:
+        raise ValueError(f"weight must be a contiguous [{x.shape[-1]}], got shape {tuple(weight.shape)}")
+    if residual is not None:
+        _tensor("residual", residual)
+        _same("residual", residual, "x", x)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
+    return x.reshape(-1, x.shape[-1]), _positive_real("eps", eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps), rounded to x.dtype, times weight; x [..., dim], weight [dim]."""
+    rows, eps = _check_norm(x, weight, eps)
+    return _rms_norm_op(_row_major(rows), weight, eps).view(x.shape)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(rms_norm(h, weight, eps), h) with h = x + residual rounded to x.dtype, in one launch."""
+    rows, eps = _check_norm(x, weight, eps, residual)
+    y, h = _add_rms_norm_op(_row_major(rows), _row_major(residual.reshape(rows.shape)), weight, eps)
+    return y.view(x.shape), h.view(x.shape)
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------

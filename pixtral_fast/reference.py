@@ -108,6 +108,31 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, causal=False, 
     return out
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps), computed wide and rounded to x.dtype, then times the weight
+    (the product rounded once more): the decoder's and the ViT's RMSNorm."""
+    xf = _wide(x)
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (_wide(normed) * _wide(weight)).to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(rms_norm(h, weight, eps), h) with h = x + residual rounded to x.dtype: a residual add and
+    the norm that follows it."""
+    h = (_wide(x) + _wide(residual)).to(x.dtype)
+    return rms_norm(h, weight, eps), h
+
+
+def rope_1d_kv_cache(q, k, v, pos, theta, k_cache, v_cache, slot_mapping, *, validate_indices=True):
+    """rope_1d(q, k, pos, theta), and the rotated k and v written to the paged caches at the flat
+    slots slot_mapping (int64 [T]) in place; returns (q_rot, k_rot). validate_indices: accepted
+    for signature parity with ops (index_copy_ checks the slots itself)."""
+    q_rot, k_rot = rope_1d(q, k, pos, theta)
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k_rot)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+    return q_rot, k_rot
+
+
 def apply_activation(x: torch.Tensor, name: str) -> torch.Tensor:
     if name == "silu":
         return F.silu(x)

@@ -218,7 +218,13 @@ def save_consolidated(state: dict[str, torch.Tensor], args: ModelArgs, folder: s
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     check_keys({k: tuple(v.shape) for k, v in state.items()}, expected_shapes(args), "state dict")
-    tensors = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in state.items()}
+    tensors, storages = {}, set()
+    for k, v in state.items():
+        t = v.detach().to(device="cpu", dtype=dtype).contiguous()
+        if t.untyped_storage().data_ptr() in storages:  # rows of one fused weight: safetensors wants
+            t = t.clone()                               # each tensor in storage of its own
+        storages.add(t.untyped_storage().data_ptr())
+        tensors[k] = t
     save_file(tensors, str(folder / CONSOLIDATED), metadata={"format": "pt"})
     (folder / "params.json").write_text(json.dumps(args.to_params_json(), indent=4) + "\n")
     return folder

@@ -7,7 +7,10 @@ import types
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from pixtral_fast import reference
 
 BACKENDS = ("auto", "fast", "reference")
 log = logging.getLogger("pixtral_fast")
@@ -49,17 +52,20 @@ def resolve_backend(name: str, device: torch.device | str,
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) in fp32, cast back, then * weight."""
+    """x * rsqrt(mean(x^2) + eps) in fp32, cast back, then * weight: `kernels.rms_norm`, the
+    reference's unless the caller passes the model's op backend."""
 
     def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.weight
+    def forward(self, x: torch.Tensor, kernels: types.ModuleType | None = None) -> torch.Tensor:
+        return (kernels or reference).rms_norm(x, self.weight, self.eps)
+
+    def after_add(self, x: torch.Tensor, residual: torch.Tensor, kernels: types.ModuleType):
+        """(this norm of h, h) with h = x + residual: the residual add and the norm in one op."""
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class FeedForward(nn.Module):
@@ -77,7 +83,8 @@ class FeedForward(nn.Module):
 
 
 class AttentionProjections(nn.Module):
-    """wq/wk/wv/wo as in the checkpoint (Mistral names), no bias."""
+    """wq/wk/wv/wo as in the checkpoint (Mistral names), no bias. After fuse_qkv(), one GEMM
+    computes q, k and v."""
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, device=None, dtype=None):
         super().__init__()
@@ -87,9 +94,41 @@ class AttentionProjections(nn.Module):
         self.wk = nn.Linear(dim, n_kv_heads * head_dim, **kw)
         self.wv = nn.Linear(dim, n_kv_heads * head_dim, **kw)
         self.wo = nn.Linear(n_heads * head_dim, dim, **kw)
+        self.wqkv: torch.Tensor | None = None  # not a parameter: the state dict keeps wq/wk/wv
+        self._fused_rows: tuple = ()
+
+    def fuse_qkv(self) -> bool:
+        """Concatenates wq, wk and wv into one [q + 2 kv, dim] weight and re-points the three at
+        its rows: no memory is added, the state dict keeps its names. Dense weights only (a
+        quantized layer keeps its three projections); False where nothing was fused."""
+        parts = (self.wq, self.wk, self.wv)
+        if not all(type(m) is nn.Linear and m.weight.device.type != "meta" for m in parts):
+            return False
+        if self.fused():
+            return True
+        fused = torch.cat([m.weight.detach() for m in parts])
+        for m, rows in zip(parts, fused.split([m.out_features for m in parts])):
+            m.weight = nn.Parameter(rows, requires_grad=m.weight.requires_grad)
+        self.wqkv = fused
+        self._fused_rows = self._rows()
+        return True
+
+    def _rows(self) -> tuple:
+        return tuple(w.data_ptr() if isinstance(w := getattr(m, "weight", None), torch.Tensor) else None
+                     for m in (self.wq, self.wk, self.wv))
+
+    def fused(self) -> bool:
+        """Whether wq, wk and wv still are the fused weight's rows: swapping the modules or their
+        weights (quantization, a state-dict load with assign) or converting them (model.to) ends
+        the fusion; in-place writes go to the fused weight itself."""
+        return self.wqkv is not None and self._rows() == self._fused_rows
 
     def qkv(self, x: torch.Tensor):
         t = x.shape[0]
-        return (self.wq(x).view(t, self.n_heads, self.head_dim),
-                self.wk(x).view(t, self.n_kv_heads, self.head_dim),
-                self.wv(x).view(t, self.n_kv_heads, self.head_dim))
+        if self.fused():
+            q, k, v = F.linear(x, self.wqkv).split([self.wq.out_features, self.wk.out_features,
+                                                    self.wv.out_features], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        return (q.view(t, self.n_heads, self.head_dim), k.view(t, self.n_kv_heads, self.head_dim),
+                v.view(t, self.n_kv_heads, self.head_dim))

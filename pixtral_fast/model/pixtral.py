@@ -10,7 +10,7 @@ from torch import nn
 
 from pixtral_fast.config import ModelArgs
 from pixtral_fast.model.adapter import VisionLanguageAdapter
-from pixtral_fast.model.common import RMSNorm, attention_head_dims, resolve_backend
+from pixtral_fast.model.common import AttentionProjections, RMSNorm, attention_head_dims, resolve_backend
 from pixtral_fast.model.patch_merger import MergePlan, PatchMerger, merged_grid
 from pixtral_fast.model.text import AttentionMetadata, DecoderLayer, KVCache
 from pixtral_fast.model.vision import VisionEncoder
@@ -51,6 +51,11 @@ class Pixtral(nn.Module):
                 self.patch_merger = PatchMerger(v.hidden_size, v.spatial_merge_size, **kw)
             self.vision_language_adapter = VisionLanguageAdapter(v.hidden_size, t.dim, bias=v.adapter_bias, **kw)
         self.backend, self.kernels = resolve_backend("reference", "cpu")
+
+    def fuse_projections(self) -> int:
+        """Fuses each attention's q/k/v projections into one GEMM (AttentionProjections.fuse_qkv);
+        the number of attentions fused."""
+        return sum(m.fuse_qkv() for m in self.modules() if isinstance(m, AttentionProjections))
 
     def set_backend(self, backend: str) -> "Pixtral":
         """'fast' (our kernels), 'reference' (plain PyTorch) or 'auto' (fast where it can run)."""
@@ -142,7 +147,7 @@ class Pixtral(nn.Module):
                       kv_caches: Sequence[KVCache] | None = None) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
             h = layer(h, meta, self.kernels, None if kv_caches is None else kv_caches[i])
-        return self.norm(h)
+        return self.norm(h, self.kernels)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.output(h).float()

@@ -58,12 +58,13 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kernels: types.ModuleType,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
-        q, k, v = self.attention.qkv(self.attention_norm(x))
-        q, k = kernels.rope_1d(q, k, meta.positions, self.rope_theta)
-        if kv_cache is not None:
+        q, k, v = self.attention.qkv(self.attention_norm(x, kernels))
+        if kv_cache is None:
+            q, k = kernels.rope_1d(q, k, meta.positions, self.rope_theta)
+        else:  # the rotated k and v go straight into the cache, in the same launch
             k_cache, v_cache = kv_cache
-            k_cache.view(-1, *k.shape[1:]).index_copy_(0, meta.slot_mapping, k)
-            v_cache.view(-1, *v.shape[1:]).index_copy_(0, meta.slot_mapping, v)
+            q, k = kernels.rope_1d_kv_cache(q, k, v, meta.positions, self.rope_theta, k_cache, v_cache,
+                                            meta.slot_mapping, validate_indices=False)
         if meta.is_decode:
             o = kernels.gqa_decode_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens,
                                              validate_indices=not meta.pages_checked)
@@ -71,6 +72,6 @@ class DecoderLayer(nn.Module):
             o = kernels.varlen_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, causal=True,
                                          validate_indices=False)
         attn = self.attention.wo(o.flatten(1))
-        h = x + (attn if self.reduce is None else self.reduce(attn))
-        ffn = self.feed_forward(self.ffn_norm(h), kernels)
+        normed, h = self.ffn_norm.after_add(attn if self.reduce is None else self.reduce(attn), x, kernels)
+        ffn = self.feed_forward(normed, kernels)
         return h + (ffn if self.reduce is None else self.reduce(ffn))

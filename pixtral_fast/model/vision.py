@@ -43,12 +43,12 @@ class VisionBlock(nn.Module):
         self.rope_theta = args.rope_theta
 
     def forward(self, x: torch.Tensor, packed: PackedPatches, kernels: types.ModuleType) -> torch.Tensor:
-        q, k, v = self.attention.qkv(self.attention_norm(x))
+        q, k, v = self.attention.qkv(self.attention_norm(x, kernels))
         # pos given: RoPE-2D is applied to q and k inside the attention op.
         o = kernels.varlen_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen, causal=False,
                                      pos=packed.pos, rope_theta=self.rope_theta, validate_indices=False)
-        h = x + self.attention.wo(o.flatten(1))
-        return h + self.feed_forward(self.ffn_norm(h), kernels)
+        normed, h = self.ffn_norm.after_add(self.attention.wo(o.flatten(1)), x, kernels)
+        return h + self.feed_forward(normed, kernels)
 
 
 class VisionTransformer(nn.Module):

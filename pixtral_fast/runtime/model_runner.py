@@ -20,6 +20,7 @@ from pixtral_fast.runtime.sampling import StepOutput
 class ModelRunner:
     def __init__(self, model: Pixtral, config: EngineConfig, comm: Collectives | None = None):
         self.model = model
+        model.fuse_projections()  # one GEMM for q, k and v: fewer launches per layer
         memory_bytes = config.memory_bytes
         if model.device.type == "cpu" and config.num_blocks is None and memory_bytes is None:
             memory_bytes = CPU_CACHE_BYTES  # no free-memory query on the CPU

@@ -1,0 +1,78 @@
+"""One GEMM for q, k and v (AttentionProjections.fuse_qkv, done by every ModelRunner): the same
+outputs as three, no memory added, the state dict's names and values kept, and a fusion that ends
+by itself when the projections are swapped (quantization) or their weights replaced."""
+import pytest
+import torch
+
+import pixtral_fast as pf
+from pixtral_fast.benchmark import random_model
+from pixtral_fast.model.common import AttentionProjections
+from pixtral_fast.quant.model import quantize_model
+from pixtral_fast.tiny import TINY_ARGS, write_tokenizer
+from pixtral_fast.weights import save_consolidated
+from tests.tolerances import MODEL_FP32_ATOL
+
+TOKENS = torch.tensor([1, 3, 1000, 1001, 1002, 4, 1003])
+
+
+def attentions(model):
+    return [m for m in model.modules() if isinstance(m, AttentionProjections)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_fused_model_gives_the_same_logits(backend):
+    model = random_model(TINY_ARGS, torch.device("cpu"), torch.float32).set_backend(backend)
+    before = model(TOKENS)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    held = sum(p.numel() for p in model.parameters())
+    assert model.fuse_projections() == len(attentions(model)) == TINY_ARGS.text.n_layers + TINY_ARGS.vision.num_hidden_layers
+    assert all(a.fused() for a in attentions(model))
+    torch.testing.assert_close(model(TOKENS), before, atol=MODEL_FP32_ATOL, rtol=0)
+    assert {n: p for n, p in model.named_parameters()}.keys() == params.keys()
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+    assert sum(p.numel() for p in model.parameters()) == held
+    a = attentions(model)[0]  # the three weights are rows of the fused one: nothing was copied twice
+    assert a.wk.weight.data_ptr() == a.wqkv.data_ptr() + a.wq.weight.numel() * a.wqkv.element_size()
+
+
+def test_quantizing_after_fusing_uses_the_quantized_projections():
+    model = random_model(TINY_ARGS, torch.device("cpu"), torch.float32)
+    model.fuse_projections()
+    quantize_model(model, "fp8", group_size=32)
+    unfused = quantize_model(random_model(TINY_ARGS, torch.device("cpu"), torch.float32), "fp8", group_size=32)
+    assert not any(a.fused() for a in attentions(model) if type(a.wq) is not torch.nn.Linear)
+    torch.testing.assert_close(model(TOKENS), unfused(TOKENS), atol=MODEL_FP32_ATOL, rtol=0)
+
+
+def test_replacing_a_weight_ends_the_fusion():
+    model = random_model(TINY_ARGS, torch.device("cpu"), torch.float32)
+    model.fuse_projections()
+    a = model.layers[0].attention
+    a.wk.weight = torch.nn.Parameter(torch.zeros_like(a.wk.weight))
+    assert not a.fused()
+    _, k, _ = a.qkv(torch.randn(2, a.wq.in_features))
+    assert torch.equal(k, torch.zeros_like(k))  # the new weight, not the stale fused rows
+
+
+def test_converting_the_model_ends_the_fusion():
+    model = random_model(TINY_ARGS, torch.device("cpu"), torch.float32)
+    model.fuse_projections()
+    expected = model(TOKENS)
+    model.to(torch.float64)  # converts each parameter in place: the fused copy would be stale
+    assert not any(a.fused() for a in attentions(model))
+    torch.testing.assert_close(model(TOKENS).float(), expected, atol=MODEL_FP32_ATOL, rtol=0)
+
+
+def test_a_fused_model_saves_and_reloads(tmp_path):
+    model = random_model(TINY_ARGS, torch.device("cpu"), torch.float32)
+    model.fuse_projections()
+    save_consolidated(model.state_dict(), TINY_ARGS, tmp_path, dtype=torch.float32)
+    write_tokenizer(tmp_path, TINY_ARGS)
+    again = pf.load_model(tmp_path, device="cpu", dtype=torch.float32, backend="reference")
+    torch.testing.assert_close(again(TOKENS), model(TOKENS), atol=MODEL_FP32_ATOL, rtol=0)
+
+
+def test_engines_run_fused():
+    model = random_model(TINY_ARGS, torch.device("cpu"), torch.float32)
+    engine = pf.Engine.from_model(model, None, num_blocks=16)
+    assert all(a.fused() for a in attentions(engine.model))
