@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from pixtral_fast.kernels import INTERPRETING, LOG2E, TRITON_DTYPE, arch, sm_count
+from pixtral_fast.kernels._specialize import jit_specialized
 from pixtral_fast.kernels.varlen_attention import MAX_HEAD_DIM, _tile_mask, softmax_update, supports_head_dim
 
 MAX_SPLITS = 32  # the merge loads every split of a head at once: [32, D] fp32 at most
@@ -198,7 +199,11 @@ def gqa_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, num_
 # ---------------------------------------------------------------------------------------------
 # ahead-of-time compile specs
 
-
+# The launch the specs stand for: Pixtral-12B's decoder (8 KV heads) over pages of 16 tokens, a
+# block table sized for a 131072-token context (8192 pages a row), at batch 1 (its split count,
+# the largest, sizes the merge), on an H100 / H200 (132 SMs) or an A100 (108).
+_SPEC_KV_HEADS, _SPEC_MAX_CONTEXT, _SPEC_BATCH = 8, 131072, 1
+_SPEC_SMS = {90: 132, 80: 108}
 
 
 def compile_specs(capability: int) -> list[dict]:
@@ -207,28 +212,39 @@ def compile_specs(capability: int) -> list[dict]:
     split, the output directly; and the merge at the largest split count. Head dims: 64 and 128
     (the models'), and in bf16 (fp16 compiles the same code with another element type) and fp32
     256 (half-width key tiles) and 160 (padded to 256, column masks), in bf16 also 80 (-> 128).
-    Dims padded to 16..64 hold fewer registers than the D=64 variant."""
+    Dims padded to 16..64 hold fewer registers than the D=64 variant.
+    Each is specialized as the JIT specializes it at the launch above (jit_specialized): 16-byte
+    aligned tensors, the block-table stride and the split count where divisible by 16, and in
+    the direct variant num_splits == 1 compiled in (a direct launch always has one split; its
+    workspaces are `out` itself)."""
     specs = []
     extra = {torch.float32: (256, 160), torch.bfloat16: (256, 160, 80), torch.float16: ()}
+    block_size = 16
     for dtype, name in TRITON_DTYPE.items():
         head_dims = (64, 128) + extra[dtype]
         for head_dim, direct in itertools.product(head_dims, (False, True)):
             cfg = _config(capability, head_dim, dtype)
             width = padded_head_dim(head_dim)
             ptr = f"*{name}"
+            splits = 1 if direct else choose_num_splits(_SPEC_BATCH, _SPEC_KV_HEADS, _SPEC_MAX_CONTEXT,
+                                                        cfg["BLOCK_N"], _SPEC_SMS[capability])
+            ws = ptr if direct else "*fp32"
+            signature = {
+                "q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "block_table_ptr": "*i32",
+                "seq_lens_ptr": "*i32", "out_ptr": ptr, "m_ptr": ws, "l_ptr": ws,
+                "acc_ptr": ws, "qk_scale": "fp32", "block_table_stride": "i32",
+                "num_kv_heads": "i32", "num_splits": "i32", "GROUP": "constexpr",
+                "BLOCK_H": "constexpr", "HEAD_DIM": "constexpr", "BLOCK_SIZE": "constexpr",
+                "BLOCK_N": "constexpr", "DIRECT": "constexpr", "HEAD_DIM_P2": "constexpr",
+            }
+            constexprs = {"GROUP": 4, "BLOCK_H": 16, "HEAD_DIM": head_dim, "BLOCK_SIZE": block_size,
+                          "BLOCK_N": cfg["BLOCK_N"], "DIRECT": direct, "HEAD_DIM_P2": width}
+            values = {"block_table_stride": _SPEC_MAX_CONTEXT // block_size, "num_kv_heads": _SPEC_KV_HEADS,
+                      "num_splits": splits}
             specs.append({
                 "name": f"decode_split_{name}_d{head_dim}_n{cfg['BLOCK_N']}{'_direct' if direct else ''}",
                 "fn": _decode_split_kernel,
-                "signature": {
-                    "q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "block_table_ptr": "*i32",
-                    "seq_lens_ptr": "*i32", "out_ptr": ptr, "m_ptr": "*fp32", "l_ptr": "*fp32",
-                    "acc_ptr": "*fp32", "qk_scale": "fp32", "block_table_stride": "i32",
-                    "num_kv_heads": "i32", "num_splits": "i32", "GROUP": "constexpr",
-                    "BLOCK_H": "constexpr", "HEAD_DIM": "constexpr", "BLOCK_SIZE": "constexpr",
-                    "BLOCK_N": "constexpr", "DIRECT": "constexpr", "HEAD_DIM_P2": "constexpr",
-                },
-                "constexprs": {"GROUP": 4, "BLOCK_H": 16, "HEAD_DIM": head_dim, "BLOCK_SIZE": 16,
-                               "BLOCK_N": cfg["BLOCK_N"], "DIRECT": direct, "HEAD_DIM_P2": width},
+                **jit_specialized(_decode_split_kernel, signature, constexprs, values),
                 "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
             })
             if direct:
@@ -236,10 +252,13 @@ def compile_specs(capability: int) -> list[dict]:
             specs.append({
                 "name": f"decode_merge_{name}_d{head_dim}",
                 "fn": _decode_merge_kernel,
-                "signature": {"out_ptr": ptr, "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32",
-                              "num_splits": "i32", "HEAD_DIM": "constexpr", "SPLITS_P2": "constexpr",
-                              "HEAD_DIM_P2": "constexpr"},
-                "constexprs": {"HEAD_DIM": head_dim, "SPLITS_P2": MAX_SPLITS, "HEAD_DIM_P2": width},
+                **jit_specialized(
+                    _decode_merge_kernel,
+                    {"out_ptr": ptr, "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32",
+                     "num_splits": "i32", "HEAD_DIM": "constexpr", "SPLITS_P2": "constexpr",
+                     "HEAD_DIM_P2": "constexpr"},
+                    {"HEAD_DIM": head_dim, "SPLITS_P2": MAX_SPLITS, "HEAD_DIM_P2": width},
+                    {"num_splits": splits}),
                 "num_warps": 4, "num_stages": 1,
             })
     return specs

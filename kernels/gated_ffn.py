@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from pixtral_fast.kernels import INTERPRETING, TRITON_DTYPE, arch
+from pixtral_fast.kernels._specialize import jit_specialized
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
@@ -184,32 +185,42 @@ def gated_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
 # ---------------------------------------------------------------------------------------------
 # ahead-of-time compile specs
 
-_ALIGNED_ARGS = ("x_ptr", "wg_ptr", "wu_ptr", "h_ptr", "N", "K", "stride_xm", "stride_wn")
+# The launches the specs stand for: Pixtral-12B's decoder FFN gate/up projection (N 14336,
+# K 5120; x and the weights contiguous, row strides K), M a batch of decode rows for the
+# 16/32-row tiles and a prefill's tokens for the others; neither 1 nor a multiple of 16, as most
+# M are (M == 1, batch-1 decode, is a variant of its own with M compiled in, which
+# tests/test_sass_ceiling.py compiles). The vision encoder's FFN (N 4096, K 1024) specializes
+# the same way.
+_SPEC_N, _SPEC_K = 14336, 5120
+_SPEC_M_DECODE, _SPEC_M_PREFILL = 7, 1000
 # The heaviest epilogue: erf's polynomial takes ~10 more registers than silu / gelu_tanh (checked).
 _SPEC_ACTIVATION = "gelu"
 
 
 def compile_specs(capability: int) -> list[dict]:
-    """Every autotune candidate shipped for this arch, per dtype, with the gelu epilogue."""
+    """Every autotune candidate shipped for this arch, per dtype, with the gelu epilogue,
+    specialized as the JIT specializes it at the launch above (jit_specialized): 16-byte
+    aligned tensors, N, K, the row strides and M_BUCKET (a power of two >= 16) divisible by 16."""
     specs = []
     for dtype, name in TRITON_DTYPE.items():
         ptr = f"*{name}"
         for c in configs(capability, dtype):
+            m = _SPEC_M_DECODE if c["BLOCK_M"] <= 32 else _SPEC_M_PREFILL
+            values = {"M": m, "N": _SPEC_N, "K": _SPEC_K, "stride_xm": _SPEC_K, "stride_wn": _SPEC_K,
+                      "M_BUCKET": _m_bucket(m)}
             specs.append({
                 "name": f"gated_{name}_{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}"
                         f"_w{c['num_warps']}s{c['num_stages']}",
                 "fn": _gated_kernel,
-                "signature": {
-                    "x_ptr": ptr, "wg_ptr": ptr, "wu_ptr": ptr, "h_ptr": ptr, "M": "i32", "N": "i32",
-                    "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "M_BUCKET": "i32",
-                    "ACTIVATION": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-                    "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
-                },
-                "constexprs": {"ACTIVATION": _SPEC_ACTIVATION, "BLOCK_M": c["BLOCK_M"],
-                               "BLOCK_N": c["BLOCK_N"], "BLOCK_K": c["BLOCK_K"], "GROUP_M": c["GROUP_M"]},
-                # What the JIT specializes at run time for the model's shapes: 16-byte aligned
-                # tensors, N, K and row strides multiples of 16 (M is left free).
-                "attrs": {arg: [["tt.divisibility", 16]] for arg in _ALIGNED_ARGS},
+                **jit_specialized(
+                    _gated_kernel,
+                    {"x_ptr": ptr, "wg_ptr": ptr, "wu_ptr": ptr, "h_ptr": ptr, "M": "i32", "N": "i32",
+                     "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "M_BUCKET": "i32",
+                     "ACTIVATION": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+                     "BLOCK_K": "constexpr", "GROUP_M": "constexpr"},
+                    {"ACTIVATION": _SPEC_ACTIVATION, "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"],
+                     "BLOCK_K": c["BLOCK_K"], "GROUP_M": c["GROUP_M"]},
+                    values),
                 "num_warps": c["num_warps"], "num_stages": c["num_stages"],
             })
     return specs

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from pixtral_fast.kernels import INTERPRETING, LOG2E, TRITON_DTYPE, arch
+from pixtral_fast.kernels._specialize import jit_specialized
 from pixtral_fast.kernels.rope_2d import pair_frequencies, sincos_small
 
 
@@ -329,6 +330,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, pos, rope_t
 # ---------------------------------------------------------------------------------------------
 # ahead-of-time compile specs
 
+
 # (head_dim, RoPE) compiled besides the models' 64 and 128 (every dtype, both masking modes): 256
 # (its own configs) and padded dims with column masks (40 -> 64, 80 -> 128, 160 -> 256), causal
 # only (the masked diagonal phase holds the most live registers), in bf16 (fp16 compiles the same
@@ -340,19 +342,31 @@ _EXTRA_VARIANTS = {
     torch.float32: [(256, True), (160, True)],
     torch.float16: [],
 }
+# The launches the specs stand for: with RoPE (pos given), Pixtral's vision encoder (16 heads,
+# no GQA); without, the text decoder's prefill (32 query / 8 KV heads). q, k, v are the
+# contiguous [T, H, D] views that the attention projections return (token stride H * D, head
+# stride D), pos is int32 [T, 2] (strides 2 and 1); without RoPE the launcher passes pos
+# strides of 0. Other head dims keep the geometry of their RoPE flag.
+_SPEC_HEADS = {True: (16, 16), False: (32, 8)}  # (query heads, KV heads)
+
+
+def _spec_values(head_dim: int, rope: bool) -> dict:
+    q_heads, kv_heads = _SPEC_HEADS[rope]
+    values = {"stride_qt": q_heads * head_dim, "stride_qh": head_dim,
+              "stride_kt": kv_heads * head_dim, "stride_kh": head_dim,
+              "stride_vt": kv_heads * head_dim, "stride_vh": head_dim,
+              "stride_pt": 2 if rope else 0, "stride_pc": 1 if rope else 0, "group": q_heads // kv_heads}
+    return values
 
 
 def compile_specs(capability: int) -> list[dict]:
     """Every candidate config of the arch, per (dtype, head_dim, RoPE), in both masking modes:
     non-causal is what the ViT launches, causal (its masked diagonal phase holds more live
-    registers) what decoder prefill launches; and padded head dims (see _PADDED_DIMS)."""
-    # What a launch specialises on at run time for the model's tensors (Triton marks 16-byte
-    # aligned pointers and ints divisible by 16): without it the loads compile to scalar
-    # accesses and the register count says nothing about the kernel that really runs. pos [T, 2]
-    # has token stride 2: no mark.
+    registers) what decoder prefill launches; and padded head dims (see _EXTRA_VARIANTS). Each is
+    specialized as the JIT specializes it at its launch (jit_specialized, _spec_values): without
+    that the loads compile to scalar accesses and the register count says nothing about the
+    kernel that really runs."""
     names = _varlen_fwd_kernel.arg_names
-    attrs = {a: [["tt.divisibility", 16]] for a in names[:13]}  # pointers, q/k/v strides
-    pointer_attrs = {a: [["tt.divisibility", 16]] for a in names[:7]}  # head_dim 40: strides are not
     specs = []
     for dtype, name in TRITON_DTYPE.items():
         signature = {a: ("*i32" if a in ("cu_ptr", "pos_ptr") else "*fp32" if a == "freq_ptr" else f"*{name}")
@@ -365,13 +379,15 @@ def compile_specs(capability: int) -> list[dict]:
         for head_dim, rope, causal in variants:
             width = padded_head_dim(head_dim, rope)
             for block_m, block_n, warps, stages in _candidates(capability, dtype, head_dim, rope):
+                constexprs = {"HEAD_DIM": head_dim, "CAUSAL": causal, "ROPE": rope, "PAIR_WORDS": True,
+                              "BLOCK_M": block_m, "BLOCK_N": block_n, "HEAD_DIM_P2": width}
+                # Without RoPE the launcher passes cu_seqlens for pos and freq (never read).
+                sig = signature if rope else {**signature, "freq_ptr": "*i32"}
                 specs.append({
                     "name": f"varlen_{name}_d{head_dim}{'_rope' if rope else ''}{'_causal' if causal else ''}"
                             f"_m{block_m}_n{block_n}_w{warps}_s{stages}",
-                    "fn": _varlen_fwd_kernel, "signature": dict(signature),
-                    "constexprs": {"HEAD_DIM": head_dim, "CAUSAL": causal, "ROPE": rope, "PAIR_WORDS": True,
-                                   "BLOCK_M": block_m, "BLOCK_N": block_n, "HEAD_DIM_P2": width},
-                    "attrs": attrs if head_dim % 16 == 0 else pointer_attrs,
+                    "fn": _varlen_fwd_kernel,
+                    **jit_specialized(_varlen_fwd_kernel, sig, constexprs, _spec_values(head_dim, rope)),
                     "num_warps": warps, "num_stages": stages,
                 })
     return specs

@@ -385,6 +385,8 @@ def specialize(spec: dict, values: dict, name: str) -> dict:
     compiled (not interpreted) kernel, whose `params` carry the do_not_specialize marks."""
     params = {p.name: p for p in spec["fn"].params}
     signature, constexprs, attrs = dict(spec["signature"]), dict(spec["constexprs"]), {}
+    # a value the spec already compiles in (an int of 1 the JIT made a constexpr) needs nothing more
+    values = {k: v for k, v in values.items() if not (signature.get(k) == "constexpr" and constexprs.get(k) == v)}
     unknown = set(values) - {k for k, t in signature.items() if t != "constexpr"}
     if unknown:
         raise KeyError(f"{name}: values for arguments that are not runtime arguments: {sorted(unknown)}")
