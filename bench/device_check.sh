@@ -18,8 +18,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 # ------------------------------------------------------------------------------------------
-# The budget (seconds). Sum 405 s = 6 min 45 s: with the 5 s SIGKILL grace of every stage
-# (45 s) and the fold + tar after each (< 1 s: bench/report.py imports no torch) it stays under
+# The budget (seconds). Sum 400 s = 6 min 40 s: with the 5 s SIGKILL grace of every stage
+# (50 s) and the fold + tar after each (< 1 s: bench/report.py imports no torch) it stays under
 # 8 minutes by 30 s or more. Per stage: what it does, the expected device time, and what the CPU
 # stand-in took here (DEVICE_CHECK_MODE=cpu, 2 cores at load ~10 shared with other jobs, so
 # fixed costs here are several times the device's 16 cores'):
@@ -31,6 +31,10 @@ cd "$(dirname "$0")/.."
 #                 attention tests (which need the package, not _C)
 #   model         fast model vs reference, engine vs recompute, fp32 and    ~40 s   40 s (collection 15 s)
 #                 bf16 (the CUDA decode extension end to end), eager+graphs
+#   profile       launches per decode step (bf16/W4A16/FP8, batch 1/32)     ~20 s   70 s (interpreter)
+#                 and the device time of each kernel of one batch-1 step
+#                 of the full-size model (torch profiler, eager); folded
+#                 into report.json (the file budget is spent)
 #   gpu_rest      every other gpu-marked test, two pytest processes         ~50 s   85 s (two collections)
 #   kernels       kernel benchmarks vs peers, each output checked against   ~63 s   70 s (interpreter, tiny shapes)
 #                 the reference before timing; the quantized linears run
@@ -41,9 +45,9 @@ cd "$(dirname "$0")/.."
 #   hf_e2e        the HF transformers peer of the e2e bench, batch 1/8      ~30 s   35 s (tiny model, bf16 CPU)
 #   serve         `pixtral-fast serve` on random full-size weights vs the   ~35 s   (tiny model: tests/test_serve*)
 #                 offline engine, 16 streaming clients, 32 requests
-STAGES=(packages env build_varlen model gpu_rest kernels e2e hf_e2e serve)
-declare -A BUDGET=([packages]=10 [env]=15 [build_varlen]=80 [model]=50 [gpu_rest]=70 [kernels]=60
-                   [e2e]=50 [hf_e2e]=30 [serve]=40)
+STAGES=(packages env build_varlen model profile gpu_rest kernels e2e hf_e2e serve)
+declare -A BUDGET=([packages]=10 [env]=15 [build_varlen]=80 [model]=50 [profile]=25 [gpu_rest]=55 [kernels]=55
+                   [e2e]=45 [hf_e2e]=30 [serve]=35)
 TOTAL_LIMIT=480  # what the device run may take at most (8 minutes)
 
 if [ "${1:-}" = "--print-budget" ]; then
@@ -67,7 +71,10 @@ for root in /usr/local/cuda /usr/local/cuda-13.0 /usr/local/cuda-12.8; do
 done
 start=$(date +%s)
 say() { echo "== [$(( $(date +%s) - start ))s] $*"; }
-limit() { local s=$1; shift; timeout -s INT -k 5 "$s" "$@"; }
+# DEVICE_CHECK_LIMIT_SCALE (CPU stand-in only): each limit times this, for a loaded machine.
+SCALE=1
+[ "$MODE" = cpu ] && SCALE=${DEVICE_CHECK_LIMIT_SCALE:-1}
+limit() { local s=$1; shift; timeout -s INT -k 5 "$(( s * SCALE ))" "$@"; }
 wanted() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
 # -P everywhere: never the repository root on sys.path, where kernels/ would shadow Hugging Face's
 # `kernels` (README); bench scripts run as `python bench NAME` for the same reason.
@@ -76,7 +83,8 @@ GPU_ONLY=(-m gpu)  # (on the CPU every gpu test skips: the stand-in is pytest's 
 
 # finish NAME SECONDS RC [PYTEST_LOG]: the stage's record, the fold, the log tarball.
 finish() {
-  $PY bench report stage "$OUT" "$1" "$2" "${BUDGET[$1]}" "$3" ${4:+"$4"} > /dev/null 2>> "$LOGS/report.log"
+  DEVICE_CHECK_EXTRA="$WORK/step_profile.json" $PY bench report stage "$OUT" "$1" "$2" "${BUDGET[$1]}" "$3" \
+    ${4:+"$4"} > /dev/null 2>> "$LOGS/report.log"
   tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs 2>/dev/null
 }
 # run_stage NAME CMD...: times CMD under the stage's limit (CMD is a shell function below).
@@ -166,6 +174,16 @@ stage_model() {
   return $rc
 }
 
+stage_profile() {
+  local args=(--params tests/data/params.json)
+  [ "$MODE" = cpu ] && args=(--tiny --device cpu)
+  limit "${BUDGET[profile]}" $PY bench step_profile "${args[@]}" --out "$WORK/step_profile.json" \
+    > "$LOGS/profile.log" 2>&1
+  local rc=$?
+  tail -2 "$LOGS/profile.log"
+  return $rc
+}
+
 stage_gpu_rest() {
   # Two processes on the one GPU (its memory is ample; no test here measures time).
   local done_files=(--ignore=tests/test_varlen_attention.py --ignore=tests/test_fast_model.py)
@@ -233,7 +251,7 @@ stage_hf_e2e() {
 
 stage_serve() {
   local args=(--model tests/data --load-format dummy --kv-cache-memory 8GiB --max-model-len 4096)
-  [ "$MODE" = cpu ] && args=(--tiny --device cpu)
+  [ "$MODE" = cpu ] && args=(--tiny --device cpu --backend reference)
   limit "${BUDGET[serve]}" $PY bench serve_load "${args[@]}" --offline --concurrency 16 --num-requests 32 \
     --max-tokens 32 --repeat 1 --out "$OUT/serve_load.json" > "$LOGS/serve_load.log" 2>&1
   local rc=$?
@@ -247,6 +265,6 @@ say "device check, mode=$MODE, out=$OUT, work=$WORK"
 for s in "${STAGES[@]}"; do
   run_stage "$s" "stage_$s"
 done
-$PY bench report "$OUT" 2>> "$LOGS/report.log"
+DEVICE_CHECK_EXTRA="$WORK/step_profile.json" $PY bench report "$OUT" 2>> "$LOGS/report.log"
 tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs 2>/dev/null
 say "done: $(ls "$OUT" | tr '\n' ' ')"

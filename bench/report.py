@@ -13,6 +13,7 @@ device in the same run.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -93,6 +94,11 @@ def main(out: Path) -> None:
         data = read_json(out / f"{name}.json")
         if data is not None:
             report[name] = with_copy_rooflines(data, copy_bw, datasheet)
+    # Stages whose JSON stays out of OUT (the device returns 8 files at most) are folded in here.
+    for extra in filter(None, os.environ.get("DEVICE_CHECK_EXTRA", "").split(os.pathsep)):
+        data = read_json(Path(extra))
+        if data is not None:
+            report[Path(extra).stem] = data
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print("\n".join(report.get("ratios_vs_peers", [])))
 

@@ -26,6 +26,13 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("-", name)
         for line in lines:
             terminalreporter.write_line(line)
+    measured = tables.published_data("decode_launches", "sass_ceilings")
+    if measured is not None:  # both ran: the static estimate of a Pixtral-12B decode step
+        from bench.decode_estimate import estimate
+
+        terminalreporter.write_sep("-", "decode step estimate, Pixtral-12B batch 1 (static, no GPU)")
+        for line in estimate(*measured):
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "device_check.sh"
 DEVICE_MINUTES = 8
-ORDER = ["packages", "env", "build_varlen", "model", "gpu_rest", "kernels", "e2e", "hf_e2e", "serve"]
+ORDER = ["packages", "env", "build_varlen", "model", "profile", "gpu_rest", "kernels", "e2e", "hf_e2e", "serve"]
 
 
 def bash(*args, env=None, timeout=60):
@@ -99,6 +99,28 @@ def test_cpu_stand_in_run_writes_each_stage(tmp_path):
     assert report["rooflines"]["measured_copy_bytes_per_s"] == env["copy_bandwidth"]["copy_bytes_per_s"]
     with tarfile.open(out / "logs.tar.gz") as tar:
         assert {"logs/env.log", "logs/tests_model.log"} <= set(tar.getnames())
+
+
+@pytest.mark.slow
+def test_full_cpu_dry_run_runs_every_stage(tmp_path):
+    """Every stage runs its CPU stand-in (GPU-only tests skip with their reason), in order, and
+    leaves its record; the report folds each stage's JSON, the step profile included."""
+    out = tmp_path / "out"
+    proc = bash(SCRIPT, env={"DEVICE_CHECK_MODE": "cpu", "OUT": str(out), "PYTHON": sys.executable,
+                             "TMPDIR": str(tmp_path), "DEVICE_CHECK_LIMIT_SCALE": "6"}, timeout=3000)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stages = json.loads((out / "stages.json").read_text())
+    assert list(stages) == ORDER
+    failed = {name: r for name, r in stages.items() if r["rc"] != 0}
+    assert failed == {}, f"{failed}\n{proc.stdout[-3000:]}"
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and {"report.json", "stages.json", "env.json", "bench.json", "e2e.json", "hf_e2e.json",
+                                "serve_load.json", "logs.tar.gz"} == set(files), files
+    report = json.loads((out / "report.json").read_text())
+    assert report["step_profile"]["launches_per_step"]["bf16_b1"]["per_layer"] <= 10
+    assert report["serve_load"]["answers_equal_offline"] == report["serve_load"]["workload"]["requests"]
+    for name in ("model", "gpu_rest"):  # every test of theirs needs a GPU: skipped, with the reason
+        assert "skipped" in stages[name]["summary"] and "failed" not in stages[name]["summary"], stages[name]
 
 
 def test_report_gives_rooflines_against_both_bandwidths(tmp_path):

@@ -118,8 +118,9 @@ class DecodeRunner:
         self.graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
         self.pool = None
 
-    def _run(self, key: GraphKey) -> None:
-        """The step for the first bs rows of the buffers; writes only the static outputs."""
+    def run_body(self, key: GraphKey) -> None:
+        """The step for the first bs rows of the buffers (what a graph of it replays); writes only
+        the static outputs."""
         bs, greedy_only, logprobs = key
         b = self.buffers
         meta = AttentionMetadata(positions=b.positions[:bs], slot_mapping=b.slots[:bs],
@@ -147,17 +148,20 @@ class DecodeRunner:
         for bs in bar:
             self._capture_one((bs, greedy_only, logprobs))
 
-    def _capture_one(self, key: GraphKey) -> None:
-        bs = key[0]
+    def fill_scratch(self, bs: int) -> None:
+        """bs rows of one token each, written to the scratch block: what a graph capture runs on."""
         b = self.buffers
         b.slots[:bs].fill_(SCRATCH_BLOCK * self.block_size)
         b.block_table[:bs].fill_(SCRATCH_BLOCK)
         b.seq_lens[:bs].fill_(1)
-        self._run(key)  # warm-up: autotuning and lazy allocations happen outside capture
+
+    def _capture_one(self, key: GraphKey) -> None:
+        self.fill_scratch(key[0])
+        self.run_body(key)  # warm-up: autotuning and lazy allocations happen outside capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self._run(key)
+            self.run_body(key)
         if self.pool is None:
             self.pool = graph.pool()
         self.graphs[key] = graph
@@ -182,6 +186,6 @@ class DecodeRunner:
         if graphed:
             self.graphs[key].replay()
         else:
-            self._run(key)
+            self.run_body(key)
         b = self.buffers
         return read_step(b.packed[:n] if key[2] else b.plain[:, :n], wanted)

@@ -25,3 +25,12 @@ def published() -> list[tuple[str, list[str]]]:
     if not folder or not Path(folder).is_dir():
         return []
     return [(p.stem, p.read_text().splitlines()) for p in sorted(Path(folder).glob("*.txt"))]
+
+
+def published_data(*names: str) -> tuple[dict, ...] | None:
+    """The JSON each of `names` published, or None unless all of them did."""
+    folder = os.environ.get(FOLDER_VARIABLE)
+    paths = [Path(folder or ".", f"{name}.json") for name in names]
+    if not folder or not all(p.is_file() for p in paths):
+        return None
+    return tuple(json.loads(p.read_text()) for p in paths)
