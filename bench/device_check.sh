@@ -208,9 +208,9 @@ stage_kernels() {
   local select=()
   [ "$MODE" = cpu ] && select=(-m "not gpu")
   # The quantized linears first: a stage cut at its limit loses the last files, and these have no
-  # other measurement; then decode attention, then the prefill kernels.
-  limit "${BUDGET[kernels]}" $PY "${PYTEST[@]}" bench/test_bench_quant.py bench/test_bench_decode.py \
-    bench/test_bench_kernels.py --benchmark-only --benchmark-json="$OUT/bench.json" \
+  # other measurement; then our GEMV against cuBLAS, decode attention, the prefill kernels.
+  limit "${BUDGET[kernels]}" $PY "${PYTEST[@]}" bench/test_bench_quant.py bench/test_bench_gemv.py \
+    bench/test_bench_decode.py bench/test_bench_kernels.py --benchmark-only --benchmark-json="$OUT/bench.json" \
     --benchmark-columns=median,rounds "${select[@]}" > "$LOGS/bench.log" 2>&1
   local rc=$?
   grep -A80 "pixtral_fast vs peers" "$LOGS/bench.log" | head -60

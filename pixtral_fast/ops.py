@@ -17,8 +17,10 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import os
 
 import torch
+import torch.nn.functional as F
 
 from pixtral_fast import _cuda_decode, kernels, reference
 from pixtral_fast._validation import FLOAT_DTYPES
@@ -26,6 +28,7 @@ from pixtral_fast._validation import check_tensor as _tensor
 from pixtral_fast._validation import on_device as _on_device
 from pixtral_fast.kernels import decode_attention as _decode
 from pixtral_fast.kernels import gated_ffn as _ffn
+from pixtral_fast.kernels import gemv as _gemv
 from pixtral_fast.kernels import rms_norm as _norm
 from pixtral_fast.kernels import rope_2d as _rope
 from pixtral_fast.kernels import varlen_attention as _attn
@@ -293,6 +296,69 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense linears at decode batch sizes: cuBLAS, or our split-K GEMV for the shapes chosen
+
+
+@torch.library.custom_op("pixtral_fast::gemv", mutates_args=())
+def _gemv_op(x: torch.Tensor, w: torch.Tensor, split_k: int) -> torch.Tensor:
+    with _on_device(x):
+        return _gemv.gemv(x, w, split_k or None)
+
+
+@_gemv_op.register_fake
+def _(x, w, split_k):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, split_k: int | None = None) -> torch.Tensor:
+    """x @ w.T for a few rows x [M, K] and a weight w [N, K] (kernels/gemv.py: split-K, weight
+    streamed with 16-byte loads, deterministic reduction); split_k None: chosen per shape."""
+    _gemv._check(x, w, split_k)
+    return _gemv_op(x, w, split_k or 0)
+
+
+GEMV_MAX_ROWS = 32  # the batches the GEMV is built for; larger ones are GEMMs
+_gemv_for: set[tuple[int, int]] | str = set()
+
+
+def use_gemv(shapes) -> None:
+    """Which dense linears `linear` sends to the GEMV at up to GEMV_MAX_ROWS rows: "all", None
+    (cuBLAS everywhere, the default until a device run has compared them), or weight shapes
+    (N, K). $PIXTRAL_FAST_GEMV sets it at import: "all", or "6144x5120,131072x5120"."""
+    global _gemv_for
+    if shapes == "all":
+        _gemv_for = "all"
+    elif shapes is None:
+        _gemv_for = set()
+    else:
+        shapes = {tuple(int(d) for d in shape) for shape in shapes}
+        if any(len(shape) != 2 or min(shape) < 1 for shape in shapes):
+            raise ValueError(f"use_gemv takes 'all', None or weight shapes (N, K), got {sorted(shapes)}")
+        _gemv_for = shapes
+
+
+def _gemv_from_environment() -> None:
+    value = os.environ.get("PIXTRAL_FAST_GEMV", "").strip()
+    try:
+        use_gemv("all" if value == "all" else [tuple(p.split("x")) for p in value.split(",") if p.strip()])
+    except ValueError as e:
+        raise ValueError(f"PIXTRAL_FAST_GEMV={value!r}: 'all' or shapes like 6144x5120,131072x5120 ({e})") from None
+
+
+_gemv_from_environment()
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T (no bias): the GEMV where use_gemv chose this weight's shape and x has few rows,
+    cuBLAS (torch) otherwise."""
+    rows = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    chosen = _gemv_for == "all" or tuple(w.shape) in _gemv_for
+    if chosen and rows.shape[0] <= GEMV_MAX_ROWS and x.dtype == w.dtype and kernels_can_run(x.device):
+        return gemv(rows if rows.stride(-1) == 1 else rows.contiguous(), w).view(*x.shape[:-1], w.shape[0])
+    return F.linear(x, w)
 
 
 # ---------------------------------------------------------------------------------------------

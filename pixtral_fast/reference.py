@@ -108,6 +108,16 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, causal=False, 
     return out
 
 
+def gemv(x: torch.Tensor, w: torch.Tensor, split_k: int | None = None) -> torch.Tensor:
+    """x @ w.T, accumulated wide and rounded to x.dtype once; split_k is accepted for parity."""
+    return (_wide(x) @ _wide(w).T).to(x.dtype)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T as torch computes it (the model's dense projections on the reference backend)."""
+    return F.linear(x, w)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps), computed wide and rounded to x.dtype, then times the weight
     (the product rounded once more): the decoder's and the ViT's RMSNorm."""

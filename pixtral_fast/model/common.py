@@ -7,7 +7,6 @@ import types
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pixtral_fast import reference
@@ -123,10 +122,10 @@ class AttentionProjections(nn.Module):
         the fusion; in-place writes go to the fused weight itself."""
         return self.wqkv is not None and self._rows() == self._fused_rows
 
-    def qkv(self, x: torch.Tensor):
+    def qkv(self, x: torch.Tensor, kernels: types.ModuleType | None = None):
         t = x.shape[0]
         if self.fused():
-            q, k, v = F.linear(x, self.wqkv).split([self.wq.out_features, self.wk.out_features,
+            q, k, v = (kernels or reference).linear(x, self.wqkv).split([self.wq.out_features, self.wk.out_features,
                                                     self.wv.out_features], dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)

@@ -58,7 +58,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kernels: types.ModuleType,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
-        q, k, v = self.attention.qkv(self.attention_norm(x, kernels))
+        q, k, v = self.attention.qkv(self.attention_norm(x, kernels), kernels)
         if kv_cache is None:
             q, k = kernels.rope_1d(q, k, meta.positions, self.rope_theta)
         else:  # the rotated k and v go straight into the cache, in the same launch

@@ -43,7 +43,7 @@ class VisionBlock(nn.Module):
         self.rope_theta = args.rope_theta
 
     def forward(self, x: torch.Tensor, packed: PackedPatches, kernels: types.ModuleType) -> torch.Tensor:
-        q, k, v = self.attention.qkv(self.attention_norm(x, kernels))
+        q, k, v = self.attention.qkv(self.attention_norm(x, kernels), kernels)
         # pos given: RoPE-2D is applied to q and k inside the attention op.
         o = kernels.varlen_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen, causal=False,
                                      pos=packed.pos, rope_theta=self.rope_theta, validate_indices=False)
