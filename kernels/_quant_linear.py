@@ -6,7 +6,9 @@ and dequantized in registers, fp32 accumulation. Two forms, one kernel each:
   * decode (M <= DECODE_MAX_M): tall-skinny. Bound by reading the weights, so the grid must cover
     every SM even when N / BLOCK_N tiles are few: K is split into SPLIT slices, each program
     writes an fp32 partial [M, N] and the partials are summed (deterministically, by torch) into
-    x.dtype. BLOCK_M = 32 holds the whole batch, so each weight byte is read once.
+    x.dtype. The grid's first axis is the M tiles: where the batch spans more than one (a tile
+    of 16 rows, batches 17..32), the programs that read the same weight tile run next to each
+    other, and the second read comes from L2.
   * prefill (M > DECODE_MAX_M): ordinary output tiles over the whole K, written in x.dtype.
 """
 from __future__ import annotations
@@ -51,12 +53,14 @@ def finish(buffer: torch.Tensor, split: int, dtype: torch.dtype) -> torch.Tensor
 
 
 def launch(kernel, x2d: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, n: int,
-           layout_args: tuple, configs, split: int | None, config: dict | None) -> torch.Tensor:
+           layout_args: tuple, configs, split: int | None, config: dict | None,
+           constexprs: dict | None = None) -> torch.Tensor:
     """The launcher both kernels share: pick the form (decode or prefill) and its tiles, plan the
     K split, launch over (N tiles, M tiles, split) and sum the partials. The kernel's arguments are
     (x, weight, scales, out, M, N, K, stride_xm, *layout_args, k_per_split, stride_split, tiles);
     layout_args are what differs between the weight formats (strides, group size). configs(capability,
-    dtype) is the kernel's own tile table; split / config (tests, benchmarks) override the plan."""
+    dtype) is the kernel's own tile table; split / config (tests, benchmarks) override the plan;
+    constexprs, the kernel's other compile-time arguments. The grid is (M tiles, N tiles, split)."""
     m, k = x2d.shape
     decode = m <= DECODE_MAX_M
     if config is None:
@@ -75,9 +79,10 @@ def launch(kernel, x2d: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
         k_per_split = triton.cdiv(triton.cdiv(k, bk), split) * bk
         split = triton.cdiv(k, k_per_split)
     out = output_buffer(m, n, split, x2d.dtype, x2d.device)
-    kernel[(n_tiles, m_tiles, split)](
+    kernel[(m_tiles, n_tiles, split)](
         x2d, weight, scales, out, m, n, k, x2d.stride(0), *layout_args, k_per_split, m * n,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=config["num_warps"], num_stages=config["num_stages"],
+        **(constexprs or {}),
     )
     return finish(out, split, x2d.dtype)
 
@@ -92,12 +97,14 @@ def rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def compile_specs(family: str, kernel, configs, capability: int, signature, constexprs: dict,
-                  aligned_args: tuple[str, ...]) -> list[dict]:
+                  aligned_args: tuple[str, ...], extra_constexprs: tuple[str, ...] = ()) -> list[dict]:
     """The ahead-of-time compile specs of one kernel: both forms per activation dtype, the decode
     form writing fp32 split-K partials and the prefill form the output. signature(dtype, name,
     out) gives the kernel's argument types before the tiles (name: the activation's Triton type,
     out: the output pointer's); constexprs, its constant arguments other than the tiles;
-    aligned_args, the arguments the JIT sees 16-byte aligned / divisible by 16 at the model's shapes."""
+    aligned_args, the arguments the JIT sees 16-byte aligned / divisible by 16 at the model's shapes;
+    extra_constexprs, constexpr arguments of the kernel other than the tiles (their values in
+    constexprs), declared in the signature."""
     specs = []
     for dtype, name in TRITON_DTYPE.items():
         for form, c in configs(capability, dtype).items():
@@ -107,7 +114,8 @@ def compile_specs(family: str, kernel, configs, capability: int, signature, cons
                         f"_w{c['num_warps']}s{c['num_stages']}",
                 "fn": kernel,
                 "signature": signature(dtype, name, out)
-                | {"BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
+                | {"BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+                | {name: "constexpr" for name in extra_constexprs},
                 "constexprs": constexprs | {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"], "BLOCK_K": c["BLOCK_K"]},
                 "attrs": {arg: [["tt.divisibility", 16]] for arg in aligned_args},
                 "num_warps": c["num_warps"], "num_stages": c["num_stages"],

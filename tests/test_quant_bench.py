@@ -24,8 +24,8 @@ N_QUANTIZED = len(LINEARS) * T.n_layers
 def expected_decode_weight_bytes(scheme: str, group: int, elem: int) -> int:
     """Per layer: the 7 linears as stored plus 2 norms; then the final norm, lm_head (dense) and
     one embedding row."""
-    if scheme == "w4a16":
-        linear = sum(n * (k // 8) * 4 + n * (k // group) * elem for n, k in LINEARS.values())
+    if scheme == "w4a16":  # held in the k128 layout: K padded to a multiple of 128 (formats.repack_w4a16_k128)
+        linear = sum(n * (-(-k // 128) * 128 // 8) * 4 + n * (k // group) * elem for n, k in LINEARS.values())
     elif scheme == "fp8":
         linear = sum(n * k + n * elem for n, k in LINEARS.values())
     else:
@@ -68,7 +68,8 @@ def test_quantized_bench_model_runs_quantized_linears():
     model = benchmark.random_quantized_model(TINY_ARGS, torch.device("cpu"), torch.float32, "w4a16", 32,
                                              "reference")
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    assert len(layers) == N_QUANTIZED and all(m.weight_packed.dtype == torch.int32 for m in layers)
+    assert len(layers) == N_QUANTIZED and all(m.layout == "k128" and m.weight_packed_k128.dtype == torch.int32
+                                              for m in layers)
     assert model.layers[0].feed_forward.w2.group_size == 32
     assert torch.isfinite(model(torch.tensor([1, 3, 1000, 4]))).all()
 

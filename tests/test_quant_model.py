@@ -28,8 +28,10 @@ def test_linears_stay_packed(quantized):
     preset, _, ours = quantized
     layer = ours.layers[0]
     assert isinstance(layer.attention.wq, QuantLinear) and isinstance(layer.feed_forward, QuantFeedForward)
-    if preset == "W4A16":
-        assert layer.attention.wq.weight_packed.dtype == torch.int32
+    if preset == "W4A16":  # repacked at load into the fast kernel's layout (groups of 32 here)
+        wq = layer.attention.wq
+        assert wq.layout == "k128" and wq.weight_packed_k128.dtype == torch.int32
+        assert not hasattr(wq, "weight_packed")  # not held twice
     else:
         assert layer.attention.wq.weight.dtype == torch.float8_e4m3fn
     assert not any(isinstance(m, QuantLinear) for m in ours.vision_encoder.modules())  # ignored: dense

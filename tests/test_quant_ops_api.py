@@ -8,6 +8,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from pixtral_fast import ops, reference
 from pixtral_fast.quant import formats
+from pixtral_fast.quant import ops as ops_quant
 from tests.conftest import DEVICE
 from tests.tolerances import assert_close
 
@@ -117,3 +118,27 @@ def test_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setattr(kernels, "INTERPRETING", False)
     with pytest.raises(ValueError, match=r"^x is on cpu: pixtral_fast kernels need a CUDA device"):
         _w4_call()
+
+
+def test_w4a16_k128_op_equals_the_reference_and_traces():
+    """The fast layout's op (what QuantLinear runs once it repacked): same result as the reference
+    on the checkpoint's layout, its arguments validated, a fake impl for torch.compile / graphs."""
+    x = _x((2, 3, K))
+    packed, scales = _w4()
+    words, scales_t = formats.repack_w4a16_k128(packed, scales, GROUP, K)
+    out = ops_quant.w4a16_linear_k128(x, words, scales_t, GROUP)
+    assert out.shape == (2, 3, N) and out.dtype == torch.bfloat16
+    assert_close(out, reference.w4a16_linear(x.double(), packed, scales, GROUP), torch.bfloat16)
+    with pytest.raises(ValueError, match="power of two"):
+        ops_quant.w4a16_linear_k128(x, words, scales_t, 16)
+    with pytest.raises(ValueError, match="packed"):  # (for K a multiple of 128 both layouts have one shape)
+        ops_quant.w4a16_linear_k128(x, words[:, :-1], scales_t, GROUP)
+    with pytest.raises(ValueError, match="scales"):
+        ops_quant.w4a16_linear_k128(x, words, scales, GROUP)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.pixtral_fast.w4a16_linear_k128(mode.from_tensor(_x((5, K))), mode.from_tensor(words),
+                                                        mode.from_tensor(scales_t), GROUP)
+        assert fake.shape == (5, N)
+    torch.library.opcheck(torch.ops.pixtral_fast.w4a16_linear_k128.default,
+                          (_x((3, K), torch.float32), *formats.repack_w4a16_k128(*_w4(torch.float32), GROUP, K), GROUP),
+                          test_utils=("test_schema", "test_faketensor"))

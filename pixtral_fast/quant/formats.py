@@ -90,3 +90,49 @@ def quantize_fp8(weight: torch.Tensor, per_channel: bool = True, scale_dtype: to
     safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()
     q = torch.clamp(w / (safe if per_channel else safe.reshape(1, 1)), -FP8_MAX, FP8_MAX)
     return q.to(FP8_DTYPE), scale
+
+
+# ---------------------------------------------------------------------------------------------
+# W4A16, the kernel's layout (repacked at load; nothing on disk changes)
+#
+# `k128`: the packed nibbles of each output row regrouped by blocks of 128 inputs, so that the
+# kernel turns them into dot operands with one 3-input logic op (and a shift) per two weights
+# (kernels/w4a16_linear.py): K is padded to a multiple of 128 (Kp) with the nibble 8 (q = 0), and
+# within block b of a row, 16-bit halfword h (h = 0..31) holds the four inputs
+# k = 128 b + 32 c + h at bits 4c..4c+3 (c = 0..3), stored as q + 8 like the on-disk format. As
+# int32 words (little-endian: halfwords 2w and 2w + 1): [N, Kp / 8], the byte size of
+# weight_packed for K a multiple of 128. The scales are transposed to [K / group_size, N] (one
+# contiguous row per group), in their dtype.
+K128_BLOCK = 128
+
+
+def k128_layout_ok(group_size: int, k: int) -> bool:
+    """Whether the k128 kernel takes this group size: a power of two >= 32, or one group per row
+    (per channel, any K)."""
+    return group_size == k or (group_size >= 32 and group_size & (group_size - 1) == 0)
+
+
+def repack_w4a16_k128(packed: torch.Tensor, scales: torch.Tensor, group_size: int, k: int):
+    """compressed-tensors (weight_packed [N, ceil(K/8)], weight_scale [N, K/group]) -> the k128
+    layout (int32 [N, Kp/8], scales [K/group, N]). On the tensors' device; exact (a permutation)."""
+    if not k128_layout_ok(group_size, k):
+        raise ValueError(f"group_size {group_size} (in_features {k}): the k128 layout needs a power of two "
+                         ">= 32 or one group per row")
+    n = packed.shape[0]
+    kp = -(-k // K128_BLOCK) * K128_BLOCK
+    u = (unpack_int4(packed, k).to(torch.int32) + INT4_OFFSET)
+    u = torch.nn.functional.pad(u, (0, kp - k), value=INT4_OFFSET).view(n, kp // K128_BLOCK, 4, 32)
+    half = u[:, :, 0] | (u[:, :, 1] << 4) | (u[:, :, 2] << 8) | (u[:, :, 3] << 12)  # [N, Kp/128, 32] < 2**16
+    words = half[..., 0::2] | (half[..., 1::2] << 16)  # halfword 2w low, 2w + 1 high: < 2**32
+    words = torch.where(words >= 2**31, words - 2**32, words) if words.dtype == torch.int64 else words
+    return words.reshape(n, kp // 8).to(torch.int32).contiguous(), scales.t().contiguous()
+
+
+def unrepack_w4a16_k128(packed_k128: torch.Tensor, scales_t: torch.Tensor, k: int):
+    """The inverse of repack_w4a16_k128: (weight_packed [N, ceil(K/8)], weight_scale [N, K/group])."""
+    n = packed_k128.shape[0]
+    kp = packed_k128.shape[1] * 8
+    words = packed_k128.to(torch.int64) & 0xFFFFFFFF
+    half = torch.stack((words & 0xFFFF, words >> 16), dim=-1).view(n, kp // K128_BLOCK, 32)
+    u = torch.stack([(half >> (4 * c)) & 0xF for c in range(4)], dim=2).view(n, kp)[:, :k]
+    return pack_int4((u - INT4_OFFSET).to(torch.int8)), scales_t.t().contiguous()

@@ -5,6 +5,14 @@ State-dict names follow compressed-tensors, under the layer's own name, so a che
 load as they are: W4A16 `weight_packed` int32 [N, ceil(K/8)] + `weight_scale` [N, K/group];
 FP8 `weight` float8_e4m3fn [N, K] + `weight_scale` ([N, 1] or [1]).
 
+Once loaded, a W4A16 layer whose group size the fast kernel takes (a power of two >= 32, or per
+channel) is repacked in place (`repack_()`, called by the loader and quantize_model): it then
+holds `weight_packed_k128` int32 [N, Kp/8] and `weight_scale_t` [K/group, N] instead (the k128
+layout of pixtral_fast.quant.formats, the same bytes for K a multiple of 128), and runs
+pixtral_fast.quant.ops.w4a16_linear_k128. The reference backend unpacks that layout back on each
+call (the reference op takes the checkpoint's). Other group sizes keep the checkpoint's layout
+and the kernel that reads it.
+
 The op backend (pixtral_fast.ops or pixtral_fast.reference) is the owning model's: each
 QuantLinear keeps a weak reference to the model and reads `model.kernels` at call time, so
 `model.set_backend(...)` switches these layers too. A gated FFN whose w1/w3/w2 are quantized
@@ -22,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pixtral_fast.quant.config import ACT_FP8_DYNAMIC_TOKEN, WeightScheme
-from pixtral_fast.quant.formats import FP8_DTYPE, packed_words
+from pixtral_fast.quant.formats import (FP8_DTYPE, K128_BLOCK, k128_layout_ok, packed_words, repack_w4a16_k128,
+                                        unrepack_w4a16_k128)
 from pixtral_fast.quant.reference import fake_quant_fp8_per_token
 
 
@@ -44,7 +53,28 @@ class QuantLinear(nn.Module):
             self.register_buffer("weight_scale", torch.empty(scale_shape, dtype=scale_dtype, **kw))
         else:
             raise ValueError(f"scheme.kind must be 'w4a16' or 'fp8', got {scheme.kind!r}")
+        self.layout = "compressed-tensors"
         self._owner = None
+
+    @torch.no_grad()
+    def repack_(self) -> "QuantLinear":
+        """W4A16: the checkpoint's layout -> the k128 kernel's, in place, where the group size allows
+        (a no-op otherwise, and for FP8). On the meta device, the buffers' shapes only."""
+        if (self.scheme.kind != "w4a16" or self.layout == "k128"
+                or not k128_layout_ok(self.group_size, self.in_features)):
+            return self
+        packed, scales = self.weight_packed, self.weight_scale
+        if packed.device.type == "meta":
+            kp = -(-self.in_features // K128_BLOCK) * K128_BLOCK
+            new_packed = torch.empty(packed.shape[0], kp // 8, dtype=torch.int32, device="meta")
+            new_scales = torch.empty(scales.shape[1], scales.shape[0], dtype=scales.dtype, device="meta")
+        else:
+            new_packed, new_scales = repack_w4a16_k128(packed, scales, self.group_size, self.in_features)
+        del self.weight_packed, self.weight_scale
+        self.register_buffer("weight_packed_k128", new_packed)
+        self.register_buffer("weight_scale_t", new_scales)
+        self.layout = "k128"
+        return self
 
     def bind(self, owner: nn.Module) -> None:
         """The model whose `.kernels` this layer runs with."""
@@ -56,7 +86,14 @@ class QuantLinear(nn.Module):
 
     def linear(self, x: torch.Tensor, kernels: types.ModuleType) -> torch.Tensor:
         if self.scheme.kind == "w4a16":
-            return kernels.w4a16_linear(x, self.weight_packed, self.weight_scale, self.group_size)
+            if self.layout != "k128":
+                return kernels.w4a16_linear(x, self.weight_packed, self.weight_scale, self.group_size)
+            from pixtral_fast.quant import ops as quant_ops
+
+            if kernels.w4a16_linear is quant_ops.w4a16_linear:  # the fast backend
+                return quant_ops.w4a16_linear_k128(x, self.weight_packed_k128, self.weight_scale_t, self.group_size)
+            packed, scales = unrepack_w4a16_k128(self.weight_packed_k128, self.weight_scale_t, self.in_features)
+            return kernels.w4a16_linear(x, packed, scales, self.group_size)
         if self.scheme.activation == ACT_FP8_DYNAMIC_TOKEN:  # W8A8 checkpoint: inputs as it quantizes them
             x = fake_quant_fp8_per_token(x)
         return kernels.fp8_linear(x, self.weight, self.weight_scale)

@@ -194,6 +194,13 @@ def bind_quant_layers(model) -> None:
             m.bind(model)
 
 
+def repack_quant_layers(model) -> None:
+    """Every W4A16 layer the fast kernel takes, into its k128 layout (QuantLinear.repack_)."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.repack_()
+
+
 def load_quantized_model(path: str | Path, device=None, dtype: torch.dtype = torch.bfloat16, backend: str = "auto",
                          progress: bool = True):
     """pf.load_model for a compressed-tensors HF folder."""
@@ -209,6 +216,8 @@ def load_quantized_model(path: str | Path, device=None, dtype: torch.dtype = tor
     state, schemes = read_quantized_state(path, args, qconfig, model, device, dtype, progress=progress)
     swap_quantized_modules(model, schemes, lambda cons: state[f"{cons}.weight_scale"].dtype)
     model.load_state_dict(state, assign=True, strict=True)
+    del state
+    repack_quant_layers(model)
     model.set_backend(backend).eval().requires_grad_(False)
     bind_quant_layers(model)
     return model

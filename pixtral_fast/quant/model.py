@@ -10,7 +10,7 @@ import torch
 from pixtral_fast.quant.config import FLOAT_QUANTIZED, PACK_QUANTIZED, WeightScheme
 from pixtral_fast.quant.formats import quantize_fp8, quantize_w4a16
 from pixtral_fast.quant.linear import QuantLinear
-from pixtral_fast.quant.loading import bind_quant_layers, swap_quantized_modules
+from pixtral_fast.quant.loading import bind_quant_layers, repack_quant_layers, swap_quantized_modules
 
 _DECODER = re.compile(r"^layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])$")
 _VISION = re.compile(r"^vision_encoder\.transformer\.layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])$")
@@ -38,6 +38,7 @@ def build_quantized_meta_model(args, scheme: str, group_size: int = 128, include
     model = build_model(args, device="meta", dtype=dtype)
     ws = weight_scheme(scheme, group_size)
     swap_quantized_modules(model, {name: ws for name in quantizable_linears(model, include_vision)}, dtype)
+    repack_quant_layers(model)  # what a loaded model holds (shapes only)
     return model
 
 
@@ -60,6 +61,7 @@ def quantize_model(model, scheme: str, group_size: int = 128, include_vision: bo
         layer: QuantLinear = model.get_submodule(name)
         for attr in ("weight_packed", "weight", "weight_scale"):
             if f"{name}.{attr}" in state:
-                setattr(layer, attr, state[f"{name}.{attr}"])  # replaces the meta buffer
+                setattr(layer, attr, state.pop(f"{name}.{attr}"))  # replaces the meta buffer
+        layer.repack_()  # (the checkpoint's layout is dropped here, not held twice)
     bind_quant_layers(model)
     return model

@@ -16,7 +16,7 @@ from pixtral_fast._validation import check_tensor as _tensor
 from pixtral_fast._validation import on_device as _on_device
 from pixtral_fast.kernels import fp8_linear as _fp8
 from pixtral_fast.kernels import w4a16_linear as _w4
-from pixtral_fast.quant.formats import FP8_DTYPE, packed_words
+from pixtral_fast.quant.formats import FP8_DTYPE, K128_BLOCK, k128_layout_ok, packed_words
 
 def _same_device(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
     if t.device != x.device:
@@ -76,6 +76,43 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, gr
         raise ValueError(f"scales {tuple(scales.shape)} must be [{packed.shape[0]}, {k // group_size}] "
                          f"(one per output row and group of {group_size})")
     return _w4a16_op(x, packed, scales, group_size)
+
+
+@torch.library.custom_op("pixtral_fast::w4a16_linear_k128", mutates_args=())
+def _w4a16_k128_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    with _on_device(x):
+        return _w4.w4a16_k128_linear(x, packed, scales, group_size)
+
+
+@_w4a16_k128_op.register_fake
+def _(x, packed, scales, group_size):
+    return x.new_empty(x.shape[:-1] + (packed.shape[0],))
+
+
+def w4a16_linear_k128(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """w4a16_linear with the weights in the kernel's own layout (pixtral_fast.quant.formats
+    .repack_w4a16_k128, what QuantLinear holds once loaded): packed int32 [out_features, Kp/8]
+    (Kp: in_features rounded up to 128), scales [in_features/group_size, out_features] (float);
+    group_size a power of two >= 32 dividing in_features, or in_features itself."""
+    _check_x(x)
+    k = x.shape[-1]
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if k % group_size or not k128_layout_ok(group_size, k):
+        raise ValueError(f"group_size {group_size} must divide x's in_features {k} and be a power of two >= 32 "
+                         "(or in_features itself)")
+    words = -(-k // K128_BLOCK) * K128_BLOCK // 8
+    _tensor("packed", packed, ndim=2, dtypes=(torch.int32,))
+    _same_device("packed", packed, x)
+    if not packed.is_contiguous() or packed.shape[1] != words:
+        raise ValueError(f"packed {tuple(packed.shape)} must be contiguous [out_features, {words}] (the k128 layout "
+                         f"of in_features {k})")
+    _tensor("scales", scales, ndim=2, dtypes=FLOAT_DTYPES)
+    _same_device("scales", scales, x)
+    if tuple(scales.shape) != (k // group_size, packed.shape[0]) or not scales.is_contiguous():
+        raise ValueError(f"scales {tuple(scales.shape)} must be contiguous [{k // group_size}, {packed.shape[0]}] "
+                         f"(one row per group of {group_size})")
+    return _w4a16_k128_op(x, packed, scales, group_size)
 
 
 # ---------------------------------------------------------------------------------------------
