@@ -17,8 +17,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-from torch._library.custom_ops import _maybe_get_opdef
 from torch.utils._python_dispatch import TorchDispatchMode
+
+try:  # torch's registry of Python custom ops (private; present since torch 2.4)
+    from torch._library.custom_ops import _maybe_get_opdef
+except ImportError:  # then each of our ops counts as one launch, as a C++ op does
+    def _maybe_get_opdef(op):
+        return None
 
 aten = torch.ops.aten
 # Ops that allocate, alias or describe memory without touching it on the device.
