@@ -30,6 +30,7 @@ from pixtral_fast.kernels import decode_attention as _decode
 from pixtral_fast.kernels import gated_ffn as _ffn
 from pixtral_fast.kernels import gemv as _gemv
 from pixtral_fast.kernels import rms_norm as _norm
+from pixtral_fast.kernels import silu_mul as _silu_mul
 from pixtral_fast.kernels import rope_2d as _rope
 from pixtral_fast.kernels import varlen_attention as _attn
 # The weight-quantized linears (compressed-tensors W4A16 and FP8), defined with their validation
@@ -296,6 +297,32 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# The quantized FFN's activation
+
+
+@torch.library.custom_op("pixtral_fast::silu_mul", mutates_args=())
+def _silu_mul_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    with _on_device(gate):
+        return _silu_mul.silu_mul(gate, up)
+
+
+@_silu_mul_op.register_fake
+def _(gate, up):
+    return torch.empty_like(gate)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up in fp32, rounded once to the inputs' dtype, in one launch."""
+    _tensor("gate", gate, dtypes=FLOAT_DTYPES)
+    _runnable("gate", gate)
+    _tensor("up", up)
+    _same("up", up, "gate", gate)
+    if up.shape != gate.shape:
+        raise ValueError(f"up {tuple(up.shape)} must have gate's shape {tuple(gate.shape)}")
+    return _silu_mul_op(gate.contiguous(), up.contiguous())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,6 +118,11 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up computed wide, rounded once to gate.dtype."""
+    return (F.silu(_wide(gate)) * _wide(up)).to(gate.dtype)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps), computed wide and rounded to x.dtype, then times the weight
     (the product rounded once more): the decoder's and the ViT's RMSNorm."""

@@ -7,7 +7,7 @@ import pytest
 
 from tests.support.kernel_compile import assert_compiles_cleanly
 
-MODULES = ["rope_2d", "rms_norm", "varlen_attention", "gated_ffn", "decode_attention", "gemv"]
+MODULES = ["rope_2d", "rms_norm", "silu_mul", "varlen_attention", "gated_ffn", "decode_attention", "gemv"]
 SHARED_LIMIT = {90: 232448, 80: 166912}  # opt-in dynamic shared memory per block, bytes
 
 
