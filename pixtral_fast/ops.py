@@ -15,43 +15,32 @@ current device is.
 from __future__ import annotations
 
 import logging
-import math
-import numbers
-import os
 
 import torch
-import torch.nn.functional as F
 
-from pixtral_fast import _cuda_decode, kernels, reference
+from pixtral_fast import _cuda_decode, reference
 from pixtral_fast._validation import FLOAT_DTYPES
 from pixtral_fast._validation import check_tensor as _tensor
+from pixtral_fast._validation import interpreter_active, kernels_can_run  # noqa: F401  (public here)
 from pixtral_fast._validation import on_device as _on_device
+from pixtral_fast._validation import positive_real as _positive_real
+from pixtral_fast._validation import runnable as _runnable
+from pixtral_fast._validation import same_place as _same
 from pixtral_fast.kernels import decode_attention as _decode
 from pixtral_fast.kernels import gated_ffn as _ffn
-from pixtral_fast.kernels import gemv as _gemv
-from pixtral_fast.kernels import rms_norm as _norm
-from pixtral_fast.kernels import silu_mul as _silu_mul
 from pixtral_fast.kernels import rope_2d as _rope
 from pixtral_fast.kernels import varlen_attention as _attn
 # The weight-quantized linears (compressed-tensors W4A16 and FP8), defined with their validation
 # in pixtral_fast/quant/ops.py to keep this file to the dense ops; public here.
 from pixtral_fast.quant.ops import fp8_linear, w4a16_linear  # noqa: F401
+# The decode step's row-wise ops and the dense linear dispatch (pixtral_fast/decode_ops.py); public here.
+from pixtral_fast.decode_ops import (GEMV_MAX_ROWS, add_rms_norm, gemv, linear, rms_norm,  # noqa: F401
+                                     silu_mul, use_gemv)
 
 MAX_HEAD_DIM = _attn.MAX_HEAD_DIM
 CUDA_DECODE_HEAD_DIMS = (64, 128)  # csrc/decode_plan.h dispatches these two only
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACTIVATIONS = reference.ACTIVATIONS
-
-
-def interpreter_active() -> bool:
-    """Triton's CPU interpreter is on (TRITON_INTERPRET=1 when the kernels were imported)."""
-    return kernels.INTERPRETING
-
-
-def kernels_can_run(device: torch.device | str) -> bool:
-    """True where our Triton kernels run: a CUDA device, or the CPU under the interpreter."""
-    device = torch.device(device)
-    return device.type == "cuda" or (device.type == "cpu" and interpreter_active())
 
 
 log = logging.getLogger("pixtral_fast")
@@ -92,33 +81,11 @@ def _reference_fallback(op: str, head_dim: int, supported: str):
 # validation helpers
 
 
-def _same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, *, dtype: bool = True) -> None:
-    if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
-    if dtype and t.dtype != ref.dtype:
-        raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
-
-
-def _runnable(name: str, t: torch.Tensor) -> None:
-    if not kernels_can_run(t.device):
-        raise ValueError(f"{name} is on {t.device}: pixtral_fast kernels need a CUDA device, or "
-                         "TRITON_INTERPRET=1 on the CPU; pixtral_fast.reference has the same ops in plain PyTorch")
-
-
 def _head_dim(name: str, t: torch.Tensor) -> None:
     if t.shape[-1] == 0:
         raise ValueError(f"{name} has head_dim 0")
     if t.stride(-1) != 1:
         raise ValueError(f"{name} must be contiguous in its last dimension (stride {t.stride(-1)})")
-
-
-def _positive_real(name: str, value) -> float:
-    """A finite real number > 0 (theta, scale), as a float; a NaN or negative one would give NaN
-    or nonsense output silently, and a str or bool is a caller's mistake, not a number."""
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-            or not math.isfinite(value) or value <= 0):
-        raise ValueError(f"{name} must be a finite real number > 0, got {value!r}")
-    return float(value)
 
 
 def _capturing() -> bool:
@@ -233,159 +200,6 @@ def rope_1d_kv_cache(q, k, v, pos, theta, k_cache, v_cache, slot_mapping, *, val
         fallback = _reference_fallback("rope_1d_kv_cache", q.shape[-1], f"up to {_rope.MAX_HEAD_DIM}")
         return fallback(q, k, v, pos, theta, k_cache, v_cache, slot_mapping)
     return _rope_1d_kv_cache_op(q, k, v, pos, theta, k_cache, v_cache, slot_mapping)
-
-
-# ---------------------------------------------------------------------------------------------
-# RMSNorm (and the residual add before it)
-
-
-@torch.library.custom_op("pixtral_fast::rms_norm", mutates_args=())
-def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    with _on_device(x):
-        return _norm.rms_norm(x, weight, eps)
-
-
-@_rms_norm_op.register_fake
-def _(x, weight, eps):
-    return x.new_empty(x.shape)
-
-
-@torch.library.custom_op("pixtral_fast::add_rms_norm", mutates_args=())
-def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    with _on_device(x):
-        return _norm.rms_norm(x, weight, eps, residual)
-
-
-@_add_rms_norm_op.register_fake
-def _(x, residual, weight, eps):
-    return x.new_empty(x.shape), x.new_empty(x.shape)
-
-
-def _check_norm(x, weight, eps, residual=None) -> tuple[torch.Tensor, float]:
-    """x as [rows, dim] (last dim contiguous), and eps; ValueError naming the bad argument."""
-    _tensor("x", x, dtypes=FLOAT_DTYPES)
-    _runnable("x", x)
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"x must be [..., dim] with dim >= 1, got shape {tuple(x.shape)}")
-    if x.shape[-1] > _norm.MAX_COLS:
-        raise ValueError(f"x's last dimension {x.shape[-1]} exceeds the {_norm.MAX_COLS} the kernel holds")
-    _tensor("weight", weight, ndim=1)
-    _same("weight", weight, "x", x)
-    if weight.shape[0] != x.shape[-1] or weight.stride(0) != 1:
-        raise ValueError(f"weight must be a contiguous [{x.shape[-1]}], got shape {tuple(weight.shape)}")
-    if residual is not None:
-        _tensor("residual", residual)
-        _same("residual", residual, "x", x)
-        if residual.shape != x.shape:
-            raise ValueError(f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
-    return x.reshape(-1, x.shape[-1]), _positive_real("eps", eps)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x * rsqrt(mean(x^2) + eps), rounded to x.dtype, times weight; x [..., dim], weight [dim]."""
-    rows, eps = _check_norm(x, weight, eps)
-    return _rms_norm_op(_row_major(rows), weight, eps).view(x.shape)
-
-
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-    """(rms_norm(h, weight, eps), h) with h = x + residual rounded to x.dtype, in one launch."""
-    rows, eps = _check_norm(x, weight, eps, residual)
-    y, h = _add_rms_norm_op(_row_major(rows), _row_major(residual.reshape(rows.shape)), weight, eps)
-    return y.view(x.shape), h.view(x.shape)
-
-
-def _row_major(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-# ---------------------------------------------------------------------------------------------
-# The quantized FFN's activation
-
-
-@torch.library.custom_op("pixtral_fast::silu_mul", mutates_args=())
-def _silu_mul_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    with _on_device(gate):
-        return _silu_mul.silu_mul(gate, up)
-
-
-@_silu_mul_op.register_fake
-def _(gate, up):
-    return torch.empty_like(gate)
-
-
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up in fp32, rounded once to the inputs' dtype, in one launch."""
-    _tensor("gate", gate, dtypes=FLOAT_DTYPES)
-    _runnable("gate", gate)
-    _tensor("up", up)
-    _same("up", up, "gate", gate)
-    if up.shape != gate.shape:
-        raise ValueError(f"up {tuple(up.shape)} must have gate's shape {tuple(gate.shape)}")
-    return _silu_mul_op(gate.contiguous(), up.contiguous())
-
-
-# ---------------------------------------------------------------------------------------------
-# Dense linears at decode batch sizes: cuBLAS, or our split-K GEMV for the shapes chosen
-
-
-@torch.library.custom_op("pixtral_fast::gemv", mutates_args=())
-def _gemv_op(x: torch.Tensor, w: torch.Tensor, split_k: int) -> torch.Tensor:
-    with _on_device(x):
-        return _gemv.gemv(x, w, split_k or None)
-
-
-@_gemv_op.register_fake
-def _(x, w, split_k):
-    return x.new_empty((x.shape[0], w.shape[0]))
-
-
-def gemv(x: torch.Tensor, w: torch.Tensor, split_k: int | None = None) -> torch.Tensor:
-    """x @ w.T for a few rows x [M, K] and a weight w [N, K] (kernels/gemv.py: split-K, weight
-    streamed with 16-byte loads, deterministic reduction); split_k None: chosen per shape."""
-    _gemv._check(x, w, split_k)
-    return _gemv_op(x, w, split_k or 0)
-
-
-GEMV_MAX_ROWS = 32  # the batches the GEMV is built for; larger ones are GEMMs
-_gemv_for: set[tuple[int, int]] | str = set()
-
-
-def use_gemv(shapes) -> None:
-    """Which dense linears `linear` sends to the GEMV at up to GEMV_MAX_ROWS rows: "all", None
-    (cuBLAS everywhere, the default until a device run has compared them), or weight shapes
-    (N, K). $PIXTRAL_FAST_GEMV sets it at import: "all", or "6144x5120,131072x5120"."""
-    global _gemv_for
-    if shapes == "all":
-        _gemv_for = "all"
-    elif shapes is None:
-        _gemv_for = set()
-    else:
-        shapes = {tuple(int(d) for d in shape) for shape in shapes}
-        if any(len(shape) != 2 or min(shape) < 1 for shape in shapes):
-            raise ValueError(f"use_gemv takes 'all', None or weight shapes (N, K), got {sorted(shapes)}")
-        _gemv_for = shapes
-
-
-def _gemv_from_environment() -> None:
-    value = os.environ.get("PIXTRAL_FAST_GEMV", "").strip()
-    try:
-        use_gemv("all" if value == "all" else [tuple(p.split("x")) for p in value.split(",") if p.strip()])
-    except ValueError as e:
-        raise ValueError(f"PIXTRAL_FAST_GEMV={value!r}: 'all' or shapes like 6144x5120,131072x5120 ({e})") from None
-
-
-_gemv_from_environment()
-
-
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w.T (no bias): the GEMV where use_gemv chose this weight's shape and x has few rows,
-    cuBLAS (torch) otherwise."""
-    rows = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-    chosen = _gemv_for == "all" or tuple(w.shape) in _gemv_for
-    if chosen and rows.shape[0] <= GEMV_MAX_ROWS and x.dtype == w.dtype and kernels_can_run(x.device):
-        return gemv(rows if rows.stride(-1) == 1 else rows.contiguous(), w).view(*x.shape[:-1], w.shape[0])
-    return F.linear(x, w)
 
 
 # ---------------------------------------------------------------------------------------------
