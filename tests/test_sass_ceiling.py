@@ -34,7 +34,7 @@ import triton
 from bench.sass_table import lines as table_lines
 from pixtral_fast import hardware
 from pixtral_fast.kernels import _quant_linear, decode_attention, fp8_linear, gated_ffn, w4a16_linear
-from tests.support import sass, tables
+from tests.support import sass, sass_compile, tables
 
 CAP = 90
 GPU = hardware.H200
@@ -163,7 +163,7 @@ def _row(case: Case, compiled: dict) -> dict:
            "expected_to_fail": case.xfail is not None}
     if compiled.get("error"):
         return {**row, "error": compiled["error"]}
-    listing = sass.disassemble(Path(compiled["cubin"]).read_bytes())
+    listing = sass_compile.disassemble(Path(compiled["cubin"]).read_bytes())
     try:
         loop = sass.main_loop(sass.kernel(listing))
         c = sass.ceiling(loop, compiled["num_warps"], case.stream_bytes, GPU)
@@ -186,7 +186,7 @@ def measured(tmp_path_factory) -> dict:
     start = time.perf_counter()
     merge_job = {"module": "decode_attention", "spec": MERGE["name"], "name": MERGE["name"],
                  "values": {"num_splits": decode_attention.MAX_SPLITS}}
-    proc, compiled = sass.compile_kernels([case.job() for case in CASES] + [merge_job], CAP, tmp)
+    proc, compiled = sass_compile.compile_kernels([case.job() for case in CASES] + [merge_job], CAP, tmp)
     assert compiled, f"no output from the compile worker (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
     rows = {case.name: _row(case, compiled.get(case.name, {"error": "not compiled"})) for case in CASES}
     table = {"gpu": GPU.name, "issue_rate_warp_instr_per_s": sass.issue_rate(GPU),
@@ -224,7 +224,7 @@ def test_merge_kernel_has_no_streaming_loop(measured):
     and the SASS reader says so rather than picking some other backward branch."""
     compiled = measured["compiled"][MERGE["name"]]
     assert not compiled.get("error"), compiled["error"]
-    function = sass.kernel(sass.disassemble(Path(compiled["cubin"])))
+    function = sass.kernel(sass_compile.disassemble(Path(compiled["cubin"])))
     with pytest.raises(sass.SassError, match="no loop loads from global memory"):
         sass.main_loop(function)
 
@@ -283,7 +283,7 @@ def test_int_specialization_is_tritons():
         for spec, align in ((True, True), (True, False), (False, True)):
             kind, key = native_specialize_impl(BaseBackend, value, False, spec, align)
             theirs = "constexpr" if kind == "constexpr" else (key or "")
-            assert sass.jit_int_specialization(value, spec, align) == theirs, (value, spec, align)
+            assert sass_compile.jit_int_specialization(value, spec, align) == theirs, (value, spec, align)
 
 
 def test_reader_counts_the_loop_body():
