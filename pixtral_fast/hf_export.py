@@ -2,7 +2,8 @@
 loader's q/k un-permutation, plus the config.json that transformers builds the same model from
 (LlavaForConditionalGeneration for Pixtral-12B and Pixtral-Large, Mistral3ForConditionalGeneration
 for Mistral-Small-3.1/3.2). Keys are written in the layout transformers' save_pretrained writes
-(language_model.model.*, vision_tower.*, multi_modal_projector.*), which every release loads."""
+(language_model.model.*, vision_tower.*, multi_modal_projector.*), which every release loads.
+The tokenizer and processor files that go with them: pixtral_fast.hf_tokenizer."""
 from __future__ import annotations
 
 import json
@@ -83,9 +84,13 @@ def to_hf_state(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, to
     return out
 
 
-def convert_consolidated_to_hf(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+def convert_consolidated_to_hf(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfloat16,
+                               processor: bool = True) -> Path:
     """A consolidated folder (params.json + consolidated.safetensors) -> an HF folder (config.json +
-    model.safetensors) that transformers' from_pretrained loads."""
+    model.safetensors) that transformers' from_pretrained loads; with `processor`, also the
+    tokenizer, chat template and processor files that AutoProcessor and vLLM need
+    (pixtral_fast.hf_tokenizer; they need transformers). processor=False is for callers that only
+    read the weights back (quantization) and need neither transformers nor the seconds it takes."""
     from pixtral_fast.weights import CONSOLIDATED, load_state_dict
 
     src, dst = Path(src), Path(dst)
@@ -94,9 +99,24 @@ def convert_consolidated_to_hf(src: str | Path, dst: str | Path, dtype: torch.dt
     args = ModelArgs.from_params_json(src)
     if args.vision is None:
         raise ValueError(f"{src}: export-hf writes Llava/Mistral3 folders, which need a vision encoder")
+    if processor:
+        _tokenizer_converts(src)  # before the weights: a missing transformers fails an export at once
     state = load_state_dict(src, args, "cpu", dtype, progress=False)
     dst.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in to_hf_state(state, args).items()}
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
     (dst / "config.json").write_text(json.dumps(hf_config(args), indent=2) + "\n")
+    if processor:
+        from pixtral_fast.hf_tokenizer import write_hf_processor
+
+        write_hf_processor(src, dst, args.vision)
     return dst
+
+
+def _tokenizer_converts(src: Path) -> None:
+    """ImportError (naming the pip install) unless the checkpoint's tokenizer can be converted here."""
+    from pixtral_fast.hf_tokenizer import hf_tokenizer, tekken_source
+
+    tekken = tekken_source(src)
+    if tekken is not None:
+        hf_tokenizer(tekken)  # cached: write_hf_processor reuses it
