@@ -102,3 +102,16 @@ def test_command_registration(dense_folder, tmp_path, capsys):
         with pytest.raises(SystemExit):
             p.parse_args(["quantize", "a", "b", *bad])
     assert "--group-size: must be a positive multiple of 8" in capsys.readouterr().err
+
+
+def test_a_consolidated_checkpoint_keeps_its_tokenizer(tmp_path):
+    """A merging model's tekken.json carries its own image section (patch, merge): losing it would
+    make the quantized folder fall back to Pixtral-12B's tokenizer and refuse to load."""
+    from pixtral_fast.tiny import make_tiny
+    from pixtral_fast.tokenizer import Tokenizer
+
+    src = make_tiny(tmp_path / "src", variant="mistral-small-3.1")
+    dst = quantize_checkpoint(src, tmp_path / "q", "fp8", progress=False)
+    assert (dst / "tekken.json").read_bytes() == (src / "tekken.json").read_bytes()
+    model = load_quantized_model(dst, device="cpu", dtype=torch.float32)
+    Tokenizer.for_checkpoint(dst).check_matches(model.args.vision)

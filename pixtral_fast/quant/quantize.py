@@ -92,9 +92,13 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str, group_siz
         raise ValueError(f"dst {dst} exists and is not empty")
     if (src / "params.json").is_file() and not (src / "config.json").is_file():
         from pixtral_fast.hf_export import convert_consolidated_to_hf
+        from pixtral_fast.tokenizer import TEKKEN_NAMES
 
         with tempfile.TemporaryDirectory(dir=dst.parent if dst.parent.exists() else None) as tmp:
-            hf = convert_consolidated_to_hf(src, Path(tmp) / "hf")
+            hf = convert_consolidated_to_hf(src, Path(tmp) / "hf", processor=False)  # weights are all it reads
+            for f in src.iterdir():  # the checkpoint's own tokenizer (its image section may not be the default's)
+                if f.is_file() and (f.name in TEKKEN_NAMES or f.name.startswith("tokenizer.model")):
+                    shutil.copy2(f, hf / f.name)
             return quantize_checkpoint(hf, dst, scheme, group_size, include_vision, progress, shard_bytes)
     config = json.loads((src / "config.json").read_text())
     if "quantization_config" in config:
