@@ -1,4 +1,4 @@
-"""The `pixtral-fast` command: generate, demo, bench, make-tiny, convert-hf, serve.
+"""The `pixtral-fast` command: generate, demo, train-demo, bench, make-tiny, convert-hf, serve.
 
 `python -m pixtral_fast.cli ...` runs the same command; under torchrun use
 `torchrun --no-python pixtral-fast ...`, which never puts the current folder on sys.path.
@@ -157,16 +157,40 @@ def add_generate(sub) -> argparse.ArgumentParser:
 def _demo(a) -> None:
     from pixtral_fast import demo
 
-    demo.run(a.dir, max_new_tokens=a.max_new_tokens, device=a.device, backend=a.backend)
+    demo.run(a.dir, device=a.device, backend=a.backend, sample_size=a.sample)
 
 
 def add_demo(sub) -> argparse.ArgumentParser:
-    d = sub.add_parser("demo", help="run the pipeline on an embedded tiny checkpoint and image")
-    d.add_argument("--dir", default=None, help="where the tiny checkpoint lives (made if absent)")
-    d.add_argument("--max-new-tokens", type=int_at_least(1), default=24)
+    d = sub.add_parser("demo", help="answer easy-VQA questions with the shipped demo model, and its accuracy")
+    d.add_argument("--dir", default=None, help="another checkpoint folder (a random tiny one is made there if it "
+                                               "holds none); default: the shipped easy-VQA model")
+    d.add_argument("--sample", type=int_at_least(1), default=200, help="test questions to measure accuracy on")
     add_runtime_options(d, dtype=False, graphs=False)
     d.set_defaults(func=_demo)
     return d
+
+
+def _train_demo(a) -> None:
+    from pixtral_fast import train_demo
+
+    config = train_demo.TrainConfig(seed=a.seed, max_steps=a.max_steps)
+    if a.epochs is not None:
+        config.epochs = a.epochs
+    record = train_demo.train(a.out, config, progress=not a.quiet)
+    last = record["epochs"][-1]
+    print(f"wrote {a.out}: {last['steps']} steps in {record['seconds']:.0f} s, accuracy on "
+          f"{config.eval_questions} test questions {last['test_sample_accuracy']:.2%}")
+
+
+def add_train_demo(sub) -> argparse.ArgumentParser:
+    t = sub.add_parser("train-demo", help="train the easy-VQA demo model from scratch (CPU, one thread)")
+    t.add_argument("--out", required=True, help="folder for the checkpoint (consolidated format + tekken.json)")
+    t.add_argument("--epochs", type=int_at_least(1), default=None, help="default: the shipped model's")
+    t.add_argument("--seed", type=int_at_least(0), default=0)
+    t.add_argument("--max-steps", type=int_at_least(1), default=None, help="stop after this many steps")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_train_demo)
+    return t
 
 
 def _bench(a) -> None:
@@ -265,7 +289,7 @@ def add_export_hf(sub) -> argparse.ArgumentParser:
 
 # Each registration adds one subparser (with `func` set) to the subparsers it is given.
 COMMANDS: list[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = [
-    add_generate, add_demo, add_bench, add_make_tiny, add_convert_hf, add_export_hf, add_serve_command,
+    add_generate, add_demo, add_train_demo, add_bench, add_make_tiny, add_convert_hf, add_export_hf, add_serve_command,
     add_quantize_command,
 ]
 
@@ -286,7 +310,7 @@ def parser() -> argparse.ArgumentParser:
 def user_error_types() -> tuple[type[BaseException], ...]:
     """What a user can cause: bad values and files, images PIL refuses, mistral_common's request
     errors, and running out of memory. Everything else is our bug."""
-    types: list[type[BaseException]] = [ValueError, OSError]
+    types: list[type[BaseException]] = [ValueError, OSError, ImportError]  # ImportError: an optional extra missing
     if "pixtral_fast.parallel.comm" in sys.modules:  # a rank died or timed out: said in one line, no traceback
         types.append(sys.modules["pixtral_fast.parallel.comm"].TensorParallelError)
     if "torch" in sys.modules:

@@ -38,11 +38,19 @@ def test_generate_reports_a_bad_image(tmp_path, capsys):
     assert e.value.code == 2 and "bad.png is not a readable image" in capsys.readouterr().err
 
 
-def test_demo_prints_a_generation(tmp_path, capsys):
-    main(["demo", "--dir", str(tmp_path / "demo"), "--max-new-tokens", "6", "--device", "cpu",
-          "--backend", "reference"])
+def test_demo_answers_with_the_shipped_model(capsys):
+    main(["demo", "--sample", "16", "--device", "cpu", "--backend", "reference"])
     out = capsys.readouterr().out
-    assert "generated (length, 6 tokens)" in out and "[IMG]" in out and "time per stage" in out
+    assert out.count("Q: ") == 9 and "easy_vqa/data/test/images/" in out and "time per stage" in out
+    assert "accuracy on a fixed sample of 16 test questions: " in out and " right" in out
+
+
+def test_demo_on_another_checkpoint(tmp_path, capsys):
+    """--dir: a random tiny checkpoint is made there; its answers are noise, and the demo says so."""
+    main(["demo", "--dir", str(tmp_path / "demo"), "--sample", "4", "--device", "cpu", "--backend", "reference"])
+    out = capsys.readouterr().out
+    assert "made a tiny checkpoint" in out and "wrong (expected" in out
+    assert "accuracy on a fixed sample of 4 test questions: 0/4 = 0.00%" in out
 
 
 def test_bench_reports_json(tmp_path, capsys):

@@ -77,6 +77,10 @@ class Pixtral(nn.Module):
     def encode_images(self, images: Sequence[ImageLike]) -> torch.Tensor:
         """Adapter outputs for all [IMG] tokens of all images, packed in order: [n_tokens, dim]
         (one per patch, or per merged window of patches)."""
+        return self.image_features(images)
+
+    def image_features(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        """encode_images with autograd left as the caller set it (training: pixtral_fast.train_demo)."""
         if self.args.vision is None:
             raise ValueError("this checkpoint has no vision encoder; it cannot take images")
         images = [torch.as_tensor(img) for img in images]

@@ -1,7 +1,7 @@
 """`pixtral-fast serve`: the OpenAI-compatible server. Flag names follow vLLM's where it has one.
 
     pixtral-fast serve --model DIR [--host 127.0.0.1] [--port 8000] [--dtype auto] ...
-    pixtral-fast serve --tiny            # the embedded tiny checkpoint: try it with no weights
+    pixtral-fast serve --tiny            # the shipped easy-VQA demo model: try it with no weights
     python -m pixtral_fast.serve.command ...   # the same, without the pixtral-fast entry point
     pixtral-fast serve --model DIR --tensor-parallel-size 2   # rank 0 serves HTTP; 1 worker process
     torchrun --nproc-per-node 2 --no-python pixtral-fast serve --model DIR --tensor-parallel-size 2
@@ -104,8 +104,8 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
 def add_serve_arguments(s: argparse.ArgumentParser) -> None:
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", type=folder("--model"), help="checkpoint folder (consolidated or HF format)")
-    src.add_argument("--tiny", action="store_true", help="serve the embedded tiny checkpoint (random weights, "
-                     "made on first use): try the server with no download")
+    src.add_argument("--tiny", action="store_true", help="serve the shipped demo model (a tiny Pixtral trained "
+                     "on easy-VQA: it answers questions about one coloured shape): try the server with no download")
     s.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                    help="dummy: random weights from --model's params.json/config.json (benchmarks)")
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
@@ -171,13 +171,9 @@ def build_engine(a):
     dtype = getattr(torch, name)
     limits = engine_limits(a)
     if a.tiny:
-        from pixtral_fast.demo import default_dir
-        from pixtral_fast.tiny import make_tiny
+        from pixtral_fast.train_demo import SHIPPED_DIR
 
-        folder = default_dir()
-        if not (folder / "consolidated.safetensors").is_file():
-            make_tiny(folder, seed=0)
-        return Engine.from_pretrained(folder, device=device, dtype=dtype, backend=a.backend, **limits), "pixtral-fast-tiny"
+        return Engine.from_pretrained(SHIPPED_DIR, device=device, dtype=dtype, backend=a.backend, **limits), "pixtral-fast-tiny"
     folder = Path(a.model)
     if not folder.is_dir():
         raise FileNotFoundError(f"--model {folder}: no such folder")
