@@ -70,7 +70,7 @@ class TrainConfig:
 def batched_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, causal=False, pos=None, rope_theta=1e4,
                       *, validate_indices=True):
     """reference.varlen_attention, as one batched call when every sequence has the same length
-    (training batches are bucketed so); the reference's loop otherwise. Same math: RoPE-2D on q
+    (training pads each batch to one length); the reference's loop otherwise. Same math: RoPE-2D on q
     and k when pos is given, query head h reads KV head h // (H / Hkv)."""
     lengths = cu_seqlens.diff()
     n, length = lengths.numel(), int(lengths[0])
