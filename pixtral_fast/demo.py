@@ -26,12 +26,6 @@ QUESTIONS_PER_IMAGE = 3
 SAMPLE_SIZE = 200
 
 
-def default_dir() -> Path:
-    """Where `serve --tiny` and the tests keep a random tiny checkpoint (made on first use)."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "pixtral_fast" / "tiny-seed0"
-
-
 def render(path: Path, cells: int = 16) -> list[str]:
     """The picture in cells x cells/2 terminal characters: each '▀' shows two pixels, the upper
     as the foreground colour and the lower as the background (24-bit ANSI colours)."""
@@ -49,9 +43,9 @@ def _colour_terminal() -> bool:
 
 
 def shown_questions(n_images: int = SHOWN_IMAGES, per_image: int = QUESTIONS_PER_IMAGE) -> list[list[easy_vqa.Question]]:
-    """The first n_images images of the fixed test sample, with up to per_image questions each."""
+    """The first n_images images of the test split, with their first per_image questions."""
     groups: dict[int, list[easy_vqa.Question]] = {}
-    for q in easy_vqa.sample("test", 10_000):
+    for q in easy_vqa.questions("test"):
         if q.image_id in groups or len(groups) < n_images:
             group = groups.setdefault(q.image_id, [])
             if len(group) < per_image:
@@ -84,26 +78,29 @@ def run(folder: Path | None = None, device=None, backend: str = "auto", sample_s
     engine = timed("engine set-up", lambda: Engine.from_model(model, tokenizer))
     print(f"model: {folder} on {device} ({dtype}), backend={model.backend}\n")
 
-    colour = _colour_terminal()
-    for group in shown_questions():
-        print(group[0].image_path)
-        if colour:
-            print("\n".join("  " + line for line in render(group[0].image_path)))
-        answered = timed(f"answer image {group[0].image_id}", lambda: easy_vqa.evaluate(engine, group, batch_size=1))
-        for q, a in zip(group, answered.answers):
-            print(f"  Q: {q.text:<44} A: {a:<10} {'right' if a == q.answer else f'wrong (expected {q.answer})'}")
-        print()
+    try:
+        colour = _colour_terminal()
+        for group in shown_questions():
+            print(group[0].image_path)
+            if colour:
+                print("\n".join("  " + line for line in render(group[0].image_path)))
+            answered = timed(f"answer image {group[0].image_id}", lambda: easy_vqa.evaluate(engine, group, batch_size=1))
+            for q, a in zip(group, answered.answers):
+                print(f"  Q: {q.text:<44} A: {a:<10} {'right' if a == q.answer else f'wrong (expected {q.answer})'}")
+            print()
 
-    sample = easy_vqa.sample("test", sample_size)
-    engine.stats = EngineStats()  # the stage split below covers the sample's batches only
-    result = timed(f"answer {len(sample)} questions", lambda: easy_vqa.evaluate(engine, sample, batch_size=64))
-    print(f"accuracy on a fixed sample of {len(sample)} test questions: {result}")
-    st = engine.stats
-    print("time per stage:")
-    for name, seconds in clock.items():
-        print(f"  {name:<28}{seconds * 1e3:9.1f} ms")
-    print(f"  {'  of which ViT+adapter':<28}{st.vit_seconds * 1e3:9.1f} ms")
-    print(f"  {'  of which prefill':<28}{st.prefill_seconds * 1e3:9.1f} ms ({st.prefill_tokens} tokens)")
-    print(f"  {'  of which decode':<28}{st.decode_seconds * 1e3:9.1f} ms ({st.decode_steps} steps, "
-          f"{st.decode_tokens / max(st.decode_seconds, 1e-9):.1f} tok/s)")
-    return result.accuracy
+        sample = easy_vqa.sample("test", sample_size)
+        engine.stats = EngineStats()  # the stage split below covers the sample's batches only
+        result = timed(f"answer {len(sample)} questions", lambda: easy_vqa.evaluate(engine, sample, batch_size=64))
+        print(f"accuracy on a fixed sample of {len(sample)} test questions: {result}")
+        st = engine.stats
+        print("time per stage:")
+        for name, seconds in clock.items():
+            print(f"  {name:<28}{seconds * 1e3:9.1f} ms")
+        print(f"  {'  of which ViT+adapter':<28}{st.vit_seconds * 1e3:9.1f} ms")
+        print(f"  {'  of which prefill':<28}{st.prefill_seconds * 1e3:9.1f} ms ({st.prefill_tokens} tokens)")
+        print(f"  {'  of which decode':<28}{st.decode_seconds * 1e3:9.1f} ms ({st.decode_steps} steps, "
+              f"{st.decode_tokens / max(st.decode_seconds, 1e-9):.1f} tok/s)")
+        return result.accuracy
+    finally:  # its scheduler and cache go with it, whatever happened above
+        engine.close()

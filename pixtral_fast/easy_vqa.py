@@ -78,7 +78,7 @@ def answer_tokens(tokenizer: Tokenizer, answer: str) -> list[int]:
 
 
 @dataclass
-class Encoded:
+class EncodedSplit:
     """A split tokenized once: prompts per distinct question text (every image is 64x64, so the
     [IMG] block is the same for all), pixels per image, targets per answer."""
     questions: list[Question]
@@ -90,7 +90,7 @@ class Encoded:
         return self.prompts[q.text]
 
 
-def encode(qs: list[Question], tokenizer: Tokenizer, progress: bool = True) -> Encoded:
+def encode(qs: list[Question], tokenizer: Tokenizer, progress: bool = True) -> EncodedSplit:
     """Prompts and pixels through Tokenizer.encode (mistral_common's chat template and image
     preprocessing), each image and each question text once."""
     first: dict[Path, Question] = {}
@@ -110,7 +110,7 @@ def encode(qs: list[Question], tokenizer: Tokenizer, progress: bool = True) -> E
         if q.text not in prompts:
             prompts[q.text] = tokenizer.encode(messages(q)).tokens
     targets = {a: answer_tokens(tokenizer, a) for a in sorted({q.answer for q in qs})}
-    return Encoded(list(qs), prompts, pixels, targets)
+    return EncodedSplit(list(qs), prompts, pixels, targets)
 
 
 def _image_block(tokens: list[int], tokenizer: Tokenizer) -> list[int]:

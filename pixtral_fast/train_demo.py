@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from pixtral_fast import reference
 from pixtral_fast.config import ModelArgs, TextArgs, VisionArgs
-from pixtral_fast.easy_vqa import Encoded, Question, encode, kind_of, questions, sample
+from pixtral_fast.easy_vqa import EncodedSplit, Question, encode, kind_of, questions, sample
 from pixtral_fast.model.pixtral import Pixtral
 from pixtral_fast.model.text import AttentionMetadata
 from pixtral_fast.tiny import write_tokenizer
@@ -148,7 +148,7 @@ def init_weights(model: nn.Module, generator: torch.Generator) -> None:
 class DemoTrainer(nn.Module):
     """Pixtral's vision encoder, adapter and decoder layers with the compact vocabulary."""
 
-    def __init__(self, args: ModelArgs, data: Encoded):
+    def __init__(self, args: ModelArgs, data: EncodedSplit):
         super().__init__()
         v = args.vision  # the smallest vocabulary that still holds the image tokens: the tables are replaced
         ids = max(v.image_token_id, v.image_break_token_id, v.image_end_token_id) + 1
@@ -183,7 +183,7 @@ class DemoTrainer(nn.Module):
         return state
 
 
-def examples(data: Encoded, qs: list[Question]) -> list[tuple[list[int], Path, list[int]]]:
+def examples(data: EncodedSplit, qs: list[Question]) -> list[tuple[list[int], Path, list[int]]]:
     """(input tokens, image path, targets): the prompt and the answer but its last token (teacher
     forcing); the loss sits on the last len(targets) positions."""
     out = []
@@ -214,7 +214,7 @@ def _draw(items: list, n: int, rng: random.Random, weights: dict) -> list:
     return [items[j] for j in sorted(range(len(items)), key=lambda j: -keys[j])[:n]]
 
 
-def _forward(trainer: DemoTrainer, data: Encoded, batch: list):
+def _forward(trainer: DemoTrainer, data: EncodedSplit, batch: list):
     """Hidden states at the positions that predict the targets, and the targets."""
     paths = sorted({path for _, path, _ in batch})
     images = [torch.from_numpy(data.pixels[p]) for p in paths]
@@ -230,7 +230,7 @@ def _forward(trainer: DemoTrainer, data: Encoded, batch: list):
     return h[torch.tensor(rows)], torch.tensor(labels)
 
 
-def accuracy(trainer: DemoTrainer, data: Encoded, qs: list[Question], images_per_batch: int = 32) -> float:
+def accuracy(trainer: DemoTrainer, data: EncodedSplit, qs: list[Question], images_per_batch: int = 32) -> float:
     """Exact-match answers under greedy decoding, by teacher forcing: greedy decoding writes the
     answer and EOS exactly when every step's argmax is the next target token."""
     items = examples(data, qs)
