@@ -100,34 +100,57 @@ def _deliver(items: list[tuple[_Handle, _Update]]) -> None:
 
 class StopMatcher:
     """Text assembly for one sequence: incremental detokenization plus stop strings. Text that
-    could still become a stop string is held back; a matched stop string and all after it are dropped."""
+    could still become a stop string is held back; a matched stop string and all after it are dropped.
+
+    Linear in the text: each stop string keeps the first position of the held text where it may
+    still begin (every earlier one was ruled out for good), so a push scans only the new text plus
+    at most (longest stop - 1) held characters."""
 
     def __init__(self, decode: Callable[[list[int]], str], stop_ids: Seq[int], stops: Seq[str]):
         self.detok = IncrementalDetokenizer(decode)
         self.stop_ids = set(stop_ids)
         self.stops = [s for s in stops if s]
         self.held = ""
+        self.starts = [0] * len(self.stops)   # per stop: where in `held` it may still begin
         self.stopped = False
 
     def push(self, token: int) -> str:
-        if token not in self.stop_ids:
-            self.held += self.detok.push(token)
-        return self._release(final=False)
+        text = "" if token in self.stop_ids else self.detok.push(token)
+        return self._release(text, final=False)
 
     def finish(self) -> str:
-        self.held += self.detok.flush()
-        return self._release(final=True)
+        return self._release(self.detok.flush(), final=True)
 
-    def _release(self, final: bool) -> str:
-        cut = min((i for i in (self.held.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+    def _release(self, text: str, final: bool) -> str:
+        self.held += text
+        cut = self._first_match()
+        if cut is not None:
             self.stopped = True
             out, self.held = self.held[:cut], ""
             return out
-        keep = 0 if final else max((k for s in self.stops for k in range(1, len(s))
-                                    if self.held.endswith(s[:k])), default=0)
-        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        if final:
+            out, self.held = self.held, ""
+            return out
+        self.starts = [_first_partial_match(s, self.held, start) for s, start in zip(self.stops, self.starts)]
+        keep_from = min(self.starts, default=len(self.held))
+        out, self.held = self.held[:keep_from], self.held[keep_from:]
+        self.starts = [start - keep_from for start in self.starts]
         return out
+
+    def _first_match(self) -> int | None:
+        found = [at for s, start in zip(self.stops, self.starts) if (at := self.held.find(s, start)) >= 0]
+        return min(found, default=None)
+
+
+def _first_partial_match(stop: str, text: str, start: int) -> int:
+    """The first position >= start where the rest of `text` is a proper prefix of `stop`
+    (len(text) if none). Only the last len(stop) - 1 characters can hold one."""
+    at = max(start, len(text) - len(stop) + 1)
+    while (at := text.find(stop[0], at)) >= 0:
+        if stop.startswith(text[at:]):
+            return at
+        at += 1
+    return len(text)
 
 
 def stop_strings(stop: str | Seq[str] | None) -> list[str]:

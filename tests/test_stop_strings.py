@@ -1,0 +1,122 @@
+"""Stop strings and the end of the text, at the unit level: StopMatcher (async_engine) against a
+plain full-text oracle over many ways of splitting the text into tokens, and the detokenizer's
+final flush of a character cut in the middle."""
+import time
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from pixtral_fast.runtime.async_engine import StopMatcher
+from pixtral_fast.runtime.detokenize import IncrementalDetokenizer
+from pixtral_fast.tokenizer import Tokenizer
+
+EOS = -1
+
+
+def piece_matcher(pieces: list[str], stops: list[str]) -> StopMatcher:
+    """A matcher whose token i decodes to pieces[i] (EOS is the stop token)."""
+    return StopMatcher(lambda ids: "".join(pieces[i] for i in ids), stop_ids=[EOS], stops=stops)
+
+
+def longest_stop_prefix_suffix(text: str, stops: list[str]) -> int:
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+def oracle(pieces: list[str], stops: list[str]) -> tuple[list[str], bool]:
+    """What the text so far allows to be released after each piece, by full-text find: everything
+    before the first stop once one is in the text; else all but the longest tail that could still
+    begin a stop."""
+    released, text = [], ""
+    for piece in pieces:
+        text += piece
+        found = [at for s in stops if (at := text.find(s)) >= 0]
+        if found:
+            return released + [text[:min(found)]], True
+        released.append(text[:len(text) - longest_stop_prefix_suffix(text, stops)])
+    return released, False
+
+
+def run(pieces: list[str], stops: list[str]) -> tuple[list[str], bool, str]:
+    """The released text after each piece (cumulative), whether it stopped, and the final text."""
+    matcher, out, released = piece_matcher(pieces, stops), "", []
+    for token in range(len(pieces)):
+        out += matcher.push(token)
+        released.append(out)
+        if matcher.stopped:
+            return released, True, out
+    return released, False, out + matcher.finish()
+
+
+def test_a_stop_split_over_pieces_c_dS_TOP_stops_before_it():
+    released, stopped, text = run(["c", "dS", "TOP"], ["dST"])
+    assert stopped and text == "c"
+    assert released == ["c", "c", "c"]  # "dS" may begin "dST": held back, then dropped with it
+
+
+PIECE = st.text(alphabet="abcd", max_size=4)
+STOP = st.text(alphabet="abcd", min_size=1, max_size=5)
+
+
+@settings(max_examples=600, deadline=None)
+@given(pieces=st.lists(PIECE, max_size=12), stops=st.lists(STOP, min_size=1, max_size=3))
+@example(pieces=["c", "dS", "TOP"], stops=["dST"])
+@example(pieces=["a", "b", "ca", "bcd"], stops=["abcd", "bc"])
+@example(pieces=["aa", "a", "ab"], stops=["aaab"])
+def test_released_text_equals_the_full_text_oracle_after_every_piece(pieces, stops):
+    released, stopped, text = run(pieces, stops)
+    expected, expected_stop = oracle(pieces, stops)
+    assert stopped == expected_stop
+    assert released == expected  # never a character of a stop, never one held too long
+    full = "".join(pieces)
+    assert text == (expected[-1] if stopped else full)
+
+
+def test_the_stop_token_adds_no_text_and_the_end_releases_a_held_prefix():
+    pieces = ["ab", "cd"]
+    matcher = piece_matcher(pieces, ["dX"])
+    assert matcher.push(0) == "ab" and matcher.push(1) == "c"
+    assert matcher.push(EOS) == "" and matcher.finish() == "d" and not matcher.stopped
+
+
+def test_matching_a_long_stop_costs_time_linear_in_its_length():
+    """A stop of 20,000 characters over 200 tokens that keep matching its beginning: with the
+    holdback found by trying every prefix length this took minutes; scanning only the held
+    tail plus the new text it takes milliseconds."""
+    stop = "a" * 19_999 + "b"
+    matcher = piece_matcher(["a"] * 200 + ["b"], [stop])
+    started = time.perf_counter()
+    assert all(matcher.push(i) == "" for i in range(200))
+    assert matcher.finish() == "a" * 200
+    assert time.perf_counter() - started < 1.0
+
+
+# -- the end of the text: a character cut in the middle ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.default()
+
+
+def cut_mid_character(tok) -> list[int]:
+    """Token ids of 'ok é…' cut inside a multi-byte character, as max_tokens can cut it."""
+    ids = tok.tekken.encode("ok \U0001d518\U0001d52b", bos=False, eos=False)
+    cuts = [ids[:n] for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd")]
+    assert cuts, "the text must hold a character spread over several tokens"
+    return cuts[0]
+
+
+def test_the_final_flush_emits_a_cut_character_as_decode_does(tok):
+    ids = cut_mid_character(tok)
+    detok = IncrementalDetokenizer(tok.decode)
+    pushed = "".join(detok.push(i) for i in ids)
+    assert not pushed.endswith("\ufffd")  # held back while the character could still complete
+    assert pushed + detok.flush() == tok.decode(ids)
+    assert tok.decode(ids).startswith("ok ") and tok.decode(ids).endswith("\ufffd")
+
+
+def test_a_matcher_ends_with_the_text_decode_gives_for_a_cut_character(tok):
+    ids = cut_mid_character(tok)
+    matcher = StopMatcher(tok.decode, stop_ids=[tok.eos_id], stops=["never"])
+    text = "".join(matcher.push(i) for i in ids) + matcher.finish()
+    assert text == tok.decode(ids)
