@@ -3,6 +3,10 @@ has every rank run each ModelRunner call in step with its own: the call's name a
 (tokens, positions, slots, block tables, sampling parameters, images) go out in one broadcast, then
 each rank runs the same step, the model's all-reduces pairing the ranks up inside it.
 
+A Ctrl-C during a call is held back until the call has ended on every rank (interrupts.py): the
+engine then requeues the step's sequences and goes on, as without tensor parallelism; a second
+Ctrl-C during the same call stops the engine.
+
 The scheduler, the block manager and the tokenizer live on the driver only. Any failure during a
 call (a dead worker, a collective that timed out, a fault on any rank) leaves the ranks out of step,
 so it ends the engine: TensorParallelError naming the dead rank, every worker stopped."""
@@ -17,14 +21,17 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from pixtral_fast.cpu_memory import default_memory_bytes
 from pixtral_fast.parallel.comm import (DEFAULT_TIMEOUT_S, Collectives, TensorParallelError, check_free, join_group,
                                         torchrun_rank)
 from pixtral_fast.parallel import comm as comm_module
+from pixtral_fast.parallel.interrupts import InterruptsHeldBack
 from pixtral_fast.parallel.plan import ShardPlan, check_size
 from pixtral_fast.parallel.worker import GATHERED, load_shard, serve_steps
 
@@ -88,6 +95,9 @@ class ParallelDriver:
         """Every rank's ModelRunner, built together (they agree on the cache's size)."""
         from pixtral_fast.runtime.model_runner import ModelRunner
 
+        # Every rank sizes its CPU cache for its share of the host, not the host alone.
+        config = replace(config, memory_bytes=default_memory_bytes(model, config, self.size))
+
         def run():
             self._send("setup", (config,))
             return ModelRunner(model, config, self.comm)
@@ -115,8 +125,10 @@ class ParallelDriver:
         dead = self._dead()
         if dead:
             self._fail(f"{dead} before the {what} step")
+        held = InterruptsHeldBack()
         try:
-            result = run()
+            with held:  # a Ctrl-C waits for the call to end on every rank
+                result = run()
         except BaseException as e:
             if isinstance(e, passthrough) or not isinstance(e, Exception):  # an interrupt stays one
                 self.failure = f"tensor-parallel engine stopped: {type(e).__name__} during the {what} step"
@@ -128,6 +140,7 @@ class ParallelDriver:
         dead = self._dead()  # a rank that died mid-call may have left garbage (an aborted NCCL group)
         if dead:
             self._fail(f"{dead} during the {what} step")
+        held.deliver()  # the ranks are in step: the engine requeues as without tensor parallelism
         return result
 
     def _dead(self, wait_s: float = 0.0) -> str:
