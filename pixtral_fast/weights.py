@@ -34,6 +34,20 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in build_model(args, device="meta").state_dict().items()}
 
 
+def open_safetensors(f: Path):
+    """safe_open(f) on the CPU for torch, which reads and checks the header (safetensors refuses a
+    file its header does not cover: truncated or empty); a file it cannot read is a
+    CheckpointError naming it, not safetensors' own error."""
+    try:
+        return safe_open(str(f), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise unreadable(f, e) from None
+
+
+def unreadable(f: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"{f}: not a readable safetensors file (truncated or corrupt?): {e}")
+
+
 # safetensors dtype names of floating-point tensors the loader converts exactly to bf16/fp16/fp32.
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
 
@@ -45,19 +59,17 @@ def read_shapes(files: Iterable[Path]) -> dict[str, tuple[tuple[int, ...], Path]
     found: dict[str, tuple[tuple[int, ...], Path]] = {}
     wrong_dtype: list[str] = []
     for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                for name in st.keys():
-                    if name in found:
-                        raise CheckpointError(f"{name} appears in both {found[name][1]} and {f}")
+        with open_safetensors(f) as st:
+            for name in st.keys():
+                if name in found:
+                    raise CheckpointError(f"{name} appears in both {found[name][1]} and {f}")
+                try:
                     tensor = st.get_slice(name)
-                    found[name] = (tuple(tensor.get_shape()), f)
-                    if tensor.get_dtype() not in FLOAT_DTYPES:
-                        wrong_dtype.append(f"{name} ({tensor.get_dtype()})")
-        except (SafetensorError, OSError, ValueError) as e:
-            if isinstance(e, CheckpointError):
-                raise
-            raise CheckpointError(f"{f}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+                except SafetensorError as e:  # e.g. a dtype this torch does not have
+                    raise unreadable(f, e) from None
+                found[name] = (tuple(tensor.get_shape()), f)
+                if tensor.get_dtype() not in FLOAT_DTYPES:
+                    wrong_dtype.append(f"{name} ({tensor.get_dtype()})")
     if wrong_dtype:
         shown = wrong_dtype[:20] + ([f"... and {len(wrong_dtype) - 20} more"] if len(wrong_dtype) > 20 else [])
         raise CheckpointError(f"{len(wrong_dtype)} tensor(s) of a non-floating dtype where floating-point weights "
@@ -188,7 +200,7 @@ def load_state_dict(folder: str | Path, args: ModelArgs, device, dtype: torch.dt
         by_file.setdefault(found[old][1], []).append(new)
     bar = tqdm(total=len(source_name), desc="loading weights", unit="tensor", disable=not progress)
     for f, names in by_file.items():
-        with safe_open(str(f), framework="pt", device="cpu") as st:
+        with open_safetensors(f) as st:
             for new in names:
                 cut = None if shard is None else shard.slice_for(new, args.text)
                 t = st.get_tensor(source_name[new]) if cut is None else _read_cut(st, source_name[new], cut)

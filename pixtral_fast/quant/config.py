@@ -7,7 +7,10 @@ Supported, per config group:
     `pack-quantized`, no input quantization;
   * FP8: weights {num_bits 8, type float, symmetric, strategy channel or tensor}, format
     `float-quantized`, inputs none or {num_bits 8, type float, strategy token, dynamic}.
-Anything else is refused with a QuantConfigError (a ValueError) naming the field.
+Every field this module knows is type-checked as params.json fields are (a bool is a JSON
+true/false, not the string "false"; an integer is not a bool), and every `re:` target compiled,
+before any is used. Anything else is refused with a QuantConfigError (a ConfigError, so a
+ValueError) naming the field.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from pixtral_fast.config import ConfigError, read_json
 
 QUANT_METHOD = "compressed-tensors"
 PACK_QUANTIZED = "pack-quantized"
@@ -33,7 +38,7 @@ _PRESETS = {
 }
 
 
-class QuantConfigError(ValueError):
+class QuantConfigError(ConfigError):
     """A quantization_config we cannot run; the message names the field."""
 
 
@@ -75,10 +80,13 @@ class QuantConfig:
     @classmethod
     def from_folder(cls, path: str | Path) -> "QuantConfig | None":
         """The folder's config.json quantization, or None when it has none."""
-        data = json.loads((Path(path) / "config.json").read_text())
+        file, data = read_json(Path(path), "config.json")
         if "quantization_config" not in data:
             return None
-        return parse_quantization_config(data["quantization_config"])
+        try:
+            return parse_quantization_config(data["quantization_config"])
+        except QuantConfigError as e:
+            raise QuantConfigError(f"{file}: {e}") from None
 
     @property
     def kinds(self) -> set[str]:
@@ -120,20 +128,73 @@ def _matches(name: str, class_name: str | tuple[str, ...], target: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # parsing
 
+# The JSON kinds of the fields read here (null always means "not set"). Keys not listed are
+# compressed-tensors bookkeeping that does not change the math (observer settings, version, ...).
+_TOP_FIELDS = {"quant_method": (str,), "format": (str,), "quantization_status": (str,), "config_groups": (dict,),
+               "ignore": (list,), "kv_cache_scheme": (dict,), "sparsity_config": (dict,),
+               "transform_config": (dict,), "global_compression_ratio": (int, float), "version": (str,)}
+_GROUP_FIELDS = {"targets": (list,), "weights": (dict,), "input_activations": (dict,),
+                 "output_activations": (dict,), "format": (str,)}
+_ARGS_FIELDS = {"num_bits": (int,), "type": (str,), "symmetric": (bool,), "group_size": (int,), "strategy": (str,),
+                "block_structure": (list,), "dynamic": (bool, str), "actorder": (bool, str),
+                "observer": (str,), "observer_kwargs": (dict,)}
+_ARG_TYPES = ("int", "float")
+_STRATEGIES = ("tensor", "channel", "group", "block", "token", "tensor_group", "attn_head")
+_ACT_ORDERS = ("group", "weight", "static", "dynamic")
+_DYNAMIC_KINDS = ("local",)  # besides true / false
+_KIND_NAMES = {str: "a string", dict: "an object", list: "a list", bool: "true or false", int: "an integer",
+               float: "a number"}
 
-def _get(d: dict, key: str, default=None):
-    value = d.get(key, default)
-    return default if value is None else value
+
+def _is_kind(value, kinds: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):  # JSON true is a Python int: only a bool field takes it
+        return bool in kinds
+    return isinstance(value, kinds)
+
+
+def _check_kinds(section: dict, fields: dict[str, tuple[type, ...]], where: str) -> None:
+    for key, kinds in fields.items():
+        value = section.get(key)
+        if value is not None and not _is_kind(value, kinds):
+            what = " or ".join(_KIND_NAMES[k] for k in kinds if not (k is int and float in kinds))
+            raise QuantConfigError(f"{where}.{key} must be {what} (or null), got {_show(value)}")
+
+
+def _check_choice(section: dict, key: str, choices: tuple[str, ...], where: str) -> None:
+    value = section.get(key)
+    if isinstance(value, str) and value.lower() not in choices:
+        raise QuantConfigError(f"{where}.{key} is {_show(value)}: not a known value ({', '.join(choices)})")
+
+
+def _show(value) -> str:
+    text = json.dumps(value) if isinstance(value, (str, bool, int, float)) or value is None else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_targets(targets, where: str) -> tuple[str, ...]:
+    """A list of strings, each `re:` one a regex Python compiles (compressed-tensors matches
+    them with re.match): a bad one is refused here, not while the checkpoint is being read."""
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise QuantConfigError(f"{where} must be a list of strings")
+    for target in targets:
+        if target.startswith("re:"):
+            try:
+                re.compile(target[3:])
+            except (re.error, OverflowError, RecursionError) as e:
+                raise QuantConfigError(f"{where}: target {_show(target)} is not a valid regular expression "
+                                       f"({e})") from None
+    return tuple(targets)
 
 
 def _lower(value) -> str:
-    return str(value).lower() if value is not None else ""
+    return value.lower() if isinstance(value, str) else ""
 
 
 def parse_quantization_config(qc: dict) -> QuantConfig:
     where = "quantization_config"
     if not isinstance(qc, dict):
         raise QuantConfigError(f"{where} must be a JSON object, got {type(qc).__name__}")
+    _check_kinds(qc, _TOP_FIELDS, where)
     method = qc.get("quant_method")
     if method != QUANT_METHOD:
         raise QuantConfigError(f"{where}.quant_method is {method!r}; only {QUANT_METHOD!r} checkpoints are supported")
@@ -148,26 +209,36 @@ def parse_quantization_config(qc: dict) -> QuantConfig:
                                "(packed weights on disk) are supported")
     top_format = qc.get("format")
     groups_raw = qc.get("config_groups")
-    if not isinstance(groups_raw, dict) or not groups_raw:
+    if not groups_raw:
         raise QuantConfigError(f"{where}.config_groups must be a non-empty object")
-    groups = []
-    for name, body in groups_raw.items():
-        gwhere = f"{where}.config_groups.{name}"
-        if isinstance(body, list):  # a preset name mapped to its targets
-            if name.upper() not in _PRESETS:
-                raise QuantConfigError(f"{gwhere}: preset {name!r} is not supported; supported: {sorted(_PRESETS)}")
-            body = {"targets": body, **_PRESETS[name.upper()]}
-        if not isinstance(body, dict):
-            raise QuantConfigError(f"{gwhere} must be an object or a list of targets")
-        targets = body.get("targets")
-        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
-            raise QuantConfigError(f"{gwhere}.targets must be a non-empty list of strings")
-        scheme = _parse_scheme(body, gwhere, body.get("format") or top_format)
-        groups.append(QuantGroup(name=name, targets=tuple(targets), scheme=scheme))
-    ignore = qc.get("ignore") or []
-    if not isinstance(ignore, list) or not all(isinstance(t, str) for t in ignore):
-        raise QuantConfigError(f"{where}.ignore must be a list of strings")
-    return QuantConfig(groups=tuple(groups), ignore=tuple(ignore))
+    groups = [_parse_group(name, body, f"{where}.config_groups.{name}", top_format)
+              for name, body in groups_raw.items()]
+    ignore = _check_targets(qc.get("ignore") or [], f"{where}.ignore")
+    return QuantConfig(groups=tuple(groups), ignore=ignore)
+
+
+def _parse_group(name: str, body, where: str, top_format: str | None) -> QuantGroup:
+    if isinstance(body, list):  # a preset name mapped to its targets
+        if name.upper() not in _PRESETS:
+            raise QuantConfigError(f"{where}: preset {name!r} is not supported; supported: {sorted(_PRESETS)}")
+        body = {"targets": body, **_PRESETS[name.upper()]}
+    if not isinstance(body, dict):
+        raise QuantConfigError(f"{where} must be an object or a list of targets")
+    _check_kinds(body, _GROUP_FIELDS, where)
+    targets = _check_targets(body.get("targets"), f"{where}.targets")
+    if not targets:
+        raise QuantConfigError(f"{where}.targets must be a non-empty list of strings")
+    scheme = _parse_scheme(body, where, body.get("format") or top_format)
+    return QuantGroup(name=name, targets=targets, scheme=scheme)
+
+
+def _check_args(args: dict, where: str) -> None:
+    """The field kinds and known values of one compressed-tensors QuantizationArgs object."""
+    _check_kinds(args, _ARGS_FIELDS, where)
+    _check_choice(args, "type", _ARG_TYPES, where)
+    _check_choice(args, "strategy", _STRATEGIES, where)
+    _check_choice(args, "actorder", _ACT_ORDERS, where)
+    _check_choice(args, "dynamic", _DYNAMIC_KINDS, where)
 
 
 def _parse_scheme(body: dict, where: str, fmt: str | None) -> WeightScheme:
@@ -177,15 +248,18 @@ def _parse_scheme(body: dict, where: str, fmt: str | None) -> WeightScheme:
     if not isinstance(weights, dict):
         raise QuantConfigError(f"{where}.weights must be an object (activation-only schemes are not supported)")
     w = f"{where}.weights"
-    if not _get(weights, "symmetric", True):
+    _check_args(weights, w)
+    if weights.get("symmetric") is False:
         raise QuantConfigError(f"{w}.symmetric is false: asymmetric zero points are not supported")
     if weights.get("dynamic"):
         raise QuantConfigError(f"{w}.dynamic is {weights['dynamic']!r}: weights must be statically quantized")
-    actorder = _lower(weights.get("actorder"))
-    if actorder not in ("", "none", "false", "weight", "static"):
-        raise QuantConfigError(f"{w}.actorder is {weights['actorder']!r}: act-order with g_idx is not supported "
+    actorder = weights.get("actorder")
+    if actorder is True or _lower(actorder) in ("group", "dynamic"):
+        raise QuantConfigError(f"{w}.actorder is {actorder!r}: act-order with g_idx is not supported "
                                "('weight' ordering, which stores no g_idx, is)")
-    num_bits, wtype = weights.get("num_bits"), _lower(weights.get("type", "int"))
+    if weights.get("block_structure"):
+        raise QuantConfigError(f"{w}.block_structure is set: block-wise scales are not supported")
+    num_bits, wtype = weights.get("num_bits"), _lower(weights.get("type") or "int")
     strategy = _lower(weights.get("strategy"))
     group_size = weights.get("group_size")
     if not strategy:  # compressed-tensors infers it from group_size
@@ -194,7 +268,7 @@ def _parse_scheme(body: dict, where: str, fmt: str | None) -> WeightScheme:
     if num_bits == 4 and wtype == "int":
         if strategy not in ("group", "channel"):
             raise QuantConfigError(f"{w}.strategy is {strategy!r}: 4-bit weights need 'group' or 'channel'")
-        if strategy == "group" and (not isinstance(group_size, int) or group_size <= 0 or group_size % 8):
+        if strategy == "group" and (group_size is None or group_size <= 0 or group_size % 8):
             raise QuantConfigError(f"{w}.group_size must be a positive multiple of 8 for 4-bit groups, "
                                    f"got {group_size!r}")
         if activation != ACT_NONE:
@@ -217,13 +291,11 @@ def _check_format(fmt: str | None, expected: str, where: str) -> None:
 
 
 def _parse_activation(act, where: str) -> str:
-    if not act:
+    if not act:  # null or {}: the group's kinds are checked, so nothing else is falsy here
         return ACT_NONE
-    if not isinstance(act, dict):
-        raise QuantConfigError(f"{where} must be an object or null")
-    dynamic = act.get("dynamic")
+    _check_args(act, where)
     ok = (act.get("num_bits") == 8 and _lower(act.get("type")) == "float" and _lower(act.get("strategy")) == "token"
-          and dynamic is True and _get(act, "symmetric", True))
+          and act.get("dynamic") is True and act.get("symmetric") is not False)
     if not ok:
         raise QuantConfigError(f"{where} = {json.dumps(act, sort_keys=True)}: only dynamic per-token FP8 "
                                "(num_bits 8, type float, strategy token, dynamic true, symmetric) is supported")

@@ -15,16 +15,18 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from pixtral_fast.quant.config import QuantConfig, WeightScheme
 from pixtral_fast.quant.formats import FP8_DTYPE, packed_words
 from pixtral_fast.quant.linear import QuantFeedForward, QuantLinear
 from pixtral_fast.weights import (_HF_PREFIXES, CheckpointError, _rope_heads, check_keys, expected_shapes,
-                                  hf_files, hf_to_consolidated_name, undo_hf_rope_permutation)
+                                  hf_files, hf_to_consolidated_name, open_safetensors, undo_hf_rope_permutation,
+                                  unreadable)
 
-_QUANT_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape")
+# What each format stores under a quantized layer, and nothing else.
+_KIND_SUFFIXES = {"w4a16": ("weight_packed", "weight_scale", "weight_shape"), "fp8": ("weight", "weight_scale")}
 _REFUSED_SUFFIXES = {"weight_zero_point": "an asymmetric zero point", "weight_g_idx": "act-order (g_idx)",
                      "input_scale": "static activation scales", "weight_global_scale": "a global scale"}
 
@@ -68,20 +70,14 @@ def read_quantized_state(folder: str | Path, args, qconfig: QuantConfig, model, 
     model: the dense model (on the meta device) whose module types the class targets match."""
     folder = Path(folder)
     files = hf_files(folder)
-    tensors: dict[str, tuple[Path, torch.dtype, tuple[int, ...]]] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as st:
-            for key in st.keys():
-                sl = st.get_slice(key)
-                dtype_name = sl.get_dtype()
-                tensors[key] = (f, _SAFETENSORS_DTYPES.get(dtype_name), tuple(sl.get_shape()))
+    tensors = _read_headers(files)
     for key in tensors:
         suffix = key.rsplit(".", 1)[-1]
         if suffix in _REFUSED_SUFFIXES:
             raise CheckpointError(f"{folder}: tensor {key} holds {_REFUSED_SUFFIXES[suffix]}: not supported")
     quantized: dict[str, tuple[str, WeightScheme]] = {}  # consolidated module -> (hf module, scheme)
     for key, (_, dt, _) in tensors.items():
-        module, suffix = key.rsplit(".", 1)
+        module, _, suffix = key.rpartition(".")
         kind = "w4a16" if suffix == "weight_packed" else "fp8" if (suffix == "weight" and dt == FP8_DTYPE) else None
         cons = hf_to_consolidated_name(module + ".weight")[: -len(".weight")]
         scheme = _scheme(qconfig, module, _classes(model, cons))
@@ -94,6 +90,7 @@ def read_quantized_state(folder: str | Path, args, qconfig: QuantConfig, model, 
             raise CheckpointError(f"{folder}: {key} is {kind} but quantization_config gives {module} "
                                   f"{'no scheme' if scheme is None else scheme.kind} (targets / ignore)")
         quantized[cons] = (module, scheme)
+    _check_quantized_keys(folder, tensors, quantized)
 
     expected = expected_shapes(args)
     q_modules = {m for m, _ in quantized.values()}
@@ -104,9 +101,49 @@ def read_quantized_state(folder: str | Path, args, qconfig: QuantConfig, model, 
     state: dict[str, torch.Tensor] = {}
     with contextlib.ExitStack() as stack, tqdm(total=len(dense) + len(quantized), desc="loading weights",
                                                unit="tensor", disable=not progress) as bar:
-        opened = {f: stack.enter_context(safe_open(str(f), framework="pt", device="cpu")) for f in files}
+        opened = {f: stack.enter_context(open_safetensors(f)) for f in files}
         _read(folder, args, tensors, opened, dense, quantized, expected, device, dtype, state, bar)
     return state, {cons: scheme for cons, (_, scheme) in quantized.items()}
+
+
+def _read_headers(files: list[Path]) -> dict[str, tuple[Path, torch.dtype | None, tuple[int, ...]]]:
+    """name -> (file, dtype, shape) from the safetensors headers, without reading tensor data."""
+    tensors: dict[str, tuple[Path, torch.dtype | None, tuple[int, ...]]] = {}
+    for f in files:
+        with open_safetensors(f) as st:
+            for key in st.keys():
+                try:
+                    sl = st.get_slice(key)
+                except SafetensorError as e:  # e.g. a dtype this torch does not have
+                    raise unreadable(f, e) from None
+                if key in tensors:
+                    raise CheckpointError(f"{key} appears in both {tensors[key][0]} and {f}")
+                tensors[key] = (f, _SAFETENSORS_DTYPES.get(sl.get_dtype()), tuple(sl.get_shape()))
+    return tensors
+
+
+def _check_quantized_keys(folder: Path, tensors: dict, quantized: dict[str, tuple[str, WeightScheme]]) -> None:
+    """Every tensor under a quantized layer is one its format stores, as the dense loader takes no
+    tensor the model does not have: a bias (the quantized kernels add none) or anything else there
+    is refused by name, never dropped."""
+    kinds = {module: scheme.kind for module, scheme in quantized.values()}
+    biases, unexpected = [], []
+    for key in tensors:
+        module, _, suffix = key.rpartition(".")
+        kind = kinds.get(module)
+        if kind is not None and suffix not in _KIND_SUFFIXES[kind]:
+            (biases if suffix == "bias" else unexpected).append(f"{key} ({kind})")
+    if biases:
+        raise CheckpointError(f"{folder}: quantized layers with a bias are not supported (keep the layer dense: list "
+                              f"it in quantization_config.ignore): {_listed(biases)}")
+    if unexpected:
+        raise CheckpointError(f"{folder}: unexpected tensors under quantized layers (W4A16 stores "
+                              f"{', '.join(_KIND_SUFFIXES['w4a16'])}; FP8 {', '.join(_KIND_SUFFIXES['fp8'])}): "
+                              f"{_listed(unexpected)}")
+
+
+def _listed(items: list[str]) -> str:
+    return ", ".join(items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else []))
 
 
 def _read(folder, args, tensors, opened, dense, quantized, expected, device, dtype, state, bar) -> None:
@@ -120,7 +157,7 @@ def _read(folder, args, tensors, opened, dense, quantized, expected, device, dty
         if n is None:
             raise CheckpointError(f"{folder}: {module} is not a weight of this model ({cons})")
         read = {s: opened[tensors[f"{module}.{s}"][0]].get_tensor(f"{module}.{s}")
-                for s in ("weight_packed", "weight_scale", "weight_shape", "weight") if f"{module}.{s}" in tensors}
+                for s in _KIND_SUFFIXES[scheme.kind] if f"{module}.{s}" in tensors}
         _check_quantized(folder, module, scheme, read, n, k)
         heads = _rope_heads(cons + ".weight", args)
         for s, t in read.items():
@@ -214,7 +251,8 @@ def load_quantized_model(path: str | Path, device=None, dtype: torch.dtype = tor
     args = read_args(path)
     model = build_model(args, device="meta", dtype=dtype)
     state, schemes = read_quantized_state(path, args, qconfig, model, device, dtype, progress=progress)
-    swap_quantized_modules(model, schemes, lambda cons: state[f"{cons}.weight_scale"].dtype)
+    scale_dtypes = {cons: state[f"{cons}.weight_scale"].dtype for cons in schemes}
+    swap_quantized_modules(model, schemes, scale_dtypes.__getitem__)
     model.load_state_dict(state, assign=True, strict=True)
     del state
     repack_quant_layers(model)
