@@ -78,13 +78,7 @@ class ChatHandler:
         s = self.server
         arrival = time.perf_counter()
         body = await read_body(request, s.settings.max_request_bytes)
-        try:
-            payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON ({e})") from None
-        except RecursionError:
-            raise APIError(400, "the request body is too deeply nested JSON") from None
-        req = wire.parse_request(payload)
+        req = wire.parse_request(wire.parse_json(body))
         if req.model is not None and req.model != s.settings.model_name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
                                 f"{s.settings.model_name!r}", "model", "model_not_found")

@@ -1,17 +1,22 @@
-"""The wire format of the OpenAI chat-completions API: the request model (pydantic, strict
-types, finite floats), OpenAI-style errors, and the response / stream-chunk builders."""
+"""The wire format of the OpenAI chat-completions API: the body's JSON, the request model
+(pydantic, strict types, finite floats, null as the default), OpenAI-style errors, and the
+response / stream-chunk builders."""
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 MAX_N = 16            # choices per request
 MAX_STOP = 16         # stop strings per request
+MAX_STOP_CHARS = 256  # characters per stop string: their matching stays trivially cheap
+MAX_INT_DIGITS = 20   # an integer in a body: enough for any int64 or uint64
+INT64_MIN, UINT64_MAX = -2**63, 2**64 - 1
 MIN_LOGPROB = -9999.0  # -inf (an impossible token) is not valid JSON; OpenAI's clients see a floor
 
 
@@ -33,15 +38,27 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
 
-class StreamOptions(BaseModel):
+class WireModel(BaseModel):
+    """A JSON object of the API: strict types, unknown fields ignored, and null for a field that
+    has a default is that default (as OpenAI reads it)."""
     model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items()
+                if not (v is None and k in cls.model_fields and not cls.model_fields[k].is_required())}
+
+
+class StreamOptions(WireModel):
     include_usage: bool = False
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(WireModel):
     """The fields we serve; others an OpenAI client may send are ignored, unless they ask for
     something we do not do (then 400 rather than a silently different answer)."""
-    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     messages: list[dict[str, Any]] = Field(min_length=1)
@@ -50,7 +67,7 @@ class ChatRequest(BaseModel):
     temperature: FiniteFloat = Field(default=1.0, ge=0.0)
     top_p: FiniteFloat = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=-1)                     # extension (vLLM's): 0 or -1 = no limit
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=UINT64_MAX)   # int64 or uint64
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
@@ -74,6 +91,10 @@ class ChatRequest(BaseModel):
             raise APIError(400, f"stop: at most {MAX_STOP} stop strings, got {len(stops)}", "stop")
         if any(not s for s in stops):
             raise APIError(400, "stop: stop strings must be non-empty", "stop")
+        too_long = [len(s) for s in stops if len(s) > MAX_STOP_CHARS]
+        if too_long:
+            raise APIError(400, f"stop: a stop string may have at most {MAX_STOP_CHARS} characters, "
+                                f"got one of {too_long[0]}", "stop")
         return stops
 
     def check_supported(self) -> None:
@@ -89,6 +110,46 @@ class ChatRequest(BaseModel):
             raise APIError(400, "top_logprobs: needs logprobs: true", "top_logprobs")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options: only allowed with stream: true", "stream_options")
+
+
+class _LongInt:
+    """An integer literal too long to convert, refused by check_ints."""
+
+    def __init__(self, literal: str):
+        self.digits = len(literal.lstrip("-"))
+
+
+def _parse_int(literal: str) -> int | _LongInt:
+    return _LongInt(literal) if len(literal.lstrip("-")) > MAX_INT_DIGITS else int(literal)
+
+
+def parse_json(body: bytes) -> Any:
+    """The body's JSON; a 400 for invalid JSON, too deep nesting or an integer literal of more
+    than MAX_INT_DIGITS digits (it names the field: Python would refuse to convert thousands of
+    digits with a ValueError, and no field takes an integer that large)."""
+    try:
+        payload = json.loads(body, parse_int=_parse_int)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise APIError(400, "the request body is too deeply nested JSON") from None
+    check_ints(payload)
+    return payload
+
+
+def check_ints(value: Any, path: tuple = ()) -> None:
+    """A 400 naming the first integer literal over MAX_INT_DIGITS digits."""
+    stack = [(value, path)]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, _LongInt):
+            param = ".".join(map(str, path)) or None
+            raise APIError(400, f"{param}: an integer of {value.digits} digits; integers in a request "
+                                f"have at most {MAX_INT_DIGITS} digits (64 bits)", param)
+        if isinstance(value, dict):
+            stack += [(v, (*path, k)) for k, v in reversed(value.items())]
+        elif isinstance(value, list):
+            stack += [(v, (*path, i)) for i, v in reversed(list(enumerate(value)))]
 
 
 def parse_request(payload: Any) -> ChatRequest:
