@@ -70,22 +70,48 @@ def test_vocab_shares_cover_the_vocabulary_once(vocab, size):
     assert rows == list(range(vocab))
 
 
-def _cut(full: torch.Tensor, cut) -> torch.Tensor:
-    dim, start, length, padded = cut
-    part = full.narrow(dim, start, length)
-    if padded > length:
-        part = torch.cat([part, part.new_zeros(padded - length, *part.shape[1:])])
-    return part
+# Pixtral-Large in small with 2 KV heads (GQA group 6): at TP=2 each rank holds one KV head, at
+# TP=4 and TP=6 the KV heads are replicated, ranks 0..size/2-1 holding head 0 and the rest head 1.
+TWO_KV_ARGS = replace(TINY_LARGE_ARGS, text=replace(TINY_LARGE_ARGS.text, n_kv_heads=2))
+SPLIT_ROWS = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "feed_forward.w1.weight",
+              "feed_forward.w3.weight")
+SPLIT_COLUMNS = ("attention.wo.weight", "feed_forward.w2.weight")
+
+
+def kv_heads_read(text, size: int, rank: int) -> list[int]:
+    """The KV heads that rank's query heads read: GQA's query head q reads KV head
+    q // (n_heads / n_kv_heads), and a rank holds query heads [rank, rank + 1) x n_heads / size."""
+    group, per = text.n_heads // text.n_kv_heads, text.n_heads // size
+    return sorted({q // group for q in range(rank * per, (rank + 1) * per)})
+
+
+def expected_cut(name: str, full: torch.Tensor, text, size: int, rank: int) -> torch.Tensor:
+    """Rank `rank`'s part of the whole tensor `name`, worked out from the head counts and sizes
+    alone (Megatron: q/k/v/w1/w3 by output rows, wo/w2 by input columns, the vocabulary by rows
+    padded with zeros to ceil(vocab / size); the rest whole)."""
+    hd = text.head_dim
+    if name in ("tok_embeddings.weight", "output.weight"):
+        per = -(-text.vocab_size // size)
+        rows = full[rank * per:(rank + 1) * per]  # the last share may be short, or empty
+        return torch.cat([rows, rows.new_zeros(per - rows.shape[0], full.shape[1])])
+    if not name.startswith("layers.") or not name.endswith(SPLIT_ROWS + SPLIT_COLUMNS):
+        return full
+    if name.endswith(("attention.wk.weight", "attention.wv.weight")):
+        return torch.cat([full[h * hd:(h + 1) * hd] for h in kv_heads_read(text, size, rank)])
+    width = (text.n_heads * hd if name.endswith(("attention.wq.weight", "attention.wo.weight"))
+             else text.hidden_dim) // size
+    cut = slice(rank * width, (rank + 1) * width)
+    return full[cut] if name.endswith(SPLIT_ROWS) else full[:, cut]
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """One tiny Pixtral-Large-shaped checkpoint (1 KV head, vocab 32768) in both formats; the HF
-    copy is sharded over two files with an index."""
+    """One tiny Pixtral-Large-shaped checkpoint with 2 KV heads (vocab 32768) in both formats; the
+    HF copy is sharded over two files with an index."""
     from pixtral_fast.hf_export import convert_consolidated_to_hf
 
     root = tmp_path_factory.mktemp("tp_plan")
-    consolidated = make_tiny(root / "consolidated", variant="pixtral-large")
+    consolidated = make_tiny(root / "consolidated", args=TWO_KV_ARGS)
     hf = convert_consolidated_to_hf(consolidated, root / "hf", dtype=torch.float32)
     whole = load_file(str(hf / "model.safetensors"))
     (hf / "model.safetensors").unlink()
@@ -98,15 +124,24 @@ def folders(tmp_path_factory):
     return consolidated, hf
 
 
+def test_the_expected_cuts_cover_split_and_replicated_kv_heads():
+    text = TWO_KV_ARGS.text
+    assert [kv_heads_read(text, 2, r) for r in range(2)] == [[0], [1]]
+    assert [kv_heads_read(text, 4, r) for r in range(4)] == [[0], [0], [1], [1]]
+    assert [kv_heads_read(text, 6, r) for r in range(6)] == [[0], [0], [0], [1], [1], [1]]
+    assert [kv_heads_read(replace(text, n_kv_heads=4), 2, r) for r in range(2)] == [[0, 1], [2, 3]]
+
+
 @pytest.mark.parametrize("fmt", ["consolidated", "hf"])
-@pytest.mark.parametrize("size", [2, 3, 4])
+@pytest.mark.parametrize("size", [2, 4, 6])  # KV heads split; replicated; replicated, vocabulary not divisible
 def test_each_rank_reads_exactly_its_cut(folders, fmt, size):
     folder = folders[0] if fmt == "consolidated" else folders[1]
     if fmt == "hf":
         assert (folder / "model.safetensors.index.json").is_file(), "the HF copy must be sharded"
     args = ModelArgs.from_params_json(folders[0] / "params.json")
+    assert args.text.n_kv_heads == 2
     full = load_state_dict(folder, args, "cpu", torch.float32, progress=False)
-    split_any = False
+    split = set()
     for rank in range(size):
         plan = ShardPlan(size, rank)
         part = load_state_dict(folder, args, "cpu", torch.float32, progress=False, shard=plan)
@@ -114,17 +149,11 @@ def test_each_rank_reads_exactly_its_cut(folders, fmt, size):
                            build_model(args, "meta", torch.float32, comm=Collectives(plan)).state_dict().items()}
         assert {k: tuple(v.shape) for k, v in part.items()} == expected_shapes
         for name, tensor in part.items():
-            cut = plan.slice_for(name, args.text)
-            split_any |= cut is not None
-            torch.testing.assert_close(tensor, full[name] if cut is None else _cut(full[name], cut),
-                                       rtol=0, atol=0, msg=f"rank {rank}: {name}")
-    assert split_any
-    # The last rank's vocabulary share is padded with zero rows when the size does not divide it.
-    if args.text.vocab_size % size:
-        last = load_state_dict(folder, args, "cpu", torch.float32, progress=False, shard=ShardPlan(size, size - 1))
-        start, rows = ShardPlan(size, size - 1).vocab(args.text.vocab_size)
-        assert rows < last["output.weight"].shape[0]
-        assert not last["output.weight"][rows:].any() and last["output.weight"][:rows].any()
+            want = expected_cut(name, full[name], args.text, size, rank)
+            if want is not full[name]:
+                split.add(name.split(".", 2)[-1] if name.startswith("layers.") else name)
+            torch.testing.assert_close(tensor, want, rtol=0, atol=0, msg=f"rank {rank}: {name}")
+    assert split == {"tok_embeddings.weight", "output.weight", *SPLIT_ROWS, *SPLIT_COLUMNS}
 
 
 def test_hf_rope_rows_are_unpermuted_per_rank_head():
