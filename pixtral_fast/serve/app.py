@@ -1,8 +1,9 @@
 """The FastAPI app: routes, API key, OpenAI-style errors for everything (FastAPI's 422 and
 Starlette's HTML-less 404/405 included), and a 500 with a message for a real fault, after which
-the server goes on serving."""
+the server goes on serving on the same connection."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from contextlib import asynccontextmanager
@@ -17,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from pixtral_fast.runtime.async_engine import AsyncEngine
 from pixtral_fast.serve import protocol as wire
 from pixtral_fast.serve.chat import ChatHandler
-from pixtral_fast.serve.media import MediaLimits
+from pixtral_fast.serve.media import MediaLimits, media_client
 from pixtral_fast.serve.metrics import ServerMetrics
 from pixtral_fast.serve.protocol import APIError
 
@@ -31,6 +32,20 @@ class ServerSettings:
     max_request_bytes: int = 32 << 20
     media: MediaLimits = field(default_factory=MediaLimits)
     shutdown_grace: float = 10.0
+    max_prompt_tokens: int | None = None      # prompt tokens x n one request may prefill; None: no bound
+
+    def check_prompt_tokens(self, prompt_tokens: int, n: int) -> None:
+        """Refuses, before any prefill, a request whose n choices would prefill more prompt tokens
+        than max_prompt_tokens: one such request would hold the engine for all its prefill steps."""
+        bound = self.max_prompt_tokens
+        if bound is None or prompt_tokens * n <= bound:
+            return
+        if n == 1 or prompt_tokens > bound:
+            raise APIError(400, f"messages: the prompt has {prompt_tokens} tokens; at most {bound} prompt tokens "
+                                "per request are allowed (--max-prompt-tokens)", "messages", "prompt_too_long")
+        raise APIError(400, f"n: {n} choices of a {prompt_tokens}-token prompt prefill {prompt_tokens * n} tokens; "
+                            f"at most {bound} prompt tokens per request are allowed (--max-prompt-tokens), "
+                            f"so n may be at most {bound // prompt_tokens} here", "n", "prompt_too_long")
 
 
 @dataclass
@@ -40,6 +55,97 @@ class ServerState:
     metrics: ServerMetrics
     http: httpx.AsyncClient | None = None
     created: int = field(default_factory=wire.now)
+    stopping: bool = False                    # shutdown has begun: in-flight requests get their grace
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)  # the engine is closed
+
+    async def stop_engine(self, grace: float) -> None:
+        """Gives in-flight requests `grace` seconds, then closes the engine. Requests not yet
+        answered then (a slow image fetch, say) get the 503 `shutting_down` of RequestGuard."""
+        self.stopping = True
+        try:
+            await self.engine.aclose(grace)
+        finally:
+            self.stopped.set()
+
+    def error_response(self, error: APIError) -> JSONResponse:
+        self.metrics.errors.labels(str(error.status)).inc()
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down: the request was not answered before its engine stopped",
+                    code="shutting_down", headers={"Retry-After": "1"})
+
+
+class RequestGuard:
+    """Pure ASGI, around the app's routes and handlers:
+    - a fault answers a JSON 500 here, and nothing reaches Starlette's ServerErrorMiddleware,
+      which would answer and then re-raise, so that uvicorn closed the keep-alive connection;
+    - a request not yet answered when the engine stops (one still fetching its images, say)
+      is ended with the 503 `shutting_down` that a request the engine cut short gets."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        response = _TrackedSend(send)
+        try:
+            await self._until_stopped(self.app(scope, receive, response), response)
+        except asyncio.CancelledError:  # uvicorn's graceful shutdown ran out of time
+            if response.started or not self.state.stopping:
+                raise
+            await response.answer(self.state.error_response(shutting_down()))
+        except _Stopped:
+            await response.answer(self.state.error_response(shutting_down()))
+        except Exception as error:
+            log.error("internal error on %s %s", scope.get("method"), scope.get("path"), exc_info=error)
+            if response.started:  # half an answer is out: only closing the connection ends it
+                raise
+            await response.answer(self.state.error_response(
+                shutting_down() if self.state.stopping else internal_error(error)))
+
+    async def _until_stopped(self, handling, response: "_TrackedSend") -> None:
+        task = asyncio.ensure_future(handling)
+        stopped = asyncio.ensure_future(self.state.stopped.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done() and not response.started:  # a started answer (a stream) ends by itself
+                task.cancel()
+                await asyncio.wait({task})
+                if not response.started:
+                    raise _Stopped
+            await task
+        finally:
+            stopped.cancel()
+            task.cancel()  # a no-op once it is done; else we were cancelled, and so is the request
+
+
+class _Stopped(Exception):
+    """The engine stopped before this request began its answer."""
+
+
+class _TrackedSend:
+    """The ASGI `send` of one request, knowing whether the answer has begun."""
+
+    def __init__(self, send):
+        self._send, self.started = send, False
+
+    async def __call__(self, message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
+
+    async def answer(self, response: Response) -> None:
+        async def nothing_more():
+            return {"type": "http.disconnect"}
+        await response({"type": "http"}, nothing_more, self)
+
+
+def internal_error(error: Exception) -> APIError:
+    return APIError(500, f"internal error: {type(error).__name__}: {error}", code="internal_error")
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
@@ -51,15 +157,16 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         engine.start()
-        state.http = httpx.AsyncClient(follow_redirects=True, max_redirects=5)
+        state.http = media_client()
         try:
             yield
         finally:
             await state.http.aclose()
-            await engine.aclose(grace=0.0)  # uvicorn already gave in-flight requests their grace
+            await state.stop_engine(grace=0.0)  # uvicorn already gave in-flight requests their grace
 
     app = FastAPI(title="pixtral-fast", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
+    app.add_middleware(RequestGuard, state=state)
 
     def authorize(request: Request) -> None:
         if settings.api_key is None:
@@ -91,9 +198,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         authorize(request)
         return await chat(request)
 
-    def error_response(error: APIError) -> JSONResponse:
-        state.metrics.errors.labels(str(error.status)).inc()
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+    error_response = state.error_response
 
     @app.exception_handler(APIError)
     async def on_api_error(_request: Request, error: APIError) -> Response:
@@ -108,11 +213,5 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
         return error_response(APIError(error.status_code, str(error.detail), code=code,
                                        headers=dict(error.headers or {})))
-
-    @app.exception_handler(Exception)
-    async def on_fault(request: Request, error: Exception) -> Response:
-        log.error("internal error on %s %s", request.method, request.url.path, exc_info=error)
-        return error_response(APIError(500, f"internal error: {type(error).__name__}: {error}",
-                                       code="internal_error"))
 
     return app

@@ -123,6 +123,10 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--media-fetch-timeout", type=seconds(positive=True), default=10.0, help="seconds to fetch the http(s) images of a request, all reads included")
     s.add_argument("--allowed-local-media-path", type=folder("--allowed-local-media-path"), default=None,
                    help="allow file:// image URLs under this folder (refused otherwise)")
+    s.add_argument("--max-prompt-tokens", type=positive_int, default=None,
+                   help="prompt tokens one request may have prefilled, counted once per choice (n); a request over "
+                        "it gets a 400 before any prefill (default: --max-num-batched-tokens, the engine's "
+                        "prefill budget of one step)")
     s.add_argument("--max-waiting", type=positive_int, default=256,
                    help="sequences waiting beyond the free batch slots before new requests get 503 + Retry-After")
     s.add_argument("--shutdown-grace", type=seconds(positive=False), default=10.0,
@@ -190,7 +194,9 @@ def build_engine(a):
     return Engine.from_pretrained(folder, device=device, dtype=dtype, backend=a.backend, **limits), folder.resolve().name
 
 
-def build_settings(a, default_name: str):
+def build_settings(a, default_name: str, prefill_budget: int | None = None):
+    """The server's settings from its flags; `prefill_budget`, the engine's max_prefill_tokens,
+    is the default of --max-prompt-tokens."""
     from pixtral_fast.serve.app import ServerSettings
     from pixtral_fast.serve.media import MediaLimits
 
@@ -201,7 +207,8 @@ def build_settings(a, default_name: str):
                         max_image_bytes=a.max_image_bytes, allowed_local_media_path=root,
                         fetch_timeout=a.media_fetch_timeout)
     return ServerSettings(model_name=a.served_model_name or default_name, api_key=a.api_key,
-                          max_request_bytes=a.max_request_bytes, media=media, shutdown_grace=a.shutdown_grace)
+                          max_request_bytes=a.max_request_bytes, media=media, shutdown_grace=a.shutdown_grace,
+                          max_prompt_tokens=a.max_prompt_tokens or prefill_budget)
 
 
 def _torchrun_follower() -> bool:
@@ -241,7 +248,7 @@ def _serve(a, engine, default_name: str, sock) -> None:
     from pixtral_fast.runtime.async_engine import AsyncEngine
     from pixtral_fast.serve.app import build_app
 
-    settings = build_settings(a, default_name)
+    settings = build_settings(a, default_name, engine.config.max_prefill_tokens)
     tokenizer = engine.tokenizer
     if hasattr(tokenizer, "max_image_pixels"):
         tokenizer.max_image_pixels = a.max_image_pixels
@@ -250,17 +257,40 @@ def _serve(a, engine, default_name: str, sock) -> None:
     app = build_app(async_engine, settings)
     # uvicorn's own limit only backs up the engine's: streams end at the grace period, then close
     config = uvicorn.Config(app, log_level=a.log_level, access_log=not a.disable_uvicorn_access_log,
-                            timeout_graceful_shutdown=a.shutdown_grace + 5.0, lifespan="on")
+                            timeout_graceful_shutdown=a.shutdown_grace + 5.0, lifespan="on",
+                            http=half_close_h11_protocol())
     host, port = sock.getsockname()[:2]
     print(f"pixtral-fast serve: model {settings.model_name!r} on http://{host}:{port}", file=sys.stderr, flush=True)
-    _graceful_server(config, async_engine, a.shutdown_grace).run(sockets=[sock])
+    _graceful_server(config, app.state.server, a.shutdown_grace).run(sockets=[sock])
 
 
-def _graceful_server(config, engine, grace: float):
+def half_close_h11_protocol():
+    """uvicorn's h11 protocol (named, so that an installed httptools changes nothing), except
+    that a client which half-closes its socket (shutdown(SHUT_WR)) once its request is complete
+    still gets the answer, and then the connection closes. uvicorn closes the socket at the
+    client's EOF, which left such a client without an answer. The cost: the server cannot tell
+    that half-close from a client that closed its socket entirely, so such a client's plain
+    request now runs to its end (a stream is still aborted at its next write)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HalfCloseH11Protocol(H11Protocol):
+        def eof_received(self) -> bool | None:
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete or self.conn.their_state is not h11.DONE:
+                return None  # idle, or the request is incomplete: close, as uvicorn does
+            cycle.keep_alive = False  # the client sends nothing more: close once it is answered
+            return True  # keeps the transport open for writing the answer
+
+    return HalfCloseH11Protocol
+
+
+def _graceful_server(config, state, grace: float):
     """uvicorn's Server, except that on SIGTERM/SIGINT (1) the engine gets `grace` seconds to
     finish in-flight requests, then ends the rest (a 503, or an error event in a stream), so that their
-    streams close properly before uvicorn would cut them, and (2) the process exits 0: uvicorn
-    re-raises the signal once it has shut down, which would end the process *by* that signal."""
+    streams close properly before uvicorn would cut them, and requests not yet in the engine (still
+    fetching images) get the same 503 (serve.app.RequestGuard), and (2) the process exits 0:
+    uvicorn re-raises the signal once it has shut down, which would end the process *by* that signal."""
     import asyncio
 
     import uvicorn
@@ -276,7 +306,7 @@ def _graceful_server(config, engine, grace: float):
                     signal.signal(sig, handler)
 
         async def shutdown(self, sockets=None):
-            closing = asyncio.ensure_future(engine.aclose(grace))
+            closing = asyncio.ensure_future(state.stop_engine(grace))
             await super().shutdown(sockets)
             await closing
 

@@ -14,13 +14,19 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import SplitResult, unquote, urlsplit
 
 import httpx
 from PIL import Image, UnidentifiedImageError
 
 from pixtral_fast.images import prepare_image
 from pixtral_fast.serve.protocol import APIError
+
+
+MAX_REDIRECTS = 5
+NAME_MAX = 255      # bytes in one file name (Linux, macOS)
+PATH_MAX = 4096     # bytes in a whole path (Linux)
+LOCAL_HOSTS = ("", "localhost")  # a file:// URL names no host, or this machine
 
 
 @dataclass
@@ -111,8 +117,9 @@ def _user_parts(content: Any, at: str, sources: list[ImageSource]) -> Any:
 async def fetch_remote(sources: list[ImageSource], limits: MediaLimits, client: httpx.AsyncClient) -> None:
     """Downloads the http(s) images (bytes only; decoding happens in the pool). One deadline,
     `limits.fetch_timeout` seconds, covers the whole fetch (connecting and every read of every
-    image): httpx's own timeout is per read, which a server trickling bytes never trips."""
-    remote = [s for s in sources if urlparse(s.url).scheme.lower() in ("http", "https")]
+    image, redirects included): httpx's own timeout is per read, which a server trickling bytes
+    never trips."""
+    remote = [s for s in sources if _parse_url(s.url, s.param).scheme.lower() in ("http", "https")]
     current = None
     try:
         async with asyncio.timeout(limits.fetch_timeout):
@@ -123,22 +130,95 @@ async def fetch_remote(sources: list[ImageSource], limits: MediaLimits, client: 
                                   "(--media-fetch-timeout)") from None
 
 
-async def _fetch_one(s: ImageSource, limits: MediaLimits, client: httpx.AsyncClient) -> None:
+def _parse_url(url: str, param: str) -> SplitResult:
     try:
-        async with client.stream("GET", s.url, timeout=limits.fetch_timeout) as response:
-            if response.status_code != 200:
-                raise _bad(s.param, f"fetching the image gave HTTP {response.status_code}")
-            chunks, size = [], 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > limits.max_image_bytes:
-                    raise _bad(s.param, f"the image is over {limits.max_image_bytes} bytes")
-                chunks.append(chunk)
-            s.data = b"".join(chunks)
+        return urlsplit(url)
+    except ValueError as e:  # an unclosed IPv6 bracket, say
+        raise _bad(param, f"{_shown(url)} is not a valid URL ({e})") from None
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    """A client's URL or path in an error message: quoted, and cut, since it may be megabytes."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+class BadURL(ValueError):
+    """An image URL, or a redirect's Location, that is not fetched; the caller names the param."""
+
+
+def _http_url(url: str, redirected: bool = False) -> httpx.URL:
+    """`url` as httpx will fetch it; BadURL unless it is a well-formed http(s) URL. For a
+    redirect, the message names the Location the image URL redirected to."""
+    where = f"the image URL redirected to {_shown(url)}" if redirected else _shown(url)
+    try:
+        parsed = urlsplit(url)
+        if parsed.scheme.lower() not in ("http", "https"):
+            raise BadURL(f"{where}: only redirects to http(s) URLs are followed" if redirected
+                         else f"{where} is not an http(s) URL")
+        parsed.port  # noqa: B018 - reading it checks it (urllib raises for 99999 or 'x')
+        fetched = httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as e:
+        if isinstance(e, BadURL):
+            raise
+        raise BadURL(f"{where} is not a valid URL ({e})") from None
+    if not fetched.host:
+        raise BadURL(f"{where} names no host")
+    return fetched
+
+
+def _redirect_target(response: httpx.Response) -> httpx.URL:
+    location = response.headers["location"]
+    try:
+        joined = str(response.url.join(location))
+    except (ValueError, httpx.InvalidURL) as e:
+        raise BadURL(f"the image URL redirected to {_shown(location)}, which is not a valid URL ({e})") from None
+    return _http_url(joined, redirected=True)
+
+
+async def _check_redirect(response: httpx.Response) -> None:
+    if response.has_redirect_location:
+        _redirect_target(response)
+
+
+def media_client(transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
+    """The server's client for image URLs. It follows no redirect itself (fetch_remote does, hop by
+    hop), and its response hook refuses a bad redirect before httpx parses the Location: httpx
+    raises a bare InvalidURL for a redirect to a data: URL, which names neither URL."""
+    return httpx.AsyncClient(transport=transport, follow_redirects=False,
+                             event_hooks={"response": [_check_redirect]})
+
+
+async def _fetch_one(s: ImageSource, limits: MediaLimits, client: httpx.AsyncClient) -> None:
+    """Follows up to MAX_REDIRECTS redirects itself, so that each hop is checked as the first URL
+    is: a redirect to data:, file: or any other scheme is refused, not fetched or half-handled."""
+    try:
+        url = _http_url(s.url)
+        for _ in range(MAX_REDIRECTS + 1):
+            async with client.stream("GET", url, timeout=limits.fetch_timeout, follow_redirects=False) as response:
+                if response.has_redirect_location:
+                    url = _redirect_target(response)
+                    continue
+                if response.status_code != 200:
+                    raise _bad(s.param, f"fetching the image gave HTTP {response.status_code}")
+                s.data = await _read_capped(response, s.param, limits.max_image_bytes)
+                return
+    except BadURL as e:
+        raise _bad(s.param, str(e)) from None
     except httpx.TimeoutException:
         raise
-    except httpx.HTTPError as e:
+    except (httpx.HTTPError, httpx.InvalidURL) as e:
         raise _bad(s.param, f"could not fetch the image ({type(e).__name__}: {e})") from None
+    raise _bad(s.param, f"the image URL redirected more than {MAX_REDIRECTS} times")
+
+
+async def _read_capped(response: httpx.Response, param: str, cap: int) -> bytes:
+    chunks, size = [], 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > cap:
+            raise _bad(param, f"the image is over {cap} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def load_images(sources: list[ImageSource], limits: MediaLimits, max_side: int | None = None) -> None:
@@ -164,26 +244,61 @@ def _raw_bytes(s: ImageSource, limits: MediaLimits) -> bytes:
             return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise _bad(s.param, "the data URL's payload is not valid base64") from None
-    parsed = urlparse(url)
+    parsed = _parse_url(url, s.param)
     if not parsed.scheme:
         raise _bad(s.param, f"{url[:80]!r} is not a URL: give the image as a data:image/...;base64, URL, "
                             "an http(s):// URL or a file:// URL")
-    if parsed.scheme == "file":
-        return _read_local(Path(unquote(parsed.path)), s.param, limits)
+    if parsed.scheme.lower() == "file":
+        return _read_local(_local_path(parsed, s.param), s.param, limits)
     raise _bad(s.param, f"unsupported image URL scheme {parsed.scheme or url[:16]!r} (data:, http(s)://, file://)")
+
+
+def _local_path(parsed: SplitResult, param: str) -> Path:
+    """The path of a file:// URL. A host other than this machine is refused, not dropped:
+    file://images/x.png names the host 'images' (a relative path is not a file URL)."""
+    if parsed.netloc.lower() not in LOCAL_HOSTS:
+        raise _bad(param, f"the file:// URL names the host {_shown(parsed.netloc)}; only this machine's files are "
+                          "read: file:///absolute/path or file://localhost/absolute/path")
+    path = unquote(parsed.path)
+    if "\0" in path:
+        raise _bad(param, "the file:// URL's path holds a NUL character")
+    _check_path_length(path, param)
+    return Path(path)
+
+
+def _check_path_length(path: str, param: str) -> None:
+    """The system's own limits, named, rather than its ENAMETOOLONG."""
+    encoded = path.encode("utf-8", "surrogateescape")
+    if len(encoded) > PATH_MAX:
+        raise _bad(param, f"the file path is {len(encoded)} bytes long; at most {PATH_MAX} are allowed (PATH_MAX)")
+    longest = max(encoded.split(b"/"), key=len)
+    if len(longest) > NAME_MAX:
+        raise _bad(param, f"a file name in the path is {len(longest)} bytes long; at most {NAME_MAX} are "
+                          "allowed (NAME_MAX)")
 
 
 def _read_local(path: Path, param: str, limits: MediaLimits) -> bytes:
     root = limits.allowed_local_media_path
     if root is None:
         raise _bad(param, "file:// URLs are refused: the server was started without --allowed-local-media-path")
+    try:
+        return _read_under(root, path, param, limits.max_image_bytes)
+    except RuntimeError:  # Python < 3.13 reports a symlink loop so, later ones as OSError ELOOP
+        raise _bad(param, f"{_shown(str(path))} is a symlink loop") from None
+    except OSError as e:  # too long for the system, unreadable, or gone since it was resolved
+        raise _bad(param, f"cannot read {_shown(str(path))}: {e.strerror or e}") from None
+
+
+def _read_under(root: Path, path: Path, param: str, cap: int) -> bytes:
     resolved = path.resolve()
     if not resolved.is_relative_to(root.resolve()):
-        raise _bad(param, f"{path} is outside the allowed local media path")
+        raise _bad(param, f"{_shown(str(path))} is outside the allowed local media path")
+    if not resolved.exists():
+        raise _bad(param, f"no such file: {_shown(str(path))}")
     if not resolved.is_file():
-        raise _bad(param, f"no such file: {path}")
-    if resolved.stat().st_size > limits.max_image_bytes:
-        raise _bad(param, f"the image is over {limits.max_image_bytes} bytes")
+        raise _bad(param, f"{_shown(str(path))} is not a regular file")
+    if resolved.stat().st_size > cap:
+        raise _bad(param, f"the image is over {cap} bytes")
     return resolved.read_bytes()
 
 
