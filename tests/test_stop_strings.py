@@ -1,15 +1,24 @@
-"""Stop strings and the end of the text, at the unit level: StopMatcher (async_engine) against a
-plain full-text oracle over many ways of splitting the text into tokens, and the detokenizer's
-final flush of a character cut in the middle."""
+"""Stop strings and the end of the text: StopMatcher (async_engine) against a plain full-text
+oracle over many ways of splitting the text into tokens, and the final flush of a character cut
+in the middle, from the detokenizer up to the server's plain and streamed answers."""
+import asyncio
+import dataclasses
+import json
 import time
 
+import httpx
 import pytest
+import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from pixtral_fast.runtime.async_engine import StopMatcher
+import pixtral_fast as pf
+from pixtral_fast.runtime.async_engine import AsyncEngine, StopMatcher
 from pixtral_fast.runtime.detokenize import IncrementalDetokenizer
+from pixtral_fast.serve.app import ServerSettings, build_app
+from pixtral_fast.tiny import make_tiny
 from pixtral_fast.tokenizer import Tokenizer
+from tests.support.serve_server import user_message
 
 EOS = -1
 
@@ -120,3 +129,59 @@ def test_a_matcher_ends_with_the_text_decode_gives_for_a_cut_character(tok):
     matcher = StopMatcher(tok.decode, stop_ids=[tok.eos_id], stops=["never"])
     text = "".join(matcher.push(i) for i in ids) + matcher.finish()
     assert text == tok.decode(ids)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = make_tiny(tmp_path_factory.mktemp("tiny"), seed=0)
+    model = pf.load_model(folder, device="cpu", dtype=torch.float32, backend="reference", progress=False)
+    return model, Tokenizer.for_checkpoint(folder)
+
+
+def scripted(engine, script: list[int]):
+    """The engine samples `script` (then whatever the model picks): new token i is script[i]."""
+    record = engine._record
+
+    def record_script(seqs, out):
+        tokens = [script[len(seq.generated)] if len(seq.generated) < len(script) else token
+                  for seq, token in zip(seqs, out.tokens)]
+        return record(seqs, dataclasses.replace(out, tokens=tokens))
+    engine._record = record_script
+    return engine
+
+
+async def ask(engine, bodies: list[dict]) -> list[httpx.Response]:
+    ae = AsyncEngine(engine).start()
+    app = build_app(ae, ServerSettings(model_name="m"))
+    app.state.server.http = httpx.AsyncClient()
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return [await client.post("/v1/chat/completions", json=body) for body in bodies]
+    finally:
+        await ae.aclose()
+
+
+def answer(response: httpx.Response) -> tuple[str, str]:
+    """(text, finish_reason) of a plain or streamed one-choice answer."""
+    if not response.headers["content-type"].startswith("text/event-stream"):
+        choice = response.json()["choices"][0]
+        return choice["message"]["content"], choice["finish_reason"]
+    events = [json.loads(line[6:]) for line in response.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    choices = [c for e in events for c in e["choices"]]
+    return "".join(c["delta"].get("content") or "" for c in choices), choices[-1]["finish_reason"]
+
+
+@pytest.mark.parametrize("end", ["length", "stop token"])
+def test_an_answer_cut_mid_character_ends_as_decode_of_its_ids_plain_and_streamed(tiny, end):
+    """max_tokens (or the end-of-sequence token) right after the first bytes of a character:
+    the final flush gives its U+FFFD, as tokenizer.decode(ids) does, in both kinds of answer."""
+    tok = tiny[1]
+    ids = cut_mid_character(tok)
+    script, max_tokens = (ids, len(ids)) if end == "length" else (ids + [tok.eos_id], len(ids) + 4)
+    engine = scripted(pf.Engine.from_model(*tiny, num_blocks=64, progress=False), script)
+    body = {"messages": user_message("Hello?"), "max_tokens": max_tokens, "temperature": 0}
+    plain, streamed = asyncio.run(ask(engine, [body, {**body, "stream": True}]))
+    expected = (tok.decode(ids), "length" if end == "length" else "stop")
+    assert expected[0].endswith("\ufffd")
+    assert answer(plain) == expected and answer(streamed) == expected
