@@ -91,6 +91,15 @@ def check_keys(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int,
         raise CheckpointError("\n".join(parts))
 
 
+def check_tokenizer_vocab(vocab_size: int, tokenizer_words: int, source: str = "the checkpoint") -> None:
+    """CheckpointError unless the model has an embedding row for every id its tokenizer produces.
+    A smaller vocabulary would load and then fail every request whose prompt holds a token past
+    its last row; a larger one (rows padded past the tokenizer's last id) is fine."""
+    if vocab_size < tokenizer_words:
+        raise CheckpointError(f"{source}: the model's vocabulary (vocab_size {vocab_size}) is smaller than its "
+                              f"tokenizer's ({tokenizer_words} tokens): the two do not belong together")
+
+
 # -- HF Llava/Pixtral -------------------------------------------------------------------------------
 
 _HF_PREFIXES = [  # transformers >= 4.52 saves the first forms; older releases the second
