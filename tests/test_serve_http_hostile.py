@@ -229,6 +229,33 @@ def test_prompt_tokens_past_the_bound_are_refused_before_any_prefill(server):
     assert at_bound.status_code == 200, at_bound.text
 
 
+@pytest.mark.parametrize("prompt, n, refused_param", [(100, 1, None), (101, 1, "messages"), (50, 2, None),
+                                                     (51, 2, "n"), (34, 3, "n"), (101, 2, "messages")])
+def test_the_prompt_token_bound_holds_exactly_at_prompt_times_n(prompt, n, refused_param):
+    from pixtral_fast.serve.app import ServerSettings
+    from pixtral_fast.serve.protocol import APIError
+
+    settings = ServerSettings(model_name="m", max_prompt_tokens=100)
+    if refused_param is None:
+        settings.check_prompt_tokens(prompt, n)
+        return
+    with pytest.raises(APIError) as caught:
+        settings.check_prompt_tokens(prompt, n)
+    assert (caught.value.status, caught.value.param, caught.value.code) == (400, refused_param, "prompt_too_long")
+    assert "at most 100 prompt tokens per request" in caught.value.message
+
+
+def test_max_prompt_tokens_defaults_to_the_engines_prefill_budget():
+    from pixtral_fast.cli import Parser
+    from pixtral_fast.serve.command import add_serve_arguments, build_settings
+
+    parser = Parser(prog="pixtral-fast serve")
+    add_serve_arguments(parser)
+    assert build_settings(parser.parse_args(["--tiny"]), "m", 16384).max_prompt_tokens == 16384
+    chosen = parser.parse_args(["--tiny", "--max-prompt-tokens", "40000"])
+    assert build_settings(chosen, "m", 16384).max_prompt_tokens == 40000
+
+
 # -- 3. SIGTERM during a slow image fetch is the documented JSON 503 -------------------------------
 
 def test_sigterm_during_a_slow_image_fetch_answers_json_503_shutting_down(tiny_dir, web, tmp_path):
@@ -253,4 +280,4 @@ def test_sigterm_during_a_slow_image_fetch_answers_json_503_shutting_down(tiny_d
     r = answer["r"]
     assert r.status_code == 503 and r.headers["content-type"] == "application/json", r.text
     assert r.json()["error"]["code"] == "shutting_down" and r.headers["retry-after"]
-    assert elapsed < grace + 4, f"answered {elapsed:.1f} s after SIGTERM: not at the end of the grace period"
+    assert elapsed < grace + 4, f"answered {elapsed:.1f} s after SIGTERM: later than the grace period allows"
