@@ -55,6 +55,8 @@ def bad_file_urls(media_dir):
         "a folder": (f"file://{media_dir}/sub", "is not a regular file"),
         "missing file": (f"file://{media_dir}/missing.png", "no such file"),
         "unclosed IPv6 bracket": ("file://[::1/x.png", "is not a valid URL"),
+        "lone surrogate": (f"file://{media_dir}/\ud800.png", "lone surrogate"),
+        "no path": ("file:", "is not absolute"),
     }
 
 
@@ -62,6 +64,17 @@ def bad_file_urls(media_dir):
 def test_a_bad_file_url_is_a_400_naming_the_problem(media_dir, case):
     url, phrase = bad_file_urls(media_dir)[case]
     assert phrase in refusal(lambda: load(url, media_dir)).message
+
+
+def test_a_relative_file_url_is_refused_not_read_from_the_working_folder(media_dir, monkeypatch):
+    monkeypatch.chdir(media_dir)
+    assert "'ok.png' is not absolute" in refusal(lambda: load("file:ok.png", media_dir)).message
+
+
+def test_a_percent_escaped_byte_names_that_byte_of_the_file_name(media_dir):
+    """%FF is the file name's byte 0xff (not U+FFFD): a file named so on disk is found."""
+    (Path(os.fsdecode(bytes(media_dir) + b"/\xff.png"))).write_bytes((media_dir / "ok.png").read_bytes())
+    assert load(f"file://{media_dir}/%FF.png", media_dir).image.size == (8, 8)
 
 
 def test_a_file_name_of_exactly_name_max_bytes_is_only_missing(media_dir):

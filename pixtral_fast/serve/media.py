@@ -259,7 +259,9 @@ def _local_path(parsed: SplitResult, param: str) -> Path:
     if parsed.netloc.lower() not in LOCAL_HOSTS:
         raise _bad(param, f"the file:// URL names the host {_shown(parsed.netloc)}; only this machine's files are "
                           "read: file:///absolute/path or file://localhost/absolute/path")
-    path = unquote(parsed.path)
+    path = unquote(parsed.path, errors="surrogateescape")  # %ff: the file name's own byte, as os reads it
+    if not path.startswith("/"):  # file:x.png would be read from the server's working folder
+        raise _bad(param, f"the file:// URL's path {_shown(path)} is not absolute: write file:///absolute/path")
     if "\0" in path:
         raise _bad(param, "the file:// URL's path holds a NUL character")
     _check_path_length(path, param)
@@ -268,7 +270,10 @@ def _local_path(parsed: SplitResult, param: str) -> Path:
 
 def _check_path_length(path: str, param: str) -> None:
     """The system's own limits, named, rather than its ENAMETOOLONG."""
-    encoded = path.encode("utf-8", "surrogateescape")
+    try:
+        encoded = path.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise _bad(param, "the file:// URL's path holds a lone surrogate (not valid UTF-8)") from None
     if len(encoded) > PATH_MAX:
         raise _bad(param, f"the file path is {len(encoded)} bytes long; at most {PATH_MAX} are allowed (PATH_MAX)")
     longest = max(encoded.split(b"/"), key=len)
