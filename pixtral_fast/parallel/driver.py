@@ -89,6 +89,16 @@ class ParallelDriver:
     def describe(self) -> str:
         return f"tensor parallel {self.size} ({self.backend})"
 
+    def health(self) -> str | None:
+        """Why no step can run, or None: the failure that stopped the engine, a worker that has
+        died since the last step (seen now, not at the next step), or a closed engine."""
+        if self.failure is not None:
+            return self.failure
+        if self.closed:
+            return "the tensor-parallel engine is closed"
+        dead = self._dead()
+        return f"tensor-parallel worker died: {dead}" if dead else None
+
     # -- calls ----------------------------------------------------------------------------------------
 
     def start_runner(self, model, config):

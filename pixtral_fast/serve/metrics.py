@@ -1,6 +1,10 @@
 """Prometheus metrics of one server (its own registry, so that several apps in one process,
 as in tests, never share counters). Gauges read the engine thread's last snapshot, taken between
-steps; latencies are measured where the client sees them, as tokens reach the HTTP layer."""
+steps; latencies are measured where the client sees them, as tokens reach the HTTP layer.
+
+An engine that has stopped (a dead tensor-parallel worker, a fault that ended its thread) runs
+nothing and holds nothing, whatever its last snapshot said: its running, waiting and used-block
+gauges read 0, and engine_healthy reads 0 (1 while it can serve)."""
 from __future__ import annotations
 
 import time
@@ -20,13 +24,14 @@ PREFIX = "pixtral_fast_"
 class ServerMetrics:
     def __init__(self, async_engine: AsyncEngine):
         self.registry = r = CollectorRegistry()
-        snap = lambda key: (lambda: async_engine.snapshot[key])  # noqa: E731
         for name, doc, key in (("kv_cache_used_blocks", "KV cache blocks held by sequences", "used_blocks"),
                                ("kv_cache_total_blocks", "KV cache blocks in all (scratch block excluded)",
                                 "total_blocks"),
                                ("requests_running", "sequences in the running batch", "running"),
                                ("requests_waiting", "sequences waiting to start (queued or preempted)", "waiting")):
-            Gauge(PREFIX + name, doc, registry=r).set_function(snap(key))
+            Gauge(PREFIX + name, doc, registry=r).set_function(_snapshot_reader(async_engine, key))
+        Gauge(PREFIX + "engine_healthy", "1 while the engine can serve, 0 once it has stopped (see /health)",
+              registry=r).set_function(lambda: float(engine_problem(async_engine) is None))
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "prompt tokens prefilled (once per choice)",
                                      registry=r)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "tokens generated", registry=r)
@@ -42,6 +47,27 @@ class ServerMetrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def engine_problem(async_engine: AsyncEngine) -> str | None:
+    """Why the engine cannot serve, or None: what stopped its thread, a thread not running, or
+    (under tensor parallelism) a worker that has died, seen before the next step finds it."""
+    if async_engine.fault is not None:
+        return f"the engine stopped: {async_engine.fault}"
+    if not async_engine._thread_alive():
+        return "the engine is not running"
+    parallel = async_engine.engine.parallel
+    return None if parallel is None else parallel.health()
+
+
+def _snapshot_reader(async_engine: AsyncEngine, key: str):
+    """The gauge function of one snapshot count: 0 for what a stopped engine no longer holds (its
+    total blocks stay what they are)."""
+    def read() -> float:
+        if key != "total_blocks" and engine_problem(async_engine) is not None:
+            return 0.0
+        return async_engine.snapshot[key]
+    return read
 
 
 class ChoiceTimer:
