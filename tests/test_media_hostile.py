@@ -2,7 +2,10 @@
 http(s) URL, and every bad redirect, is a 400 naming the image's param and the problem, never
 an OSError, RuntimeError or ValueError that the server would answer with a 500."""
 import asyncio
+import base64
+import io
 import os
+import struct
 from pathlib import Path
 
 import httpx
@@ -87,6 +90,17 @@ def test_a_file_the_system_cannot_read_is_a_400():
     """/proc/self/mem is a regular file that read() refuses (EIO): as any unreadable file."""
     message = refusal(lambda: load("file:///proc/self/mem", Path("/proc"))).message
     assert "cannot read '/proc/self/mem'" in message and "Input/output error" in message
+
+
+def test_an_image_in_a_format_variant_pil_cannot_decode_is_a_400():
+    """PIL raises NotImplementedError for a DDS whose pixel format flags it does not know."""
+    encoded = io.BytesIO()
+    picture(4, 4, 3).save(encoded, format="DDS")
+    dds = bytearray(encoded.getvalue())
+    struct.pack_into("<I", dds, 80, 139)  # the pixel format's flags (header offset 76 + 4)
+    source = ImageSource("data:image/dds;base64," + base64.b64encode(bytes(dds)).decode(), PARAM)
+    message = refusal(lambda: load_images([source], MediaLimits())).message
+    assert "not a readable image (NotImplementedError" in message
 
 
 def fetch(url: str, handler=None, client: httpx.AsyncClient | None = None) -> ImageSource:

@@ -328,7 +328,8 @@ def _decode(data: bytes, param: str, limits: MediaLimits, max_side: int | None =
         pixels = f"{size.group(1)} pixels" if size else "more pixels than PIL decodes"
         raise _bad(param, f"the image is too large: it has {pixels}; at most {limits.max_image_pixels} "
                           "are allowed (--max-image-pixels)") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, NotImplementedError) as e:
+        # NotImplementedError: a format PIL knows, in a variant it cannot decode (DDS pixel flags)
         raise _bad(param, f"not a readable image ({type(e).__name__}: {e})") from None
     return img
 
