@@ -1,17 +1,22 @@
 """`pixtral-fast serve -tp 2` whose worker is killed (SIGKILL) while a request streams: the stream
 ends with an error event naming the dead rank, /metrics stops reporting the sequences and blocks
 the engine held before (running 0, used blocks 0) and says the engine is unhealthy
-(pixtral_fast_engine_healthy 0), and later requests get a 503 naming the dead rank."""
+(pixtral_fast_engine_healthy 0), and later requests get a 503 naming the dead rank. A worker that
+dies while the engine is idle is seen at once (ParallelDriver.health), not at the next step."""
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
 
+from pixtral_fast.parallel.driver import ParallelDriver
 from pixtral_fast.tiny import make_tiny
 from tests.support.serve_server import CPU_ARGS, ServerProcess, metric, user_message
 from tests.test_tp_cli import children, running
@@ -68,3 +73,18 @@ def test_a_dead_worker_stops_the_gauges_and_says_which_rank(server):
                        json={"model": "tiny", "messages": user_message("Are you there?"), "max_tokens": 4})
     assert again.status_code == 503
     assert f"worker rank 1 (pid {worker}) killed by SIGKILL" in again.json()["error"]["message"]
+
+
+def test_a_worker_that_dies_while_the_engine_is_idle_is_seen_at_once():
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        driver = ParallelDriver(SimpleNamespace(size=2), [worker])  # no group: health reads the processes only
+        assert driver.health() is None
+        worker.kill()
+        worker.wait()
+        assert driver.health() == f"tensor-parallel worker died: worker rank 1 (pid {worker.pid}) killed by SIGKILL"
+        driver.failure = "tensor-parallel engine stopped: worker rank 1 died during the decode step"
+        assert driver.health() == driver.failure
+    finally:
+        worker.kill()
+        worker.wait()
