@@ -372,7 +372,9 @@ class Engine(EngineLifecycle):
                 continue
             if not finite:  # the sampled id is meaningless; say so rather than emit it
                 self.scheduler.fail(seq, f"the model's logits were not finite (NaN/inf) at new token "
-                                         f"{len(seq.generated)}: its weights or activations overflowed")
+                                         f"{len(seq.generated)}, or were all equal (degenerate: a hidden state "
+                                         "too large for its normalization comes out as zero, and so do the "
+                                         "logits): its weights or activations overflowed")
                 continue
             seq.generated.append(token)
             if seq.params.logprobs is not None:

@@ -4,9 +4,9 @@ Per-row parameters come in tensors (temperature, top_k, top_p, seed, step). Rand
 counter-based hash of (seed, step, token id) turned into Gumbel noise: the same seed gives the same
 tokens on any device, in any batch, captured or eager — no generator state to carry.
 
-Every step also yields a per-row finite flag (the row's logits held no NaN/inf) and, for steps
-where some row asks for them, log-probabilities; both travel with the sampled tokens in one tensor,
-so that a step costs one host read (read_step)."""
+Every step also yields a per-row finite flag (the row's logits held no NaN/inf and were not all
+equal: see usable_rows) and, for steps where some row asks for them, log-probabilities; both
+travel with the sampled tokens in one tensor, so that a step costs one host read (read_step)."""
 from __future__ import annotations
 
 import math
@@ -54,9 +54,11 @@ class SamplingParams:
     """How one request samples. Every field is checked here, with a ValueError naming it:
     max_new_tokens int >= 1; temperature finite in [0, MAX_TEMPERATURE] (0: greedy); top_p finite in
     (0, 1] (the smallest set of most likely tokens whose mass reaches top_p is kept, the token that
-    crosses top_p included); top_k int >= 0 (0: no limit); seed None or any int (stored reduced to
-    int64 by reduce_seed); stop_token_ids a tuple/list of ints >= 0 (empty: the engine stops at EOS);
-    logprobs None (off) or n in 0..MAX_LOGPROBS: the chosen token's logprob plus the n most likely.
+    crosses top_p included: a token whose preceding mass equals top_p exactly is not kept; among
+    equal logits the lower id counts as more likely, as in argmax); top_k int >= 0 (0: no limit);
+    seed None or any int (stored reduced to int64 by reduce_seed); stop_token_ids a tuple/list of
+    ints >= 0 (empty: the engine stops at EOS); logprobs None (off) or n in 0..MAX_LOGPROBS: the
+    chosen token's logprob plus the n most likely.
     Bounds that depend on the model (top_k, stop ids, logprobs vs the vocabulary) are check_vocab's."""
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -112,8 +114,8 @@ class TokenLogprobs:
 
 @dataclass
 class StepOutput:
-    """One step's result per row. finite[i] False: row i's logits held NaN/inf, and its token
-    (and logprobs) mean nothing."""
+    """One step's result per row. finite[i] False: row i's logits held NaN/inf or were all equal
+    (usable_rows), and its token (and logprobs) mean nothing."""
     tokens: list[int]
     finite: list[bool]
     logprobs: list[TokenLogprobs | None]
@@ -146,18 +148,32 @@ def uniform_noise(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.T
 
 # -- sampling (device side, capturable) ----------------------------------------------------------
 
+def usable_rows(logits: torch.Tensor) -> torch.Tensor:
+    """bool [B]: row i of logits [B, V] (fp32) is finite and not all equal. A hidden state too
+    large for its RMSNorm (mean(x^2) overflows, rsqrt gives 0) comes out as zero, and so do its
+    logits: finite, but meaningless. One reduction, as the finite check alone cost: the row's
+    variance is NaN when it holds NaN or +-inf (CPU and CUDA kernels alike) and 0 when every
+    logit is equal (exactly, for the all-zero row an overflowed hidden state gives). At the far
+    ends the variance itself gives out, and the row counts as overflowed too: logits spread by
+    less than ~1e-19 (it underflows to 0) or past ~1e38 (NaN)."""
+    if logits.shape[-1] == 1:  # one token: nothing to be equal to
+        return torch.isfinite(logits[:, 0])
+    return logits.var(dim=-1, correction=0) > 0
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
            seed: torch.Tensor, step: torch.Tensor, greedy_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(next token int64 [B], finite bool [B]) per row of logits [B, V] (fp32). Rows with
     temperature 0 take the argmax. greedy_only: the caller knows every row is greedy and skips
-    the sort. finite: the row's logits are all finite (else its token means nothing)."""
-    finite = torch.isfinite(logits).all(dim=-1)
+    the sort. finite: usable_rows (else the row's token means nothing)."""
+    finite = usable_rows(logits)
     best = logits.argmax(dim=-1)
     if greedy_only:
         return best, finite
     vocab = logits.shape[-1]
     scaled = logits / temperature.clamp_min(1e-6)[:, None]
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    # stable: equal logits keep id order, so a tie that top-k/top-p cuts keeps the lower id, as argmax does
+    sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
     rank = torch.arange(vocab, device=logits.device)[None, :]
