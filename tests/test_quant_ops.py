@@ -10,6 +10,8 @@ its weights) and of the output.
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
@@ -125,6 +127,40 @@ def test_w4a16_block_k_larger_than_the_group(m, bm, group, dtype):
     for split in (1, 2):
         out = w4_kernel.w4a16_matmul(x, packed, scales, group, split=split, config=config)
         assert_close(out, qref.w4a16_linear(x.double(), packed, scales, group), dtype)
+
+
+GPU_CAPABILITIES = (90, 89, 80)  # Hopper; Ada and Ampere (their own tile tables where they differ)
+
+
+def _gpu_tiles(configs, dtype: torch.dtype) -> list[tuple[str, dict]]:
+    """(form, config) of every tile config the GPU launcher picks for this dtype, on any arch."""
+    seen: dict[str, tuple[str, dict]] = {}
+    for capability in GPU_CAPABILITIES:
+        for form, config in configs(capability, dtype).items():
+            seen.setdefault(repr(sorted(config.items())), (form, config))
+    return list(seen.values())
+
+
+def _rows_for(form: str) -> int:
+    return 3 if form == "decode" else w4_kernel.plan.DECODE_MAX_M + 8
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_w4a16_with_the_gpu_tile_configs(dtype, group):
+    """The tiles the GPU runs (decode BLOCK_K 128 spans four groups of 32; fp32's BLOCK_K 16 is
+    half a group), under the interpreter: each needs its own scale per group, whatever the tile.
+    K = 320 (384 for groups of 128): a ragged last tile for the BLOCK_K that do not divide it;
+    split 2 cuts K inside the range."""
+    k = 384 if group == 128 else 320
+    packed, scales = _w4_weights(N, k, group, dtype, seed=group)
+    for form, config in _gpu_tiles(w4_kernel.configs, dtype):
+        m = _rows_for(form)
+        x = _x(m, k, dtype, seed=400 + m)
+        expected = qref.w4a16_linear(x.double(), packed, scales, group)
+        for split in (1, 2) if form == "decode" else (1,):
+            out = w4_kernel.w4a16_matmul(x, packed, scales, group, split=split, config=config)
+            assert_close(out, expected, dtype, msg=f"{form} {config} split {split}")
 
 
 def test_w4a16_scales_in_another_dtype_and_strided_x():
@@ -265,6 +301,25 @@ def test_w4a16_k128_block_k_larger_than_the_group(m, bm, group, dtype):
     for split in (1, 2):
         out = w4_kernel.w4a16_k128_matmul(x, words, scales_t, group, split=split, config=config)
         assert_close(out, qref.w4a16_linear(x.double(), packed, scales, group), dtype)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_w4a16_k128_with_the_gpu_tile_configs(dtype, group):
+    """The k128 kernel's GPU tiles (decode BLOCK_K 256 for groups of 128, 128 for 32 and 64;
+    prefill 128), under the interpreter: a tile spans several groups, each with its own scale row.
+    K = 576 (640 for groups of 128): a ragged last tile for BLOCK_K 256; split 2 cuts K inside
+    the range."""
+    k = 640 if group == 128 else 576
+    packed, scales, words, scales_t = _k128(N, k, group, dtype, seed=group)
+    tiles = functools.partial(w4_kernel.k128_configs, cps=w4_kernel.chunks_per_scale(group, k))
+    for form, config in _gpu_tiles(tiles, dtype):
+        m = _rows_for(form)
+        x = _x(m, k, dtype, seed=500 + m)
+        expected = qref.w4a16_linear(x.double(), packed, scales, group)
+        for split in (1, 2) if form == "decode" else (1,):
+            out = w4_kernel.w4a16_k128_matmul(x, words, scales_t, group, split=split, config=config)
+            assert_close(out, expected, dtype, msg=f"{form} {config} split {split}")
 
 
 @pytest.mark.parametrize("split", [1, 2, 3])
