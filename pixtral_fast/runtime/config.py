@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 from pixtral_fast.runtime.graphs import DEFAULT_BUCKETS
 
-CPU_CACHE_BYTES = 512 << 20  # default KV budget on the CPU, where there is no free-memory query
 # The decode runner keeps a [max_batch_size, max_blocks] block table (and its host copies) per
 # engine: 4096 rows x 8192 blocks (a 128k context in 16-token blocks) is ~130 MB each, and no
 # single GPU holds the KV cache for 4096 sequences of a 12B model anyway.
@@ -31,8 +30,9 @@ def _flag(name: str, value, optional: bool = False) -> None:
 class EngineConfig:
     block_size: int = 16
     num_blocks: int | None = None            # the cache's size in blocks, or:
-    memory_bytes: int | None = None          # its size in bytes, or:
-    gpu_memory_fraction: float = 0.9         # this fraction of the GPU memory still free
+    memory_bytes: int | None = None          # its size in bytes (either: at most the memory left), or:
+    gpu_memory_fraction: float = 0.9         # this fraction of the GPU memory still free; on the CPU
+    #                                          cpu_memory.default_memory_bytes (the limits' need, capped)
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE  # at most MAX_BATCH_SIZE_LIMIT (4096)
     max_model_len: int | None = None         # prompt + generation; default: the model's context
     max_prefill_tokens: int = 16384          # tokens prefilled together in one step

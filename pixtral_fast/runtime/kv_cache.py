@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from pixtral_fast.config import TextArgs
+from pixtral_fast.cpu_memory import available_host_bytes
 
 # Block 0 is never handed out: padded rows of a captured decode batch write their K/V there.
 SCRATCH_BLOCK = 0
@@ -48,6 +49,25 @@ def plan_cache(args: TextArgs, dtype: torch.dtype, device, block_size: int = 16,
         raise ValueError(f"the KV cache budget allows {num_blocks} block(s) of {shape.bytes_per_block} bytes; "
                          "at least 2 are needed (one is scratch)")
     return CacheShape(args.n_layers, int(num_blocks), block_size, args.n_kv_heads, args.head_dim, dtype)
+
+
+def available_bytes(device) -> int:
+    """Memory a new cache can take on `device`: the GPU's free memory, else the host's available."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return available_host_bytes()
+
+
+def check_cache_fits(shape: CacheShape, device, asked: str) -> None:
+    """ValueError naming what set the size (`asked`, e.g. "num_blocks=64") when the pool would
+    take more than `device` has left: the allocator's own failure names neither."""
+    need, have = shape.num_blocks * shape.bytes_per_block, available_bytes(device)
+    if need > have:
+        where = "free on the GPU" if torch.device(device).type == "cuda" else "available on the host"
+        raise ValueError(f"{asked}: the KV cache needs {need} bytes ({shape.num_blocks} blocks of "
+                         f"{shape.bytes_per_block} bytes) but {have} bytes are {where} ({device}); "
+                         "give fewer num_blocks or a smaller memory_bytes")
 
 
 class PagedKVCache:

@@ -7,11 +7,12 @@ from dataclasses import replace
 
 import torch
 
+from pixtral_fast.cpu_memory import default_memory_bytes
 from pixtral_fast.model.pixtral import Pixtral
 from pixtral_fast.parallel.comm import Collectives
-from pixtral_fast.runtime.config import CPU_CACHE_BYTES, DEFAULT_MAX_BATCH_SIZE, EngineConfig
+from pixtral_fast.runtime.config import DEFAULT_MAX_BATCH_SIZE, EngineConfig
 from pixtral_fast.runtime.graphs import DecodeRow, DecodeRunner
-from pixtral_fast.runtime.kv_cache import PagedKVCache, plan_cache
+from pixtral_fast.runtime.kv_cache import PagedKVCache, check_cache_fits, plan_cache
 from pixtral_fast.runtime.prefill import PrefillBatch, run_prefill
 from pixtral_fast.runtime.requests import EngineStats
 from pixtral_fast.runtime.sampling import StepOutput
@@ -21,15 +22,19 @@ class ModelRunner:
     def __init__(self, model: Pixtral, config: EngineConfig, comm: Collectives | None = None):
         self.model = model
         model.fuse_projections()  # one GEMM for q, k and v: fewer launches per layer
-        memory_bytes = config.memory_bytes
-        if model.device.type == "cpu" and config.num_blocks is None and memory_bytes is None:
-            memory_bytes = CPU_CACHE_BYTES  # no free-memory query on the CPU
+        tp_size = 1 if comm is None else comm.size
+        # On the CPU, with no size given: what the limits can use, within the host's share (cpu_memory).
+        memory_bytes = default_memory_bytes(model, config, tp_size)
         # local_text: this rank's KV heads; the cache holds only those.
         shape = plan_cache(model.local_text, model.dtype, model.device, config.block_size, config.num_blocks,
                            memory_bytes, config.gpu_memory_fraction)
-        if comm is not None and comm.size > 1:  # every rank's cache holds the same blocks: the smallest plan
+        if tp_size > 1:  # every rank's cache holds the same blocks: the smallest plan
             shape = replace(shape, num_blocks=comm.min_int(shape.num_blocks))
         self.shape = shape
+        if config.num_blocks is not None or config.memory_bytes is not None:  # a size the user chose
+            asked = (f"num_blocks={config.num_blocks}" if config.num_blocks is not None
+                     else f"memory_bytes={config.memory_bytes}")
+            check_cache_fits(shape, model.device, asked)
         usable = shape.num_blocks - 1  # the scratch block is never handed out
         if config.max_batch_size > max(usable, DEFAULT_MAX_BATCH_SIZE):
             # each running sequence holds at least one block: rows past `usable` could never run,
