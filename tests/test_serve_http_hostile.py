@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 import torch
+from starlette.responses import Response
 
 import pixtral_fast as pf
 from pixtral_fast.tiny import make_tiny
@@ -105,6 +106,7 @@ class InProcessServer:
         from pixtral_fast.serve.app import ServerSettings, build_app
 
         app = build_app(AsyncEngine(engine), ServerSettings(model_name="m"))
+        app.add_route("/answered-then-fault", lambda request: AnsweredThenFault(b"answered"))
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
@@ -119,6 +121,14 @@ class InProcessServer:
         self.server.should_exit = True
         self.thread.join(30)
         self.sock.close()
+
+
+class AnsweredThenFault(Response):
+    """A route's answer goes out whole, and then its code raises."""
+
+    async def __call__(self, scope, receive, send):
+        await super().__call__(scope, receive, send)
+        raise RuntimeError("planted fault after the answer")
 
 
 def fails_once(fn, message):
@@ -142,12 +152,16 @@ def test_an_internal_fault_is_a_json_500_and_the_connection_serves_the_next_requ
         with one_connection() as client:
             bad = client.post(served.url + "/v1/chat/completions", json=chat("Hello?"))
             good = client.post(served.url + "/v1/chat/completions", json=chat("Hello?"))
+            answered = client.get(served.url + "/answered-then-fault")
+            after = client.get(served.url + "/health")
     finally:
         served.close()
     assert bad.status_code == 500 and bad.headers["content-type"] == "application/json"
     assert bad.json()["error"]["code"] == "internal_error" and "planted fault" in bad.json()["error"]["message"]
     assert good.status_code == 200, good.text
     assert local_port(good) == local_port(bad), "the 500 closed the connection: the next request opened another"
+    assert (answered.status_code, answered.content, after.status_code) == (200, b"answered", 200)
+    assert local_port(after) == local_port(answered) == local_port(bad), "a fault after a whole answer closed it"
 
 
 # -- 2. bad media URLs are 400s naming the problem, on the same connection ------------------------
@@ -281,3 +295,54 @@ def test_sigterm_during_a_slow_image_fetch_answers_json_503_shutting_down(tiny_d
     assert r.status_code == 503 and r.headers["content-type"] == "application/json", r.text
     assert r.json()["error"]["code"] == "shutting_down" and r.headers["retry-after"]
     assert elapsed < grace + 4, f"answered {elapsed:.1f} s after SIGTERM: later than the grace period allows"
+
+
+def test_a_fetch_that_outlasts_uvicorns_shutdown_limit_still_answers_json_503(tiny_dir, web):
+    """The engine takes longer to stop than uvicorn's graceful-shutdown limit (a step busy with a
+    long prefill, say): uvicorn cancels the request still fetching its image, and the answer is
+    the 503 `shutting_down`, not uvicorn's plain-text 500. In process: the server runs in this
+    (main) thread, as its signal handlers need."""
+    import asyncio
+
+    import uvicorn
+
+    from pixtral_fast.runtime.async_engine import AsyncEngine
+    from pixtral_fast.serve.app import ServerSettings, build_app
+    from pixtral_fast.serve.command import _graceful_server
+    from pixtral_fast.serve.media import MediaLimits
+
+    engine = AsyncEngine(pf.Engine.from_pretrained(tiny_dir, device="cpu", dtype=torch.float32,
+                                                   backend="reference", num_blocks=64, progress=False))
+    closing = engine.aclose
+
+    async def slow_aclose(grace: float = 0.0) -> None:
+        await asyncio.sleep(1.0)  # past the 0.3 s uvicorn gives in-flight requests below
+        await closing(grace)
+    engine.aclose = slow_aclose
+    app = build_app(engine, ServerSettings(model_name="m", media=MediaLimits(fetch_timeout=60)))
+    server = _graceful_server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=0.3),
+                              app.state.server, grace=0.0)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/chat/completions"
+    answer = {}
+
+    def ask_then_stop():
+        while not server.started:
+            time.sleep(0.05)
+        asking = threading.Thread(target=lambda: answer.update(r=httpx.post(
+            url, json=chat("What is it?", f"{web}/slow"), timeout=60)))
+        asking.start()
+        if Redirects.hit.wait(30):
+            server.should_exit = True
+        asking.join(60)
+
+    Redirects.hit.clear()
+    client = threading.Thread(target=ask_then_stop)
+    client.start()
+    server.run(sockets=[sock])
+    client.join(60)
+    sock.close()
+    r = answer["r"]
+    assert r.status_code == 503 and r.headers["content-type"] == "application/json", r.text
+    assert r.json()["error"]["code"] == "shutting_down"

@@ -102,6 +102,8 @@ class RequestGuard:
             await response.answer(self.state.error_response(shutting_down()))
         except Exception as error:
             log.error("internal error on %s %s", scope.get("method"), scope.get("path"), exc_info=error)
+            if response.complete:  # the answer is out whole: the connection goes on
+                return
             if response.started:  # half an answer is out: only closing the connection ends it
                 raise
             await response.answer(self.state.error_response(
@@ -128,15 +130,17 @@ class _Stopped(Exception):
 
 
 class _TrackedSend:
-    """The ASGI `send` of one request, knowing whether the answer has begun."""
+    """The ASGI `send` of one request, knowing whether the answer has begun, and ended."""
 
     def __init__(self, send):
-        self._send, self.started = send, False
+        self._send, self.started, self.complete = send, False, False
 
     async def __call__(self, message) -> None:
         if message["type"] == "http.response.start":
             self.started = True
         await self._send(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.complete = True
 
     async def answer(self, response: Response) -> None:
         async def nothing_more():
