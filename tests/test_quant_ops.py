@@ -141,8 +141,15 @@ def _gpu_tiles(configs, dtype: torch.dtype) -> list[tuple[str, dict]]:
     return list(seen.values())
 
 
-def _rows_for(form: str) -> int:
-    return 3 if form == "decode" else w4_kernel.plan.DECODE_MAX_M + 8
+def _check_gpu_tiles(configs, dtype, k: int, packed, scales, group: int, matmul) -> None:
+    """matmul(x, split, config) against the oracle for each GPU tile config: the decode form (3
+    rows) with split 1 and 2, the prefill form (40 rows) whole."""
+    for form, config in _gpu_tiles(configs, dtype):
+        m = 3 if form == "decode" else w4_kernel.plan.DECODE_MAX_M + 8
+        x = _x(m, k, dtype, seed=400 + m)
+        expected = qref.w4a16_linear(x.double(), packed, scales, group)
+        for split in (1, 2) if form == "decode" else (1,):
+            assert_close(matmul(x, split, config), expected, dtype, msg=f"{form} {config} split {split}")
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])
@@ -154,13 +161,8 @@ def test_w4a16_with_the_gpu_tile_configs(dtype, group):
     split 2 cuts K inside the range."""
     k = 384 if group == 128 else 320
     packed, scales = _w4_weights(N, k, group, dtype, seed=group)
-    for form, config in _gpu_tiles(w4_kernel.configs, dtype):
-        m = _rows_for(form)
-        x = _x(m, k, dtype, seed=400 + m)
-        expected = qref.w4a16_linear(x.double(), packed, scales, group)
-        for split in (1, 2) if form == "decode" else (1,):
-            out = w4_kernel.w4a16_matmul(x, packed, scales, group, split=split, config=config)
-            assert_close(out, expected, dtype, msg=f"{form} {config} split {split}")
+    _check_gpu_tiles(w4_kernel.configs, dtype, k, packed, scales, group, lambda x, split, config:
+                     w4_kernel.w4a16_matmul(x, packed, scales, group, split=split, config=config))
 
 
 def test_w4a16_scales_in_another_dtype_and_strided_x():
@@ -313,13 +315,8 @@ def test_w4a16_k128_with_the_gpu_tile_configs(dtype, group):
     k = 640 if group == 128 else 576
     packed, scales, words, scales_t = _k128(N, k, group, dtype, seed=group)
     tiles = functools.partial(w4_kernel.k128_configs, cps=w4_kernel.chunks_per_scale(group, k))
-    for form, config in _gpu_tiles(tiles, dtype):
-        m = _rows_for(form)
-        x = _x(m, k, dtype, seed=500 + m)
-        expected = qref.w4a16_linear(x.double(), packed, scales, group)
-        for split in (1, 2) if form == "decode" else (1,):
-            out = w4_kernel.w4a16_k128_matmul(x, words, scales_t, group, split=split, config=config)
-            assert_close(out, expected, dtype, msg=f"{form} {config} split {split}")
+    _check_gpu_tiles(tiles, dtype, k, packed, scales, group, lambda x, split, config:
+                     w4_kernel.w4a16_k128_matmul(x, words, scales_t, group, split=split, config=config))
 
 
 @pytest.mark.parametrize("split", [1, 2, 3])
