@@ -21,13 +21,11 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from pixtral_fast.cpu_memory import default_memory_bytes
 from pixtral_fast.parallel.comm import (DEFAULT_TIMEOUT_S, Collectives, TensorParallelError, check_free, join_group,
                                         torchrun_rank)
 from pixtral_fast.parallel import comm as comm_module
@@ -104,9 +102,6 @@ class ParallelDriver:
     def start_runner(self, model, config):
         """Every rank's ModelRunner, built together (they agree on the cache's size)."""
         from pixtral_fast.runtime.model_runner import ModelRunner
-
-        # Every rank sizes its CPU cache for its share of the host, not the host alone.
-        config = replace(config, memory_bytes=default_memory_bytes(model, config, self.size))
 
         def run():
             self._send("setup", (config,))
