@@ -1,6 +1,8 @@
 """Continuous batching: which sequences prefill and which decode at each engine step.
 
-Admission is FIFO and waits while the KV cache lacks blocks for a prompt. A running sequence that
+Admission is FIFO within a per-step prefill budget, and waits while the KV cache lacks blocks for a
+prompt; a prompt over the budget runs alone, after at most one step in which shorter requests behind
+it go first (Scheduler.admit). Every step decodes every running sequence. A running sequence that
 needs a new block when none is free preempts the most recently admitted one, whose blocks are freed
 and which later re-prefills its prompt and what it generated so far (recompute, as vLLM does).
 A request that could never fit fails alone, with a message; the others go on. One that grows to
@@ -31,6 +33,7 @@ class Sequence:
     finish_reason: str | None = None   # "stop" | "length" | "error" | "abort"
     error: str | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # per generated token, when asked for
+    passed_over: bool = False          # shorter requests went first once (Scheduler.admit): never again
 
     @property
     def tokens(self) -> list[int]:
@@ -100,24 +103,50 @@ class Scheduler:
             self.waiting.appendleft(seq)
 
     def admit(self) -> list[Sequence]:
-        """Waiting sequences that start now: FIFO, while the batch and the cache allow. The prefill
-        budget caps what joins the first one, never the first itself (a long prompt, or one that
-        grew before it was preempted, must still run)."""
-        admitted, budget = [], self.max_prefill_tokens
-        while self.waiting and len(self.running) < self.max_batch:
-            seq = self.waiting[0]
-            n = len(seq.tokens)
-            if (admitted and n > budget) or not self.blocks.can_allocate(n):
-                break
-            self.waiting.popleft()
-            self.blocks.allocate(seq.id, n)
-            self.running.append(seq)
-            admitted.append(seq)
-            budget -= n
+        """Waiting sequences that start now, while the batch and the cache allow, their prompts
+        together within the prefill budget (max_prefill_tokens), in queue order, except that:
+        - a sequence that does not fit what is left of the budget lets those behind it that fit go
+          first, once: passed over a second time, it stops admission until it starts, so it is
+          late by one step at most and a stream of short requests never starves it;
+        - one longer than the whole budget (a long prompt, or one that grew before it was
+          preempted) starts alone, in a step of its own, when nothing fits before it.
+        Admission stops at the first sequence the cache has no blocks for: it waits for blocks in
+        queue order. A short request queued behind long ones thus starts in the next step, and
+        the running ones decode a token in every step, whatever the prefill."""
+        admitted = self._admit_within_budget()
+        if not admitted and self.waiting and self._can_start(self.waiting[0]):
+            admitted = [self._start(self.waiting[0])]  # over the budget, alone
         if self.waiting and not self.running:  # add() guarantees a lone sequence fits: never waits forever
             stuck = self.waiting[0]
             self.fail(stuck, f"internal error: {len(stuck.tokens)} tokens cannot start in an empty cache")
         return admitted
+
+    def _admit_within_budget(self) -> list[Sequence]:
+        admitted, passed, budget = [], [], self.max_prefill_tokens
+        for seq in list(self.waiting):
+            n = len(seq.tokens)
+            if n > budget:
+                if seq.passed_over:  # its one pass is spent: nobody behind it goes first again
+                    break
+                passed.append(seq)
+                continue
+            if not self._can_start(seq):
+                break
+            admitted.append(self._start(seq))
+            budget -= n
+        if admitted:
+            for seq in passed:
+                seq.passed_over = True
+        return admitted
+
+    def _can_start(self, seq: Sequence) -> bool:
+        return len(self.running) < self.max_batch and self.blocks.can_allocate(len(seq.tokens))
+
+    def _start(self, seq: Sequence) -> Sequence:
+        self.waiting.remove(seq)
+        self.blocks.allocate(seq.id, len(seq.tokens))
+        self.running.append(seq)
+        return seq
 
     def reserve_decode(self) -> list[Sequence]:
         """Makes sure every running sequence has room for one more token, preempting if needed."""
