@@ -138,6 +138,21 @@ def hf_to_consolidated_name(name: str) -> str:
     return name
 
 
+def by_consolidated_name(hf_names: Iterable[str], folder: Path) -> dict[str, str]:
+    """{consolidated name: HF name}. Two tensors that name one weight (both lm_head.weight and
+    language_model.lm_head.weight, say) are a CheckpointError naming them: neither is dropped."""
+    names: dict[str, str] = {}
+    twice = []
+    for name in hf_names:
+        new = hf_to_consolidated_name(name)
+        if new in names:
+            twice.append(f"{names[new]} / {name}")
+        names.setdefault(new, name)
+    if twice:
+        raise CheckpointError(f"{folder}: tensors that name the same weight: {', '.join(twice[:20])}")
+    return names
+
+
 def undo_hf_rope_permutation(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """HF stores wq/wk rows ordered for rotate-half RoPE; back to interleaved pairs."""
     rows, cols = w.shape
@@ -190,16 +205,7 @@ def load_state_dict(folder: str | Path, args: ModelArgs, device, dtype: torch.dt
     hf = not (folder / CONSOLIDATED).is_file()
     files = hf_files(folder) if hf else [folder / CONSOLIDATED]
     found = read_shapes(files)
-    source_name = {(hf_to_consolidated_name(k) if hf else k): k for k in found}
-    if len(source_name) != len(found):  # e.g. both lm_head.weight and language_model.lm_head.weight
-        first: dict[str, str] = {}
-        twice = []
-        for k in found:
-            new = hf_to_consolidated_name(k) if hf else k
-            if new in first:
-                twice.append(f"{first[new]} / {k}")
-            first.setdefault(new, k)
-        raise CheckpointError(f"{folder}: tensors that name the same weight: {', '.join(twice[:20])}")
+    source_name = by_consolidated_name(found, folder) if hf else {k: k for k in found}
     shapes = {new: found[old][0] for new, old in source_name.items()}
     check_keys(shapes, expected_shapes(args), str(folder))
 

@@ -92,6 +92,15 @@ def test_a_tensor_name_without_a_dot_is_named_as_unexpected(quantized, tmp_path)
         _load(folder)
 
 
+@pytest.mark.parametrize("scheme", ["w4a16", "fp8"])
+def test_two_spellings_of_one_dense_weight_are_refused(quantized, tmp_path, scheme):
+    """transformers' old and new names of lm_head side by side: neither is silently dropped."""
+    lm_head = load_file(quantized[scheme] / "model.safetensors")["language_model.lm_head.weight"]
+    folder = _with_tensors(quantized[scheme], tmp_path / "q", **{"lm_head.weight": torch.zeros_like(lm_head)})
+    with pytest.raises(CheckpointError, match="name the same weight: .*lm_head.weight"):
+        _load(folder)
+
+
 # -- quantization_config: each field of its kind ----------------------------------------------------
 
 WEIGHTS = "config_groups.group_0.weights"

@@ -21,9 +21,9 @@ from tqdm import tqdm
 from pixtral_fast.quant.config import QuantConfig, WeightScheme
 from pixtral_fast.quant.formats import FP8_DTYPE, packed_words
 from pixtral_fast.quant.linear import QuantFeedForward, QuantLinear
-from pixtral_fast.weights import (_HF_PREFIXES, CheckpointError, _rope_heads, check_keys, expected_shapes,
-                                  hf_files, hf_to_consolidated_name, open_safetensors, undo_hf_rope_permutation,
-                                  unreadable)
+from pixtral_fast.weights import (_HF_PREFIXES, CheckpointError, _rope_heads, by_consolidated_name, check_keys,
+                                  expected_shapes, hf_files, hf_to_consolidated_name, open_safetensors,
+                                  undo_hf_rope_permutation, unreadable)
 
 # What each format stores under a quantized layer, and nothing else.
 _KIND_SUFFIXES = {"w4a16": ("weight_packed", "weight_scale", "weight_shape"), "fp8": ("weight", "weight_scale")}
@@ -94,7 +94,7 @@ def read_quantized_state(folder: str | Path, args, qconfig: QuantConfig, model, 
 
     expected = expected_shapes(args)
     q_modules = {m for m, _ in quantized.values()}
-    dense = {hf_to_consolidated_name(k): k for k in tensors if k.rsplit(".", 1)[0] not in q_modules}
+    dense = by_consolidated_name((k for k in tensors if k.rpartition(".")[0] not in q_modules), folder)
     check_keys({c: tensors[k][2] for c, k in dense.items()},
                {c: s for c, s in expected.items() if c.rsplit(".", 1)[0] not in quantized}, str(folder))
 
