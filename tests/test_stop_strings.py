@@ -185,3 +185,68 @@ def test_an_answer_cut_mid_character_ends_as_decode_of_its_ids_plain_and_streame
     expected = (tok.decode(ids), "length" if end == "length" else "stop")
     assert expected[0].endswith("\ufffd")
     assert answer(plain) == expected and answer(streamed) == expected
+
+
+# -- detokenizing runs that never complete a character ------------------------------------------
+
+def byte_id(tok, value: int) -> int:
+    return tok.tekken.num_special_tokens + value
+
+
+def counting(decode):
+    """decode, counting the ids it is handed over all calls."""
+    def wrapper(ids):
+        wrapper.ids += len(ids)
+        return decode(ids)
+    wrapper.ids = 0
+    return wrapper
+
+
+@pytest.mark.parametrize("run", ["invalid bytes", "ids without text"])
+def test_a_long_run_without_a_whole_character_is_decoded_in_linear_time(tok, run):
+    """4,000 lone 0xFF bytes (each its own U+FFFD), or 4,000 [IMG] ids (no text): re-decoding the
+    whole held run at every token handed decode 8 million ids (2,000 a token); settled runs keep each token's
+    work constant, and the bytes are released as they come, not all at the end."""
+    ids = [byte_id(tok, 0xFF) if run == "invalid bytes" else 10] * 4000
+    decode = counting(tok.decode)
+    detok = IncrementalDetokenizer(decode)
+    pieces = [detok.push(i) for i in ids]
+    assert "".join(pieces) + detok.flush() == tok.decode(ids)
+    assert decode.ids < 100 * len(ids)
+    assert len("".join(pieces)) >= len(tok.decode(ids)) - 16
+
+
+SPECIAL = [3, 10, 12]   # [INST], [IMG], [IMG_BREAK]: decode to no text and split the byte stream
+LEADS_AND_TAILS = [0xE6, 0x9D, 0xB1, 0xF0, 0x9F, 0x98, 0x80, 0xC3, 0xA9, 0xFF, 0x41]
+
+
+KIND = st.sampled_from(["byte"] * 6 + ["word", "special"])   # mostly bytes: long held runs
+
+
+@settings(max_examples=300, deadline=None)
+@given(kinds=st.lists(st.tuples(KIND, st.integers(0, 10**6)), max_size=60))
+@example(kinds=[("byte", 9)] * 7 + [("byte", 0), ("byte", 1), ("byte", 2)])  # 0xFF x 7 then 東: settled inside 東
+@example(kinds=[("special", 0)] * 70 + [("byte", 7), ("byte", 8)])            # no text for 70 ids, then é
+def test_increments_and_flush_add_up_to_decode_of_every_id_mixture(tok, kinds):
+    ids = []
+    for kind, k in kinds:
+        if kind == "byte":
+            ids.append(byte_id(tok, LEADS_AND_TAILS[k % len(LEADS_AND_TAILS)]))
+        elif kind == "word":
+            ids.append(tok.tekken.num_special_tokens + 256 + k % 100_000)
+        else:
+            ids.append(SPECIAL[k % len(SPECIAL)])
+    detok = IncrementalDetokenizer(tok.decode)
+    assert "".join(detok.push(i) for i in ids) + detok.flush() == tok.decode(ids)
+
+
+def test_a_character_is_not_split_by_ids_that_decode_to_nothing_between_its_bytes():
+    """With a decoder where some ids give no text and do not break the byte stream (as a stop
+    token in tests/test_async_engine.py), a run of them inside a character is no boundary."""
+    pieces = {1: "\u6771".encode()[:1], 2: "\u6771".encode()[1:2], 3: "\u6771".encode()[2:], 9: b""}
+
+    def decode(ids):
+        return b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
+    ids = [1] + [9] * 20 + [2, 3]
+    detok = IncrementalDetokenizer(decode)
+    assert "".join(detok.push(i) for i in ids) + detok.flush() == "\u6771"
