@@ -3,9 +3,11 @@ http(s) URL, and every bad redirect, is a 400 naming the image's param and the p
 an OSError, RuntimeError or ValueError that the server would answer with a 500."""
 import asyncio
 import base64
+import gc
 import io
 import os
 import struct
+import sys
 from pathlib import Path
 
 import httpx
@@ -14,7 +16,7 @@ import pytest
 from pixtral_fast.serve.media import (MAX_REDIRECTS, ImageSource, MediaLimits, fetch_remote, load_images,
                                       media_client)
 from pixtral_fast.serve.protocol import APIError
-from tests.support.serve_server import picture, png_bytes
+from tests.support.serve_server import data_url, picture, png_bytes
 
 PARAM = "messages[0].content[0].image_url.url"
 
@@ -101,6 +103,27 @@ def test_an_image_in_a_format_variant_pil_cannot_decode_is_a_400():
     source = ImageSource("data:image/dds;base64," + base64.b64encode(bytes(dds)).decode(), PARAM)
     message = refusal(lambda: load_images([source], MediaLimits())).message
     assert "not a readable image (NotImplementedError" in message
+
+
+def take_and_drop(url: str) -> None:
+    source = ImageSource(url, PARAM)
+    try:
+        asyncio.run(fetch_remote([source], MediaLimits(), media_client()))
+        load_images([source], MediaLimits())
+    except APIError:
+        pass
+
+
+def test_no_image_url_outlives_its_request():
+    """urllib's urlsplit caches its last 128 URLs (Python 3.11): 128 data: URLs of 20 MB would stay
+    in memory. Nothing in the media path may keep a reference to a client's URL."""
+    urls = [data_url(picture(6, 6, 4)), "".join(["http://127.0.0.1:99999/", "x.png"]),
+            "".join(["file:///nowhere/", "x.png"])]
+    before = [sys.getrefcount(u) for u in urls]
+    for i in range(len(urls)):
+        take_and_drop(urls[i])
+    gc.collect()  # an error's traceback holds its frames (and their URLs) in a cycle until then
+    assert [sys.getrefcount(u) for u in urls] == before
 
 
 def fetch(url: str, handler=None, client: httpx.AsyncClient | None = None) -> ImageSource:

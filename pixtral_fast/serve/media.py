@@ -27,6 +27,9 @@ MAX_REDIRECTS = 5
 NAME_MAX = 255      # bytes in one file name (Linux, macOS)
 PATH_MAX = 4096     # bytes in a whole path (Linux)
 LOCAL_HOSTS = ("", "localhost")  # a file:// URL names no host, or this machine
+# urllib's urlsplit keeps its last 128 URLs in a cache (Python 3.11): a client's URLs, data: URLs
+# of megabytes among them, must not outlive their request
+_split = getattr(urlsplit, "__wrapped__", urlsplit)
 
 
 @dataclass
@@ -132,7 +135,7 @@ async def fetch_remote(sources: list[ImageSource], limits: MediaLimits, client: 
 
 def _parse_url(url: str, param: str) -> SplitResult:
     try:
-        return urlsplit(url)
+        return _split(url)
     except ValueError as e:  # an unclosed IPv6 bracket, say
         raise _bad(param, f"{_shown(url)} is not a valid URL ({e})") from None
 
@@ -151,7 +154,7 @@ def _http_url(url: str, redirected: bool = False) -> httpx.URL:
     redirect, the message names the Location the image URL redirected to."""
     where = f"the image URL redirected to {_shown(url)}" if redirected else _shown(url)
     try:
-        parsed = urlsplit(url)
+        parsed = _split(url)
         if parsed.scheme.lower() not in ("http", "https"):
             raise BadURL(f"{where}: only redirects to http(s) URLs are followed" if redirected
                          else f"{where} is not an http(s) URL")
