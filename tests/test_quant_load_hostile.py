@@ -128,6 +128,7 @@ ACTS = "config_groups.group_0.input_activations"
     (W4A16, "config_groups", [], r"config_groups must be an object"),
     (W4A16, "ignore", "lm_head", r"quantization_config\.ignore must be a list"),
     (W4A16, "format", ["pack-quantized"], r"quantization_config\.format must be a string"),
+    (W4A16, "format", "dense", r"quantization_config\.format is \"dense\": only pack-quantized, float-quantized"),
     (W4A16, "kv_cache_scheme", "none", r"kv_cache_scheme must be an object"),
     (W4A16, "sparsity_config", False, r"sparsity_config must be an object"),
     (W4A16, "quantization_status", 1, r"quantization_status must be a string"),

@@ -138,6 +138,7 @@ _GROUP_FIELDS = {"targets": (list,), "weights": (dict,), "input_activations": (d
 _ARGS_FIELDS = {"num_bits": (int,), "type": (str,), "symmetric": (bool,), "group_size": (int,), "strategy": (str,),
                 "block_structure": (list,), "dynamic": (bool, str), "actorder": (bool, str),
                 "observer": (str,), "observer_kwargs": (dict,)}
+_TOP_FORMATS = (None, PACK_QUANTIZED, FLOAT_QUANTIZED, MIXED_PRECISION)
 _ARG_TYPES = ("int", "float")
 _STRATEGIES = ("tensor", "channel", "group", "block", "token", "tensor_group", "attn_head")
 _ACT_ORDERS = ("group", "weight", "static", "dynamic")
@@ -208,6 +209,9 @@ def parse_quantization_config(qc: dict) -> QuantConfig:
         raise QuantConfigError(f"{where}.quantization_status is {status!r}: only 'compressed' checkpoints "
                                "(packed weights on disk) are supported")
     top_format = qc.get("format")
+    if top_format not in _TOP_FORMATS:
+        raise QuantConfigError(f"{where}.format is {_show(top_format)}: only "
+                               f"{', '.join(f for f in _TOP_FORMATS if f)} checkpoints are read")
     groups_raw = qc.get("config_groups")
     if not groups_raw:
         raise QuantConfigError(f"{where}.config_groups must be a non-empty object")
