@@ -121,6 +121,15 @@ def test_an_int_of_5000_digits_is_a_400_naming_it_and_the_connection_survives(se
     assert good.status_code == 200
 
 
+def test_an_int_of_5000_digits_inside_a_message_is_a_400_naming_its_place(server):
+    huge = ('{"max_tokens": 2, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "x": -'
+            + "7" * 5000 + '}]}]}').encode()
+    with httpx.Client() as http:
+        r = post(http, server, huge)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "messages[0].content[0].x"
+
+
 @pytest.mark.parametrize("seed, status", [(2**64, 400), (-2**63 - 1, 400), (2**64 - 1, 200), (-2**63, 200)])
 def test_a_seed_beyond_64_bits_is_a_400_naming_seed(server, seed, status):
     with httpx.Client() as http:

@@ -143,13 +143,19 @@ def check_ints(value: Any, path: tuple = ()) -> None:
     while stack:
         value, path = stack.pop()
         if isinstance(value, _LongInt):
-            param = ".".join(map(str, path)) or None
+            param = _param_path(path)
             raise APIError(400, f"{param}: an integer of {value.digits} digits; integers in a request "
                                 f"have at most {MAX_INT_DIGITS} digits (64 bits)", param)
         if isinstance(value, dict):
             stack += [(v, (*path, k)) for k, v in reversed(value.items())]
         elif isinstance(value, list):
             stack += [(v, (*path, i)) for i, v in reversed(list(enumerate(value)))]
+
+
+def _param_path(path: tuple) -> str | None:
+    """('messages', 0, 'content') -> 'messages[0].content', as the other errors name parameters."""
+    text = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".")
+    return text or None
 
 
 def parse_request(payload: Any) -> ChatRequest:
