@@ -113,43 +113,51 @@ class ChatRequest(WireModel):
 
 
 class _LongInt:
-    """An integer literal too long to convert, refused by check_ints."""
+    """An integer literal too long to convert, refused by parse_json."""
 
     def __init__(self, literal: str):
         self.digits = len(literal.lstrip("-"))
 
 
-def _parse_int(literal: str) -> int | _LongInt:
-    return _LongInt(literal) if len(literal.lstrip("-")) > MAX_INT_DIGITS else int(literal)
-
-
 def parse_json(body: bytes) -> Any:
     """The body's JSON; a 400 for invalid JSON, too deep nesting or an integer literal of more
-    than MAX_INT_DIGITS digits (it names the field: Python would refuse to convert thousands of
-    digits with a ValueError, and no field takes an integer that large)."""
+    than MAX_INT_DIGITS digits, naming its field (Python refuses to convert thousands of digits
+    with a ValueError, and no field takes an integer that large)."""
+    long_ints: list[_LongInt] = []
+
+    def parse_int(literal: str) -> int | _LongInt:
+        if len(literal.lstrip("-")) <= MAX_INT_DIGITS:
+            return int(literal)
+        long_ints.append(_LongInt(literal))
+        return long_ints[-1]
+
     try:
-        payload = json.loads(body, parse_int=_parse_int)
+        payload = json.loads(body, parse_int=parse_int)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON ({e})") from None
     except RecursionError:
         raise APIError(400, "the request body is too deeply nested JSON") from None
-    check_ints(payload)
+    found = _first_long_int(payload) if long_ints else None
+    if found is not None:  # (none: a repeated key replaced it)
+        path, value = found
+        param = _param_path(path)
+        raise APIError(400, f"{param}: an integer of {value.digits} digits; integers in a request have at most "
+                            f"{MAX_INT_DIGITS} digits (64 bits)", param)
     return payload
 
 
-def check_ints(value: Any, path: tuple = ()) -> None:
-    """A 400 naming the first integer literal over MAX_INT_DIGITS digits."""
-    stack = [(value, path)]
+def _first_long_int(payload: Any) -> tuple[tuple, _LongInt] | None:
+    """Where the first _LongInt is (depth first, in document order), and it."""
+    stack: list[tuple[tuple, Any]] = [((), payload)]
     while stack:
-        value, path = stack.pop()
+        path, value = stack.pop()
         if isinstance(value, _LongInt):
-            param = _param_path(path)
-            raise APIError(400, f"{param}: an integer of {value.digits} digits; integers in a request "
-                                f"have at most {MAX_INT_DIGITS} digits (64 bits)", param)
+            return path, value
         if isinstance(value, dict):
-            stack += [(v, (*path, k)) for k, v in reversed(value.items())]
+            stack += [((*path, k), v) for k, v in reversed(value.items())]
         elif isinstance(value, list):
-            stack += [(v, (*path, i)) for i, v in reversed(list(enumerate(value)))]
+            stack += [((*path, i), v) for i, v in reversed(list(enumerate(value)))]
+    return None
 
 
 def _param_path(path: tuple) -> str | None:
