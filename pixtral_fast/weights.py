@@ -71,10 +71,14 @@ def read_shapes(files: Iterable[Path]) -> dict[str, tuple[tuple[int, ...], Path]
                 if tensor.get_dtype() not in FLOAT_DTYPES:
                     wrong_dtype.append(f"{name} ({tensor.get_dtype()})")
     if wrong_dtype:
-        shown = wrong_dtype[:20] + ([f"... and {len(wrong_dtype) - 20} more"] if len(wrong_dtype) > 20 else [])
         raise CheckpointError(f"{len(wrong_dtype)} tensor(s) of a non-floating dtype where floating-point weights "
-                              f"belong (expected one of {', '.join(FLOAT_DTYPES)}): " + ", ".join(shown))
+                              f"belong (expected one of {', '.join(FLOAT_DTYPES)}): " + listed(wrong_dtype))
     return found
+
+
+def listed(items: list[str], limit: int = 20) -> str:
+    """The first `limit` items, comma-separated, and how many more: an error stays readable."""
+    return ", ".join(items[:limit] + ([f"... and {len(items) - limit} more"] if len(items) > limit else []))
 
 
 def check_keys(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], source: str) -> None:
@@ -86,8 +90,7 @@ def check_keys(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int,
         parts = [f"{source} does not match its config:"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
             if items:
-                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
-                parts.append(f"  {title} ({len(items)}): " + ", ".join(shown))
+                parts.append(f"  {title} ({len(items)}): " + listed(items))
         raise CheckpointError("\n".join(parts))
 
 

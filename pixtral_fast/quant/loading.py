@@ -22,7 +22,7 @@ from pixtral_fast.quant.config import QuantConfig, WeightScheme
 from pixtral_fast.quant.formats import FP8_DTYPE, packed_words
 from pixtral_fast.quant.linear import QuantFeedForward, QuantLinear
 from pixtral_fast.weights import (_HF_PREFIXES, CheckpointError, _rope_heads, by_consolidated_name, check_keys,
-                                  expected_shapes, hf_files, hf_to_consolidated_name, open_safetensors,
+                                  expected_shapes, hf_files, hf_to_consolidated_name, listed, open_safetensors,
                                   undo_hf_rope_permutation, unreadable)
 
 # What each format stores under a quantized layer, and nothing else.
@@ -135,15 +135,11 @@ def _check_quantized_keys(folder: Path, tensors: dict, quantized: dict[str, tupl
             (biases if suffix == "bias" else unexpected).append(f"{key} ({kind})")
     if biases:
         raise CheckpointError(f"{folder}: quantized layers with a bias are not supported (keep the layer dense: list "
-                              f"it in quantization_config.ignore): {_listed(biases)}")
+                              f"it in quantization_config.ignore): {listed(biases)}")
     if unexpected:
         raise CheckpointError(f"{folder}: unexpected tensors under quantized layers (W4A16 stores "
                               f"{', '.join(_KIND_SUFFIXES['w4a16'])}; FP8 {', '.join(_KIND_SUFFIXES['fp8'])}): "
-                              f"{_listed(unexpected)}")
-
-
-def _listed(items: list[str]) -> str:
-    return ", ".join(items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else []))
+                              f"{listed(unexpected)}")
 
 
 def _read(folder, args, tensors, opened, dense, quantized, expected, device, dtype, state, bar) -> None:
