@@ -88,7 +88,7 @@ def _open_str(image: str | Path, where: str, max_pixels: int) -> Image.Image:
                              "fetches URLs itself)")
         if scheme != "file":
             raise ValueError(f"{where}: unsupported image URL scheme {scheme!r} (data:, file://)")
-        image = Path(unquote(parsed.path))
+        image = _file_url_path(parsed, where)
     path = Path(image)
     mode = _stat_mode(path)
     if mode is None or not stat.S_ISREG(mode):
@@ -101,6 +101,18 @@ def _open_str(image: str | Path, where: str, max_pixels: int) -> Image.Image:
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError ...
         raise ValueError(f"{where}: {path} is not a readable image ({type(e).__name__}: {e})") from None
+
+
+def _file_url_path(parsed, where: str) -> Path:
+    """The path of a file:// URL. A host other than this machine is refused, not dropped:
+    file://images/x.png names the host 'images' (a relative path is not a file URL)."""
+    if parsed.netloc.lower() not in ("", "localhost"):
+        raise ValueError(f"{where}: the file:// URL names the host {parsed.netloc[:80]!r}; only this machine's "
+                         "files are read: file:///absolute/path or file://localhost/absolute/path")
+    if not parsed.path.startswith("/"):
+        raise ValueError(f"{where}: the file:// URL's path {parsed.path[:80]!r} is not absolute: "
+                         "write file:///absolute/path")
+    return Path(unquote(parsed.path))
 
 
 _open_lock = threading.Lock()

@@ -163,6 +163,17 @@ def test_other_schemes_and_file_urls(tok, tmp_path):
     np.testing.assert_array_equal(by_file_url.images[0], by_pil.images[0])
 
 
+def test_file_urls_name_no_other_host_and_an_absolute_path(tok, tmp_path):
+    img = gradient(40, 30)
+    path = tmp_path / "x.png"
+    img.save(path)
+    by_localhost = tok.encode(user_image("file://localhost" + str(path), "image_url"))
+    assert by_localhost.tokens == tok.encode(user_image(img)).tokens
+    # file://relative/x.png names the host 'relative': reading /x.png instead would be silently wrong
+    with pytest.raises(ValueError, match=r"names the host 'relative'"):
+        tok.encode(user_image("file://relative" + str(path), "image_url"))
+
+
 def test_bytes_and_chunks_agree(tok):
     img = gradient(70, 40)
     buf = io.BytesIO()
