@@ -221,3 +221,14 @@ def test_the_console_entry_says_so_in_one_line(unreadable):
         assert proc.returncode == 2 and out == "", (folder.name, proc.returncode, err)
         assert len(err.splitlines()) == 1, err
         assert_one_error_line(err, str(folder), *unreadable[folder])
+
+
+def test_quantizing_an_unreadable_hf_shard_is_a_user_error(tiny, tmp_path, capsys):
+    from pixtral_fast.hf_export import convert_consolidated_to_hf
+
+    hf = convert_consolidated_to_hf(tiny, tmp_path / "hf", processor=False)
+    (shard,) = hf.glob("model*.safetensors")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    err = run_main(["quantize", str(hf), str(tmp_path / "q"), "--scheme", "fp8"], capsys)
+    assert_one_error_line(err, str(shard), "truncated")
+    assert not (tmp_path / "q").exists()  # nothing half-written is left behind

@@ -22,12 +22,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from pixtral_fast.quant.formats import quantize_fp8, quantize_w4a16
-from pixtral_fast.weights import CheckpointError, hf_files
+from pixtral_fast.weights import CheckpointError, hf_files, open_safetensors
 
 SCHEMES = ("w4a16", "fp8")
 _DECODER_LINEAR = re.compile(r"^(model\.language_model|language_model\.model)\.layers\.\d+\."
@@ -122,7 +121,7 @@ def _write_shards(files, dst: Path, scheme: str, group_size: int, include_vision
                   shard_bytes: int) -> None:
     total = 0
     for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as st:
+        with open_safetensors(f) as st:
             total += len(list(st.keys()))
     shards: list[tuple[Path, list[str]]] = []
     current: dict[str, torch.Tensor] = {}
@@ -131,7 +130,7 @@ def _write_shards(files, dst: Path, scheme: str, group_size: int, include_vision
     pending.mkdir(exist_ok=True)
     with tqdm(total=total, desc=f"quantizing ({scheme})", unit="tensor", disable=not progress) as bar:
         for f in files:
-            with safe_open(str(f), framework="pt", device="cpu") as st:
+            with open_safetensors(f) as st:
                 for key in st.keys():
                     t = st.get_tensor(key)
                     quantize = _DECODER_LINEAR.match(key) or (include_vision and _VISION_LINEAR.match(key))
