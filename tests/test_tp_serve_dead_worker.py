@@ -62,6 +62,7 @@ def test_a_dead_worker_stops_the_gauges_and_says_which_rank(server):
     assert killed_at is not None and not running(worker)
     error = events[-1].get("error")
     assert error is not None and f"worker rank 1 (pid {worker}) killed by SIGKILL" in error["message"], events[-1]
+    assert error["code"] == "engine_unavailable", error
     deadline = time.monotonic() + 10
     after = gauges(url)
     while after["engine_healthy"] != 0 and time.monotonic() < deadline:
@@ -73,6 +74,9 @@ def test_a_dead_worker_stops_the_gauges_and_says_which_rank(server):
                        json={"model": "tiny", "messages": user_message("Are you there?"), "max_tokens": 4})
     assert again.status_code == 503
     assert f"worker rank 1 (pid {worker}) killed by SIGKILL" in again.json()["error"]["message"]
+    assert again.json()["error"]["code"] == "engine_unavailable"  # nothing is shutting down
+    health = httpx.get(url + "/health", timeout=10)
+    assert health.status_code == 503 and "worker rank 1" in health.json()["error"]["message"]
 
 
 def test_a_worker_that_dies_while_the_engine_is_idle_is_seen_at_once():

@@ -19,7 +19,7 @@ from pixtral_fast.runtime.async_engine import AsyncEngine
 from pixtral_fast.serve import protocol as wire
 from pixtral_fast.serve.chat import ChatHandler
 from pixtral_fast.serve.media import MediaLimits, media_client
-from pixtral_fast.serve.metrics import ServerMetrics
+from pixtral_fast.serve.metrics import ServerMetrics, engine_problem
 from pixtral_fast.serve.protocol import APIError
 
 log = logging.getLogger("pixtral_fast.serve")
@@ -183,9 +183,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        if engine.alive:
+        problem = engine_problem(engine) or (None if engine.alive else "the engine is not running")
+        if problem is None:
             return JSONResponse({"status": "ok"})
-        return JSONResponse(APIError(503, "the engine is not running").body(), status_code=503)
+        return JSONResponse(APIError(503, problem, code="engine_unavailable").body(), status_code=503)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

@@ -24,7 +24,7 @@ from pixtral_fast.runtime.engine import RequestError
 from pixtral_fast.runtime.sampling import SamplingParams
 from pixtral_fast.serve import protocol as wire
 from pixtral_fast.serve.media import fetch_remote, load_images, parse_messages, with_images
-from pixtral_fast.serve.metrics import ChoiceTimer
+from pixtral_fast.serve.metrics import ChoiceTimer, engine_death
 from pixtral_fast.serve.protocol import APIError, ChatRequest
 
 log = logging.getLogger("pixtral_fast.serve")
@@ -84,6 +84,7 @@ class ChatHandler:
                                 f"{s.settings.model_name!r}", "model", "model_not_found")
         stops = req.stop_strings()
         encoded = await self._encode(req)
+        s.settings.check_prompt_tokens(len(encoded.tokens), req.n)
         engine = s.engine.engine
         params = [sampling_params(req, len(encoded.tokens), engine.max_model_len, engine.model.args.text.vocab_size, i)
                   for i in range(req.n)]
@@ -118,6 +119,8 @@ class ChatHandler:
                 st.abort()
             if isinstance(e, RequestError):
                 raise APIError(400, str(e), "messages") from None
+            if isinstance(e, EngineClosed) and engine_death(self.server.engine) is not None:
+                raise self._engine_unavailable(e) from None
             if isinstance(e, (QueueFull, EngineClosed)):
                 raise APIError(503, str(e), code="server_overloaded" if isinstance(e, QueueFull) else "shutting_down",
                                headers={"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -125,6 +128,16 @@ class ChatHandler:
                 raise APIError(500, str(e), code="internal_error") from None
             raise
         return streams
+
+    def _engine_unavailable(self, error: BaseException) -> APIError:
+        """The engine died (a dead tensor-parallel worker, a fault that ended its thread): nothing is
+        shutting down, and the message names what stopped it."""
+        return APIError(503, str(error), code="engine_unavailable")
+
+    def _fault_error(self, error: EngineFault) -> APIError:
+        if engine_death(self.server.engine) is not None:
+            return self._engine_unavailable(error)
+        return APIError(500, str(error), code="internal_error")
 
     def _logprobs(self, deltas_logprobs: list, stop_ids) -> list[dict]:
         tok = self.server.engine.engine.tokenizer.tekken
@@ -155,7 +168,7 @@ class ChatHandler:
                 raise asyncio.CancelledError
             results = work.result()
         except EngineFault as e:
-            raise APIError(500, str(e), code="internal_error") from None
+            raise self._fault_error(e) from None
         finally:
             watcher.cancel()
             for st in streams:
@@ -199,7 +212,7 @@ class ChatHandler:
                         timers[i].finish(delta.finish_reason)
                         yield event([wire.chunk_choice(i, {}, delta.finish_reason)])
         except EngineFault as e:
-            error = APIError(500, str(e), code="internal_error")
+            error = self._fault_error(e)
         if error is not None:
             self.server.metrics.errors.labels(str(error.status)).inc()
             yield b"data: " + json.dumps(error.body()).encode() + b"\n\n"

@@ -49,15 +49,23 @@ class ServerMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-def engine_problem(async_engine: AsyncEngine) -> str | None:
-    """Why the engine cannot serve, or None: what stopped its thread, a thread not running, or
-    (under tensor parallelism) a worker that has died, seen before the next step finds it."""
+def engine_death(async_engine: AsyncEngine) -> str | None:
+    """Why the engine died, or None: what stopped its thread, or (under tensor parallelism) a
+    failed step or a worker that has died, seen before the next step finds it. An engine closed
+    on purpose (a shutdown) has not died."""
     if async_engine.fault is not None:
         return f"the engine stopped: {async_engine.fault}"
-    if not async_engine._thread_alive():
-        return "the engine is not running"
     parallel = async_engine.engine.parallel
-    return None if parallel is None else parallel.health()
+    if parallel is None or (parallel.closed and parallel.failure is None):
+        return None
+    return parallel.health()
+
+
+def engine_problem(async_engine: AsyncEngine) -> str | None:
+    """Why the engine cannot serve, or None: it died, or its thread is not running."""
+    if (death := engine_death(async_engine)) is not None:
+        return death
+    return None if async_engine._thread_alive() else "the engine is not running"
 
 
 def _snapshot_reader(async_engine: AsyncEngine, key: str):
