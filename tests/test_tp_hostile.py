@@ -288,6 +288,8 @@ def fail_with_boom(*args, **kwargs):
 
 
 def test_an_interrupt_inside_a_rank_call_stops_the_engine_clearly(pool, tiny, monkeypatch):
+    """A KeyboardInterrupt raised by code inside a rank call (not a held-back Ctrl-C signal, which
+    the engine survives: test_tp_interrupts.py) leaves the ranks out of step: the engine stops."""
     pool.release()
     eng = tp_engine(tiny, 2)
     try:
