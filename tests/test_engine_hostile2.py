@@ -17,6 +17,7 @@ from pixtral_fast.runtime.sampling import SamplingParams
 from pixtral_fast.runtime.scheduler import Scheduler, Sequence
 from pixtral_fast.tokenizer import Encoded
 from tests.support.engines import assert_clean, load_tiny, model, new_engine, tiny_dir, tok  # noqa: F401  (fixtures)
+from tests.test_engine import chat, picture
 
 OVERFLOW = 1e30  # finite in fp32, but its square is not: mean(x^2) of the next RMSNorm is inf
 NEVER = (0,)     # <unk> as the only stop token: never sampled by the tiny model here
@@ -31,6 +32,11 @@ def run(eng, *requests: Encoded, max_new_tokens: int = 100) -> list[Sequence]:
     while eng.has_unfinished():
         eng.step()
     return seqs
+
+
+@pytest.fixture(scope="module")
+def image_request(tok):
+    return tok.encode(chat("What is it?", picture(40, 24, 0)))
 
 
 # -- a hidden state that overflows its normalization ----------------------------------------------
@@ -193,29 +199,57 @@ def test_the_max_model_len_bound(model, tok, n, tokens):
 
 def test_a_short_request_queued_behind_long_prompts_starts_before_them(model, tok):
     """Two copies of a prompt longer than the prefill budget (as a request with n=2 makes), then a
-    short one: the short one prefills first, each long prompt prefills alone in a step of its
-    own, and every step decodes every running request."""
+    short one: the short one prefills first; the long prompt then prefills once, alone, for both
+    copies; every step decodes every running request."""
     eng = new_engine(model, tok, max_prefill_tokens=32)
     long_a, long_b, short = (eng.add_request(p, SamplingParams(max_new_tokens=6, stop_token_ids=NEVER))
                              for p in (prompt(40), prompt(40), prompt(8, first=3000)))
-    prefills, original = [], eng.scheduler.admit
+    prefills, admit = [], eng.scheduler.admit
+    prefilled_rows, decode_hidden = [], eng.model.decode_hidden
 
     def recording_admit():
-        group = original()
+        group = admit()
         prefills.append([s.id for s in group])
         return group
 
-    with patch.object(eng.scheduler, "admit", recording_admit):
+    def recording_decode_hidden(h, meta, caches=None):
+        if not meta.is_decode:
+            prefilled_rows.append(h.shape[0])
+        return decode_hidden(h, meta, caches)
+
+    with patch.object(eng.scheduler, "admit", recording_admit), \
+            patch.object(eng.model, "decode_hidden", recording_decode_hidden):
         eng.step()
         assert [len(s.generated) for s in (long_a, long_b, short)] == [0, 0, 2]  # prefill + one decode
         eng.step()
-        assert [len(s.generated) for s in (long_a, long_b, short)] == [2, 0, 3]
-        eng.step()
-        assert [len(s.generated) for s in (long_a, long_b, short)] == [3, 2, 4]
+        assert [len(s.generated) for s in (long_a, long_b, short)] == [2, 2, 3]
         while eng.has_unfinished():
             eng.step()
-    assert prefills[:3] == [[short.id], [long_a.id], [long_b.id]]
+    assert prefills[:2] == [[short.id], [long_a.id, long_b.id]] and not any(prefills[2:])
+    assert prefilled_rows == [8, 40]  # the copies' prompt through the decoder once
     assert all(s.finish_reason == "length" and len(s.generated) == 6 for s in (long_a, long_b, short))
+    assert long_a.generated == long_b.generated == run(new_engine(model, tok), prompt(40), max_new_tokens=6)[0].generated
+    assert_clean(eng)
+
+
+def test_copies_of_a_prompt_are_prefilled_once_and_sample_apart(model, tok, image_request):
+    """n copies of one request (image included) in one batch: one ViT and decoder pass, the cache
+    blocks copied; each copy samples with its own seed and gets what it gets alone."""
+    params = [SamplingParams(max_new_tokens=5, temperature=1.0, seed=seed, stop_token_ids=NEVER) for seed in (1, 2, 3)]
+    alone = []
+    for p in params:
+        eng = new_engine(model, tok)
+        seq = eng.add_request(image_request, p)
+        while eng.has_unfinished():
+            eng.step()
+        alone.append(seq.generated)
+    eng = new_engine(model, tok)
+    seqs = [eng.add_request(image_request, p) for p in params]
+    with patch.object(eng.model, "encode_images", wraps=eng.model.encode_images) as vit:
+        while eng.has_unfinished():
+            eng.step()
+    assert [len(call.args[0]) for call in vit.call_args_list] == [1]  # one image through the ViT, once
+    assert [s.generated for s in seqs] == alone and len({tuple(a) for a in alone}) > 1
     assert_clean(eng)
 
 

@@ -1,6 +1,7 @@
 """Prefill of newly admitted sequences: their images through one packed ViT pass, their tokens
 (the prompt, plus whatever they generated before a preemption) through one varlen causal pass that
-fills the paged cache, then each one's next token."""
+fills the paged cache, then each one's next token. Copies of one prompt (a request's n choices)
+run once: the copies' cache blocks are copied, and each samples the same logits with its seed."""
 from __future__ import annotations
 
 import time
@@ -28,27 +29,57 @@ def image_rows(seqs: list[Sequence], image_token_id: int) -> list[int]:
     return rows
 
 
+def prompt_sources(seqs: list[Sequence]) -> list[int]:
+    """For each sequence, the index of the first one in `seqs` with the same tokens and images
+    (itself if none): copies of one prompt (a request's n choices) are prefilled once."""
+    sources: list[int] = []
+    for i, seq in enumerate(seqs):
+        sources.append(next((j for j in range(i) if sources[j] == j and seq.shares_prompt(seqs[j])), i))
+    return sources
+
+
 @dataclass
 class PrefillBatch:
     """Everything one prefill step computes from, as host values: what a tensor-parallel driver
-    sends its workers so that every rank runs the same step."""
-    tokens: list[int]            # every sequence's tokens, packed back to back
+    sends its workers so that every rank runs the same step. Only distinct prompts are packed; a
+    copy of one (same tokens and images) gets its cache blocks copied and its own sample of the
+    same logits row."""
+    tokens: list[int]            # every distinct prompt's tokens, packed back to back
     lengths: list[int]
     slots: list[int]             # the cache slot of each token
     images: list[torch.Tensor]
     image_rows: list[int]        # rows of `tokens` that take image features, in order
-    params: list[SamplingParams]
+    params: list[SamplingParams]  # these and below: one per sequence, copies included
     seeds: list[int]
     steps: list[int]             # tokens each sequence generated so far (its noise counter)
+    logit_rows: list[int]        # each sequence's packed prompt (index into lengths)
+    block_copies: list[tuple[list[int], list[int]]]  # (from, to) block lists, once the prompts are cached
 
     @classmethod
     def from_sequences(cls, seqs: list[Sequence], blocks: BlockManager, image_token_id: int | None) -> "PrefillBatch":
-        images = [img for s in seqs for img in s.images]
-        return cls(tokens=[t for s in seqs for t in s.tokens], lengths=[len(s.tokens) for s in seqs],
-                   slots=[x for s in seqs for x in blocks.slots(s.id)], images=images,
-                   image_rows=image_rows(seqs, image_token_id) if images else [],
+        sources = prompt_sources(seqs)
+        distinct = [s for i, s in enumerate(seqs) if sources[i] == i]
+        packed_index = {i: k for k, i in enumerate(i for i in range(len(seqs)) if sources[i] == i)}
+        images = [img for s in distinct for img in s.images]
+        return cls(tokens=[t for s in distinct for t in s.tokens], lengths=[len(s.tokens) for s in distinct],
+                   slots=[x for s in distinct for x in blocks.slots(s.id)], images=images,
+                   image_rows=image_rows(distinct, image_token_id) if images else [],
                    params=[s.params for s in seqs], seeds=[s.seed for s in seqs],
-                   steps=[len(s.generated) for s in seqs])
+                   steps=[len(s.generated) for s in seqs], logit_rows=[packed_index[j] for j in sources],
+                   block_copies=[(blocks.tables[seqs[j].id], blocks.tables[s.id])
+                                 for i, (s, j) in enumerate(zip(seqs, sources)) if j != i])
+
+
+def copy_blocks(cache: PagedKVCache, copies: list[tuple[list[int], list[int]]]) -> None:
+    """Each (from, to) pair: the K/V of blocks `from` written into blocks `to`, in every layer."""
+    if not copies:
+        return
+    device = cache.layers[0][0].device
+    source = torch.tensor([b for src, _ in copies for b in src], dtype=torch.int64, device=device)
+    target = torch.tensor([b for _, dst in copies for b in dst], dtype=torch.int64, device=device)
+    for k, v in cache.layers:
+        k[target] = k[source]
+        v[target] = v[source]
 
 
 @torch.inference_mode()
@@ -70,8 +101,9 @@ def run_prefill(model: Pixtral, cache: PagedKVCache, batch: PrefillBatch, stats:
     slots = torch.tensor(batch.slots, dtype=torch.int64, device=device)
     meta = AttentionMetadata.for_sequences(batch.lengths, device, slot_mapping=slots)
     h = model.decode_hidden(h, meta, cache.layers)
+    copy_blocks(cache, batch.block_copies)
     last = torch.tensor(batch.lengths, dtype=torch.int64).cumsum(0) - 1
-    logits = model.logits(h[last.to(device)])
+    logits = model.logits(h[last[batch.logit_rows].to(device)])
     return sample_rows(logits, batch.params, batch.seeds, batch.steps)
 
 

@@ -43,6 +43,11 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def shares_prompt(self, other: Sequence) -> bool:
+        """Same tokens (generated ones included) and the same images: one prefill serves both."""
+        return (self.tokens == other.tokens and len(self.images) == len(other.images)
+                and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(self.images, other.images)))
+
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_batch: int, max_prefill_tokens: int, max_model_len: int):
@@ -109,13 +114,16 @@ class Scheduler:
           first, once: passed over a second time, it stops admission until it starts, so it is
           late by one step at most and a stream of short requests never starves it;
         - one longer than the whole budget (a long prompt, or one that grew before it was
-          preempted) starts alone, in a step of its own, when nothing fits before it.
+          preempted) starts alone, in a step of its own, when nothing fits before it;
+        - copies of a prompt starting in the step (a request's n choices) cost no budget: they
+          start with it, and its prefill serves them all (prefill.PrefillBatch).
         Admission stops at the first sequence the cache has no blocks for: it waits for blocks in
         queue order. A short request queued behind long ones thus starts in the next step, and
         the running ones decode a token in every step, whatever the prefill."""
         admitted = self._admit_within_budget()
         if not admitted and self.waiting and self._can_start(self.waiting[0]):
             admitted = [self._start(self.waiting[0])]  # over the budget, alone
+            admitted += self._start_copies(admitted[0])
         if self.waiting and not self.running:  # add() guarantees a lone sequence fits: never waits forever
             stuck = self.waiting[0]
             self.fail(stuck, f"internal error: {len(stuck.tokens)} tokens cannot start in an empty cache")
@@ -124,7 +132,7 @@ class Scheduler:
     def _admit_within_budget(self) -> list[Sequence]:
         admitted, passed, budget = [], [], self.max_prefill_tokens
         for seq in list(self.waiting):
-            n = len(seq.tokens)
+            n = 0 if any(seq.shares_prompt(a) for a in admitted) else len(seq.tokens)  # a copy: prefilled once
             if n > budget:
                 if seq.passed_over:  # its one pass is spent: nobody behind it goes first again
                     break
@@ -138,6 +146,16 @@ class Scheduler:
             for seq in passed:
                 seq.passed_over = True
         return admitted
+
+    def _start_copies(self, seq: Sequence) -> list[Sequence]:
+        """Waiting copies of seq's prompt that start with it (their prefill is seq's), while they fit."""
+        copies = []
+        for other in list(self.waiting):
+            if other.shares_prompt(seq):
+                if not self._can_start(other):
+                    break
+                copies.append(self._start(other))
+        return copies
 
     def _can_start(self, seq: Sequence) -> bool:
         return len(self.running) < self.max_batch and self.blocks.can_allocate(len(seq.tokens))
