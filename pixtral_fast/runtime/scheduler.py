@@ -44,8 +44,10 @@ class Sequence:
         return self.finish_reason is not None
 
     def shares_prompt(self, other: Sequence) -> bool:
-        """Same tokens (generated ones included) and the same images: one prefill serves both."""
-        return (self.tokens == other.tokens and len(self.images) == len(other.images)
+        """Same tokens (generated ones included) and the same images: one prefill serves both.
+        Compared in place, cheapest first: admission asks this of every waiting pair."""
+        return (self.prompt == other.prompt and self.generated == other.generated
+                and len(self.images) == len(other.images)
                 and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(self.images, other.images)))
 
 
