@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import functools
 import io
 import re
 import stat
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import SplitResult, unquote, urlsplit
 
 import numpy as np
 from PIL import Image, ImageCms
@@ -44,75 +46,207 @@ def mistral_target_size(width: int, height: int, max_side: int) -> tuple[int, in
     return max(round(width / ratio), 1), max(round(height / ratio), 1)
 
 
-def open_image(image: Any, where: str = "image", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+NAME_MAX = 255      # bytes in one file name (Linux, macOS)
+PATH_MAX = 4096     # bytes in a whole path (Linux)
+LOCAL_HOSTS = ("", "localhost")  # a file:// URL names no host, or this machine
+# urllib's urlsplit keeps its last 128 URLs in a cache: a client's URLs, data: URLs of megabytes
+# among them, must not outlive their request
+split_url = getattr(urlsplit, "__wrapped__", urlsplit)
+
+
+@dataclass
+class MediaLimits:
+    """The bounds on a prompt's images, for the library and the server alike. The library's
+    defaults: no byte or count cap, any local path. `server`: the images come from a client, so
+    they are URLs only (data:, file://, and http(s) fetched beforehand), file:// URLs are read only
+    under allowed_local_media_path, and errors name the server's options."""
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_image_bytes: int | None = None          # an encoded image: data URL payload, file or download
+    max_images_per_prompt: int | None = None
+    allowed_local_media_path: Path | None = None
+    fetch_timeout: float = 10.0
+    server: bool = False
+
+    def setting(self, name: str) -> str:
+        """The option that sets the bound `name`, as the user sets it."""
+        return f"--{name.replace('_', '-')}" if self.server else f"Tokenizer.{name}"
+
+
+def shown(text: str, limit: int = 80) -> str:
+    """A URL or path from the request in an error message: quoted, and cut, since it may be megabytes."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def open_image(image: Any, where: str = "image", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               limits: MediaLimits | None = None) -> Image.Image:
     """A PIL image (pixels not necessarily decoded yet) from a PIL image, a path, a file:// URL, a
-    base64 data URL or encoded bytes; ValueError if it is none of these, or has more than
-    `max_pixels` pixels (read from the header: nothing is decoded then)."""
+    base64 data URL or encoded bytes; ValueError if it is none of these, breaks `limits`, or has
+    more than `limits.max_image_pixels` pixels (read from the header: nothing is decoded then).
+    Without limits: the library's, with `max_pixels`."""
+    limits = limits or MediaLimits(max_image_pixels=max_pixels)
     if isinstance(image, Image.Image):
         img = image
     elif isinstance(image, (bytes, bytearray)):
-        img = _open_bytes(bytes(image), where, "the image bytes", max_pixels)
+        img = _open_bytes(bytes(image), where, "the image bytes", limits)
     elif isinstance(image, (str, Path)):
-        img = _open_str(image, where, max_pixels)
+        img = _open_str(image, where, limits)
     else:
         raise ValueError(f"{where}: expected a PIL image, a path, a data URL or image bytes, "
                          f"got {type(image).__name__}")
-    pixels = img.width * img.height
-    if img.width == 0 or img.height == 0 or pixels > max_pixels:
-        if img is not image:
-            img.close()
-        if pixels:
-            raise ValueError(f"{where}: the image has {img.width}x{img.height} = {pixels} pixels; at most "
-                             f"{max_pixels} are allowed (Tokenizer.max_image_pixels)")
-        raise ValueError(f"{where}: image has zero size ({img.width}x{img.height})")
+    _check_pixels(img, img is not image, where, limits)
     return img
 
 
-def _open_str(image: str | Path, where: str, max_pixels: int) -> Image.Image:
+def _check_pixels(img: Image.Image, owned: bool, where: str, limits: MediaLimits) -> None:
+    pixels = img.width * img.height
+    if img.width and img.height and pixels <= limits.max_image_pixels:
+        return
+    if owned:
+        img.close()
+    if pixels:
+        raise ValueError(f"{where}: the image has {img.width}x{img.height} = {pixels} pixels; at most "
+                         f"{limits.max_image_pixels} are allowed ({limits.setting('max_image_pixels')})")
+    raise ValueError(f"{where}: the image has zero size ({img.width}x{img.height})")
+
+
+def _open_str(image: str | Path, where: str, limits: MediaLimits) -> Image.Image:
     text = str(image)
     if text.startswith("data:"):
-        header, _, payload = text.partition(",")
-        if ";base64" not in header:
-            raise ValueError(f"{where}: only base64 data URLs are supported")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError(f"{where}: the data URL's payload is not valid base64") from None
-        return _open_bytes(data, where, "the data URL", max_pixels)
-    if isinstance(image, str) and _URL_SCHEME.match(text):
-        parsed = urlparse(text)
-        scheme = parsed.scheme.lower()
-        if scheme in ("http", "https"):
-            raise ValueError(f"{where}: {text[:80]!r} is an {scheme} URL; pixtral_fast does not fetch URLs "
-                             "(download the image and pass a path, bytes or a data URL; the HTTP server "
-                             "fetches URLs itself)")
-        if scheme != "file":
-            raise ValueError(f"{where}: unsupported image URL scheme {scheme!r} (data:, file://)")
-        image = _file_url_path(parsed, where)
-    path = Path(image)
-    mode = _stat_mode(path)
-    if mode is None or not stat.S_ISREG(mode):
-        raise ValueError(f"{where}: {_not_a_file(path, mode)}")
+        return _open_bytes(data_url_bytes(text, where, limits), where, "the data URL", limits)
+    if isinstance(image, str) and (limits.server or _URL_SCHEME.match(text) or text[:5].lower() == "file:"):
+        return _open_url(text, where, limits)
+    return _open_file(Path(image), where, limits, from_url=False)
+
+
+def _open_url(url: str, where: str, limits: MediaLimits) -> Image.Image:
+    parsed = parse_url(url, where)
+    scheme = parsed.scheme.lower()
+    if scheme == "file":
+        return _open_file(file_url_path(parsed, where), where, limits, from_url=True)
+    if not scheme:  # only a client's text gets here: the library reads it as a path
+        raise ValueError(f"{where}: {url[:80]!r} is not a URL: give the image as a data:image/...;base64, URL, "
+                         "an http(s):// URL or a file:// URL")
+    if scheme in ("http", "https") and not limits.server:
+        raise ValueError(f"{where}: {url[:80]!r} is an {scheme} URL; pixtral_fast does not fetch URLs "
+                         "(download the image and pass a path, bytes or a data URL; the HTTP server "
+                         "fetches URLs itself)")
+    if scheme in ("http", "https"):
+        raise ValueError(f"{where}: the {scheme} URL was not fetched before decoding")
+    schemes = "data:, http(s)://, file://" if limits.server else "data:, file://"
+    raise ValueError(f"{where}: unsupported image URL scheme {scheme!r} ({schemes})")
+
+
+def parse_url(url: str, where: str) -> SplitResult:
     try:
-        return _quiet_open(path)
-    except Image.DecompressionBombError as e:
-        raise _bomb(where, e, max_pixels) from None
-    except MemoryError:
-        raise
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError ...
-        raise ValueError(f"{where}: {path} is not a readable image ({type(e).__name__}: {e})") from None
+        return split_url(url)
+    except ValueError as e:  # an unclosed IPv6 bracket, say
+        raise ValueError(f"{where}: {shown(url)} is not a valid URL ({e})") from None
 
 
-def _file_url_path(parsed, where: str) -> Path:
+def data_url_bytes(url: str, where: str, limits: MediaLimits) -> bytes:
+    """The payload of a data:image/<type>;base64,<payload> URL, its size checked before decoding."""
+    header, comma, payload = url.partition(",")
+    if not comma or not header.lower().startswith("data:image/") or not header.endswith(";base64"):
+        raise ValueError(f"{where}: a data URL must look like data:image/<type>;base64,<payload> "
+                         "(only base64 data URLs are supported)")
+    cap = limits.max_image_bytes
+    if cap is not None and len(payload) * 3 // 4 > cap:
+        raise ValueError(f"{where}: the image is over {cap} bytes ({limits.setting('max_image_bytes')})")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{where}: the data URL's payload is not valid base64") from None
+
+
+def file_url_path(parsed: SplitResult, where: str) -> Path:
     """The path of a file:// URL. A host other than this machine is refused, not dropped:
     file://images/x.png names the host 'images' (a relative path is not a file URL)."""
-    if parsed.netloc.lower() not in ("", "localhost"):
-        raise ValueError(f"{where}: the file:// URL names the host {parsed.netloc[:80]!r}; only this machine's "
+    if parsed.netloc.lower() not in LOCAL_HOSTS:
+        raise ValueError(f"{where}: the file:// URL names the host {shown(parsed.netloc)}; only this machine's "
                          "files are read: file:///absolute/path or file://localhost/absolute/path")
-    if not parsed.path.startswith("/"):
-        raise ValueError(f"{where}: the file:// URL's path {parsed.path[:80]!r} is not absolute: "
-                         "write file:///absolute/path")
-    return Path(unquote(parsed.path))
+    path = unquote(parsed.path, errors="surrogateescape")  # %ff: the file name's own byte, as os reads it
+    if not path.startswith("/"):  # file:x.png would be read from the working folder
+        raise ValueError(f"{where}: the file:// URL's path {shown(path)} is not absolute: write file:///absolute/path")
+    if "\0" in path:
+        raise ValueError(f"{where}: the file:// URL's path holds a NUL character")
+    _check_path_length(path, where)
+    return Path(path)
+
+
+def _check_path_length(path: str, where: str) -> None:
+    """The system's own limits, named, rather than its ENAMETOOLONG."""
+    try:
+        encoded = path.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise ValueError(f"{where}: the file:// URL's path holds a lone surrogate (not valid UTF-8)") from None
+    if len(encoded) > PATH_MAX:
+        raise ValueError(f"{where}: the file path is {len(encoded)} bytes long; at most {PATH_MAX} are allowed "
+                         "(PATH_MAX)")
+    longest = max(encoded.split(b"/"), key=len)
+    if len(longest) > NAME_MAX:
+        raise ValueError(f"{where}: a file name in the path is {len(longest)} bytes long; at most {NAME_MAX} are "
+                         "allowed (NAME_MAX)")
+
+
+def _open_file(path: Path, where: str, limits: MediaLimits, from_url: bool) -> Image.Image:
+    """The image in a local file. A path from a URL is named quoted and cut (it is the client's
+    text); a path the program gave is named as given."""
+    name = shown(str(path)) if from_url else str(path)  # as the request wrote it, not resolved
+    if limits.server:
+        path = _allowed_local(path, where, limits)
+    mode = _regular_file_mode(path, name, where)
+    if mode is None or not stat.S_ISREG(mode):
+        if from_url:
+            raise ValueError(f"{where}: no such file: {name}" if mode is None
+                             else f"{where}: {name} is not a regular file")
+        raise ValueError(f"{where}: {_not_a_file(path, mode)}")
+    if limits.max_image_bytes is None:
+        return _open_path(path, where, limits)
+    return _open_bytes(_read_capped_file(path, name, where, limits), where, "the file", limits)
+
+
+def _allowed_local(path: Path, where: str, limits: MediaLimits) -> Path:
+    """The resolved path, if it lies under the server's --allowed-local-media-path."""
+    root = limits.allowed_local_media_path
+    if root is None:
+        raise ValueError(f"{where}: file:// URLs are refused: the server was started without "
+                         "--allowed-local-media-path")
+    try:
+        resolved = path.resolve()
+    except RuntimeError:  # Python < 3.13 reports a symlink loop so, later ones as OSError ELOOP
+        raise ValueError(f"{where}: {shown(str(path))} is a symlink loop") from None
+    except OSError as e:
+        raise ValueError(f"{where}: cannot read {shown(str(path))}: {e.strerror or e}") from None
+    if not resolved.is_relative_to(root.resolve()):
+        raise ValueError(f"{where}: {shown(str(path))} is outside the allowed local media path")
+    return resolved
+
+
+def _regular_file_mode(path: Path, name: str, where: str) -> int | None:
+    """path's st_mode, None where there is nothing (or a name the filesystem cannot take: a
+    base64 payload without its data: prefix is longer than NAME_MAX)."""
+    try:
+        return path.stat().st_mode
+    except RuntimeError:
+        raise ValueError(f"{where}: {name} is a symlink loop") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ValueError(f"{where}: {name} is a symlink loop") from None
+        return None
+    except ValueError:
+        return None
+
+
+def _read_capped_file(path: Path, name: str, where: str, limits: MediaLimits) -> bytes:
+    cap = limits.max_image_bytes
+    try:
+        with open(path, "rb") as f:
+            data = f.read(cap + 1)
+    except OSError as e:  # unreadable, or gone since it was checked
+        raise ValueError(f"{where}: cannot read {name}: {e.strerror or e}") from None
+    if len(data) > cap:
+        raise ValueError(f"{where}: the image is over {cap} bytes ({limits.setting('max_image_bytes')})")
+    return data
 
 
 _open_lock = threading.Lock()
@@ -127,53 +261,59 @@ def _quiet_open(source) -> Image.Image:
         return Image.open(source)
 
 
-def _stat_mode(path: Path) -> int | None:
-    """path's st_mode, None where there is nothing (or a name the filesystem cannot take: a
-    base64 payload without its data: prefix is longer than NAME_MAX)."""
-    try:
-        return path.stat().st_mode
-    except (OSError, ValueError):
-        return None
-
-
 def _not_a_file(path: Path, mode: int | None) -> str:
     """Why `path` cannot be read as an image file: a real path is echoed whole (up to 300
     characters), a base64 payload passed without its data: prefix only by its start and length."""
     text = str(path)
     base64_like = len(text) > 80 and re.fullmatch(r"[A-Za-z0-9+/=\s]+", text) is not None
-    shown = f"{text[:77]}... ({len(text)} characters)" if base64_like or len(text) > 300 else text
+    shown_text = f"{text[:77]}... ({len(text)} characters)" if base64_like or len(text) > 300 else text
     if mode is not None:
         if stat.S_ISDIR(mode):
-            return f"{shown} is a directory, not an image file"
-        return f"{shown} is not a regular file (a device, pipe or socket)"
+            return f"{shown_text} is a directory, not an image file"
+        return f"{shown_text} is not a regular file (a device, pipe or socket)"
     if base64_like:
-        return (f"no such image file: {shown}; it looks like base64 image data: pass it as a data URL, "
+        return (f"no such image file: {shown_text}; it looks like base64 image data: pass it as a data URL, "
                 f"'data:image/png;base64,<data>'")
-    return f"no such image file: {shown}"
+    return f"no such image file: {shown_text}"
 
 
-def _open_bytes(data: bytes, where: str, what: str, max_pixels: int) -> Image.Image:
+def _open_path(path: Path, where: str, limits: MediaLimits) -> Image.Image:
+    try:
+        return _quiet_open(path)
+    except Image.DecompressionBombError as e:
+        raise _bomb(where, e, limits) from None
+    except MemoryError:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, NotImplementedError (a DDS variant) ...
+        raise ValueError(f"{where}: {path} is not a readable image ({type(e).__name__}: {e})") from None
+
+
+def _open_bytes(data: bytes, where: str, what: str, limits: MediaLimits) -> Image.Image:
     try:
         return _quiet_open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
-        raise _bomb(where, e, max_pixels) from None
+        raise _bomb(where, e, limits) from None
     except MemoryError:
         raise
-    except Exception as e:
-        raise ValueError(f"{where}: {what} does not hold a readable image ({type(e).__name__}: {e})") from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, NotImplementedError (a DDS variant) ...
+        # the server's wording names PIL's finding alone; the library's names what held the bytes
+        verb = "is not" if limits.server else "does not hold"
+        raise ValueError(f"{where}: {what} {verb} a readable image ({type(e).__name__}: {e})") from None
 
 
-def _bomb(where: str, e: Exception, max_pixels: int) -> ValueError:
+def _bomb(where: str, e: Exception, limits: MediaLimits) -> ValueError:
     """PIL refuses, from the header, files past 2x its Image.MAX_IMAGE_PIXELS before we can look."""
-    return ValueError(f"{where}: the image is too large ({e}); at most {max_pixels} pixels are allowed "
-                      "(Tokenizer.max_image_pixels; PIL's Image.MAX_IMAGE_PIXELS also applies to files)")
+    return ValueError(f"{where}: the image is too large ({e}); at most {limits.max_image_pixels} pixels are "
+                      f"allowed ({limits.setting('max_image_pixels')}; PIL's Image.MAX_IMAGE_PIXELS also "
+                      "applies to files)")
 
 
-def prepare_image(img: Image.Image, max_side: int, where: str = "image", owned: bool = False) -> Image.Image:
-    """The image shrunk (if it is larger) to mistral_common's target size for `max_side`, in an
-    8-bit mode mistral_common converts right. Pixels are decoded here, after the header checks.
-    owned: the image was opened here (not the caller's object), so a JPEG may be decoded shrunk."""
-    target = mistral_target_size(img.width, img.height, max_side)
+def prepare_image(img: Image.Image, max_side: int | None, where: str = "image", owned: bool = False) -> Image.Image:
+    """The image shrunk (if it is larger) to mistral_common's target size for `max_side` (None:
+    kept at its size), in an 8-bit mode mistral_common converts right. Pixels are decoded here,
+    after the header checks. owned: the image was opened here (not the caller's object), so a
+    JPEG may be decoded shrunk."""
+    target = img.size if max_side is None else mistral_target_size(img.width, img.height, max_side)
     sixteen_bit = _sixteen_bit_source(img)  # read from the decoder before load() clears it
     try:
         if owned and target != img.size and img.format == "JPEG" and img.tile:
@@ -260,7 +400,7 @@ def _lab_to_srgb() -> ImageCms.ImageCmsTransform:
 
 
 def load_image(image: Any, where: str = "image", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-               max_side: int = 1024) -> Image.Image:
+               max_side: int | None = 1024, limits: MediaLimits | None = None) -> Image.Image:
     """open_image then prepare_image: what the tokenizer hands to mistral_common."""
     owned = not isinstance(image, Image.Image)
-    return prepare_image(open_image(image, where, max_pixels), max_side, where, owned)
+    return prepare_image(open_image(image, where, max_pixels, limits), max_side, where, owned)

@@ -7,38 +7,31 @@ pixel cap, in the engine's thread pool, just before tokenization."""
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import io
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import SplitResult, unquote, urlsplit
 
 import httpx
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from pixtral_fast.images import prepare_image
+from pixtral_fast import images
+from pixtral_fast.images import load_image, parse_url, shown, split_url
 from pixtral_fast.serve.protocol import APIError
 
 
 MAX_REDIRECTS = 5
-NAME_MAX = 255      # bytes in one file name (Linux, macOS)
-PATH_MAX = 4096     # bytes in a whole path (Linux)
-LOCAL_HOSTS = ("", "localhost")  # a file:// URL names no host, or this machine
-# urllib's urlsplit keeps its last 128 URLs in a cache (Python 3.11): a client's URLs, data: URLs
-# of megabytes among them, must not outlive their request
-_split = getattr(urlsplit, "__wrapped__", urlsplit)
 
 
 @dataclass
-class MediaLimits:
-    max_images_per_prompt: int = 8
+class MediaLimits(images.MediaLimits):
+    """The library's MediaLimits with the server's defaults: a client's images are URLs, read
+    under these caps, and file:// URLs only below --allowed-local-media-path."""
+    max_images_per_prompt: int | None = 8
     max_image_pixels: int = 4096 * 4096
-    max_image_bytes: int = 20 << 20           # an encoded image: data URL payload, file or download
+    max_image_bytes: int | None = 20 << 20
     allowed_local_media_path: Path | None = None
     fetch_timeout: float = 10.0
+    server: bool = True
 
 
 @dataclass
@@ -122,7 +115,7 @@ async def fetch_remote(sources: list[ImageSource], limits: MediaLimits, client: 
     `limits.fetch_timeout` seconds, covers the whole fetch (connecting and every read of every
     image, redirects included): httpx's own timeout is per read, which a server trickling bytes
     never trips."""
-    remote = [s for s in sources if _parse_url(s.url, s.param).scheme.lower() in ("http", "https")]
+    remote = [s for s in sources if _parse_url(s).scheme.lower() in ("http", "https")]
     current = None
     try:
         async with asyncio.timeout(limits.fetch_timeout):
@@ -133,16 +126,11 @@ async def fetch_remote(sources: list[ImageSource], limits: MediaLimits, client: 
                                   "(--media-fetch-timeout)") from None
 
 
-def _parse_url(url: str, param: str) -> SplitResult:
+def _parse_url(s: ImageSource):
     try:
-        return _split(url)
-    except ValueError as e:  # an unclosed IPv6 bracket, say
-        raise _bad(param, f"{_shown(url)} is not a valid URL ({e})") from None
-
-
-def _shown(text: str, limit: int = 80) -> str:
-    """A client's URL or path in an error message: quoted, and cut, since it may be megabytes."""
-    return repr(text if len(text) <= limit else text[:limit] + "...")
+        return parse_url(s.url, s.param)
+    except ValueError as e:
+        raise APIError(400, str(e), s.param) from None
 
 
 class BadURL(ValueError):
@@ -152,9 +140,9 @@ class BadURL(ValueError):
 def _http_url(url: str, redirected: bool = False) -> httpx.URL:
     """`url` as httpx will fetch it; BadURL unless it is a well-formed http(s) URL. For a
     redirect, the message names the Location the image URL redirected to."""
-    where = f"the image URL redirected to {_shown(url)}" if redirected else _shown(url)
+    where = f"the image URL redirected to {shown(url)}" if redirected else shown(url)
     try:
-        parsed = _split(url)
+        parsed = split_url(url)
         if parsed.scheme.lower() not in ("http", "https"):
             raise BadURL(f"{where}: only redirects to http(s) URLs are followed" if redirected
                          else f"{where} is not an http(s) URL")
@@ -174,7 +162,7 @@ def _redirect_target(response: httpx.Response) -> httpx.URL:
     try:
         joined = str(response.url.join(location))
     except (ValueError, httpx.InvalidURL) as e:
-        raise BadURL(f"the image URL redirected to {_shown(location)}, which is not a valid URL ({e})") from None
+        raise BadURL(f"the image URL redirected to {shown(location)}, which is not a valid URL ({e})") from None
     return _http_url(joined, redirected=True)
 
 
@@ -225,116 +213,16 @@ async def _read_capped(response: httpx.Response, param: str, cap: int) -> bytes:
 
 
 def load_images(sources: list[ImageSource], limits: MediaLimits, max_side: int | None = None) -> None:
-    """Decodes every source into a PIL image (blocking: run it in the thread pool). With
-    `max_side` (the tokenizer's max_image_side) each is prepared as the offline engine prepares
-    an image it opens itself (pixtral_fast.images.prepare_image): shrunk to the model's size, a
-    large JPEG decoded at reduced scale, so that server and offline answers agree."""
+    """Decodes every source into a PIL image (blocking: run it in the thread pool), through the
+    library's decoder (pixtral_fast.images) under the server's limits. With `max_side` (the
+    tokenizer's max_image_side) each is prepared as the offline engine prepares an image: shrunk to
+    the model's size, a large JPEG decoded at reduced scale, so that server and offline answers agree."""
     for s in sources:
-        s.image = _decode(_raw_bytes(s, limits), s.param, limits, max_side)
-
-
-def _raw_bytes(s: ImageSource, limits: MediaLimits) -> bytes:
-    if s.data is not None:
-        return s.data
-    url = s.url
-    if url.startswith("data:"):
-        header, comma, payload = url.partition(",")
-        if not comma or not header.startswith("data:image/") or not header.endswith(";base64"):
-            raise _bad(s.param, "a data URL must look like data:image/<type>;base64,<payload>")
-        if len(payload) * 3 // 4 > limits.max_image_bytes:
-            raise _bad(s.param, f"the image is over {limits.max_image_bytes} bytes")
         try:
-            return base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise _bad(s.param, "the data URL's payload is not valid base64") from None
-    parsed = _parse_url(url, s.param)
-    if not parsed.scheme:
-        raise _bad(s.param, f"{url[:80]!r} is not a URL: give the image as a data:image/...;base64, URL, "
-                            "an http(s):// URL or a file:// URL")
-    if parsed.scheme.lower() == "file":
-        return _read_local(_local_path(parsed, s.param), s.param, limits)
-    raise _bad(s.param, f"unsupported image URL scheme {parsed.scheme or url[:16]!r} (data:, http(s)://, file://)")
-
-
-def _local_path(parsed: SplitResult, param: str) -> Path:
-    """The path of a file:// URL. A host other than this machine is refused, not dropped:
-    file://images/x.png names the host 'images' (a relative path is not a file URL)."""
-    if parsed.netloc.lower() not in LOCAL_HOSTS:
-        raise _bad(param, f"the file:// URL names the host {_shown(parsed.netloc)}; only this machine's files are "
-                          "read: file:///absolute/path or file://localhost/absolute/path")
-    path = unquote(parsed.path, errors="surrogateescape")  # %ff: the file name's own byte, as os reads it
-    if not path.startswith("/"):  # file:x.png would be read from the server's working folder
-        raise _bad(param, f"the file:// URL's path {_shown(path)} is not absolute: write file:///absolute/path")
-    if "\0" in path:
-        raise _bad(param, "the file:// URL's path holds a NUL character")
-    _check_path_length(path, param)
-    return Path(path)
-
-
-def _check_path_length(path: str, param: str) -> None:
-    """The system's own limits, named, rather than its ENAMETOOLONG."""
-    try:
-        encoded = path.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        raise _bad(param, "the file:// URL's path holds a lone surrogate (not valid UTF-8)") from None
-    if len(encoded) > PATH_MAX:
-        raise _bad(param, f"the file path is {len(encoded)} bytes long; at most {PATH_MAX} are allowed (PATH_MAX)")
-    longest = max(encoded.split(b"/"), key=len)
-    if len(longest) > NAME_MAX:
-        raise _bad(param, f"a file name in the path is {len(longest)} bytes long; at most {NAME_MAX} are "
-                          "allowed (NAME_MAX)")
-
-
-def _read_local(path: Path, param: str, limits: MediaLimits) -> bytes:
-    root = limits.allowed_local_media_path
-    if root is None:
-        raise _bad(param, "file:// URLs are refused: the server was started without --allowed-local-media-path")
-    try:
-        return _read_under(root, path, param, limits.max_image_bytes)
-    except RuntimeError:  # Python < 3.13 reports a symlink loop so, later ones as OSError ELOOP
-        raise _bad(param, f"{_shown(str(path))} is a symlink loop") from None
-    except OSError as e:  # too long for the system, unreadable, or gone since it was resolved
-        raise _bad(param, f"cannot read {_shown(str(path))}: {e.strerror or e}") from None
-
-
-def _read_under(root: Path, path: Path, param: str, cap: int) -> bytes:
-    resolved = path.resolve()
-    if not resolved.is_relative_to(root.resolve()):
-        raise _bad(param, f"{_shown(str(path))} is outside the allowed local media path")
-    if not resolved.exists():
-        raise _bad(param, f"no such file: {_shown(str(path))}")
-    if not resolved.is_file():
-        raise _bad(param, f"{_shown(str(path))} is not a regular file")
-    if resolved.stat().st_size > cap:
-        raise _bad(param, f"the image is over {cap} bytes")
-    return resolved.read_bytes()
-
-
-def _decode(data: bytes, param: str, limits: MediaLimits, max_side: int | None = None) -> Image.Image:
-    try:
-        img = Image.open(io.BytesIO(data))
-        pixels = img.width * img.height  # from the header: checked before decoding the pixels
-        if pixels > limits.max_image_pixels:
-            raise _bad(param, f"the image has {img.width}x{img.height} = {pixels} pixels; at most "
-                              f"{limits.max_image_pixels} are allowed (--max-image-pixels)")
-        if pixels == 0:
-            raise _bad(param, f"the image has zero size ({img.width}x{img.height})")
-        if max_side is None:
-            img.load()
-        else:
-            try:
-                img = prepare_image(img, max_side, param, owned=True)
-            except ValueError as e:  # names the image (param) already
-                raise APIError(400, str(e), param) from None
-    except Image.DecompressionBombError as e:  # PIL refuses it from the header, before our own check
-        size = re.search(r"\((\d+) pixels\)", str(e))
-        pixels = f"{size.group(1)} pixels" if size else "more pixels than PIL decodes"
-        raise _bad(param, f"the image is too large: it has {pixels}; at most {limits.max_image_pixels} "
-                          "are allowed (--max-image-pixels)") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, NotImplementedError) as e:
-        # NotImplementedError: a format PIL knows, in a variant it cannot decode (DDS pixel flags)
-        raise _bad(param, f"not a readable image ({type(e).__name__}: {e})") from None
-    return img
+            s.image = load_image(s.data if s.data is not None else s.url, s.param, limits=limits,
+                                 max_side=max_side)
+        except ValueError as e:  # names the image (param) already
+            raise APIError(400, str(e), s.param) from None
 
 
 def with_images(messages: list[dict]) -> list[dict]:
