@@ -275,3 +275,26 @@ def test_prompts_within_the_budget_prefill_together_and_in_order():
         sched.add(seq)
     assert [s.id for s in sched.admit()] == [0, 1, 3]  # 30 tokens; 2 (5 more) waits one step
     assert [s.id for s in sched.admit()] == [2]
+
+
+# -- a vocabulary smaller than the tokenizer's is refused at load ----------------------------------
+
+def test_a_vocabulary_smaller_than_its_tokenizer_is_refused_before_any_weight_loads(tmp_path, tok):
+    import dataclasses
+
+    from pixtral_fast.tiny import TINY_ARGS, make_tiny
+
+    words = tok.tekken.n_words
+    args = TINY_ARGS
+    for vocab, refused in ((words - 1, True), (words, False)):
+        args = dataclasses.replace(TINY_ARGS, text=dataclasses.replace(TINY_ARGS.text, vocab_size=vocab))
+        folder = make_tiny(tmp_path / str(vocab), seed=0, args=args)
+        if refused:
+            with pytest.raises(pf.CheckpointError, match=rf"vocab_size {vocab}\) is smaller than its tokenizer's "
+                                                         rf"\({words} tokens\)"):
+                pf.Engine.from_pretrained(folder, device="cpu", dtype=torch.float32, backend="reference")
+            model = pf.load_model(folder, device="cpu", dtype=torch.float32, backend="reference")
+            with pytest.raises(pf.CheckpointError, match="smaller than its tokenizer's"):
+                pf.Engine.from_model(model, tok)
+        else:
+            pf.Engine.from_pretrained(folder, device="cpu", dtype=torch.float32, backend="reference").close()

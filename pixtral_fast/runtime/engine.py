@@ -51,6 +51,7 @@ from pixtral_fast.runtime.requests import (Completion, EngineStats, RequestError
 from pixtral_fast.runtime.sampling import SamplingParams, StepOutput
 from pixtral_fast.runtime.scheduler import Scheduler, Sequence
 from pixtral_fast.tokenizer import Encoded, Tokenizer
+from pixtral_fast.weights import check_tokenizer_vocab
 
 __all__ = ["Engine", "Completion", "EngineStats", "RequestError", "is_batch"]
 
@@ -65,6 +66,8 @@ class Engine(EngineLifecycle):
         self.model, self.parallel = model, parallel
         self._closed: str | None = None
         try:
+            if tokenizer is not None:
+                check_tokenizer_vocab(model.args.text.vocab_size, tokenizer.tekken.n_words, "the model")
             if tokenizer is not None and model.args.vision is not None:
                 tokenizer.check_matches(model.args.vision)
             self._tokenizer = tokenizer
@@ -136,13 +139,15 @@ class Engine(EngineLifecycle):
         from pixtral_fast.parallel import driver
 
         config = EngineConfig(**limits)
-        if check_size(tensor_parallel_size) == 1:
-            model = load_model(path, device=device, dtype=dtype, backend=backend, progress=config.progress)
-            return cls(model, Tokenizer.for_checkpoint(path), config)
+        size = check_size(tensor_parallel_size)
         tokenizer = Tokenizer.for_checkpoint(path)
-        vision = read_args(checkpoint_path(path)).vision
-        if vision is not None:  # a mismatch found before any worker starts and loads
-            tokenizer.check_matches(vision)
+        args = read_args(checkpoint_path(path))  # mismatches found before any weight loads
+        check_tokenizer_vocab(args.text.vocab_size, tokenizer.tekken.n_words, str(path))
+        if args.vision is not None:
+            tokenizer.check_matches(args.vision)
+        if size == 1:
+            model = load_model(path, device=device, dtype=dtype, backend=backend, progress=config.progress)
+            return cls(model, tokenizer, config)
         model, parallel = driver.start(path, tensor_parallel_size, device, dtype, backend, config.progress)
         return cls(model, tokenizer, config, parallel=parallel)
 
