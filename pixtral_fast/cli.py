@@ -27,26 +27,18 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from pixtral_fast.command_line import EXIT_BROKEN_PIPE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_USER_ERROR, PROG, Parser
 from pixtral_fast.quant.command import add_bench_scheme_options, add_quantize_command
 from pixtral_fast.serve.command import add_serve_command
 
-PROG = "pixtral-fast"
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # torch names, resolved lazily
 BACKENDS = ("auto", "fast", "reference")
-EXIT_BUG, EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
 
 
 def torch_dtype(name: str):
     import torch
 
     return getattr(torch, DTYPES[name])
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with the one-line error format (the usage is one --help away)."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USER_ERROR, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
 
 
 # -- argument types (argparse turns their ArgumentTypeError into the one-line error) -----------------

@@ -21,6 +21,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from pixtral_fast.command_line import EXIT_USER_ERROR, PROG, Parser
+
 DTYPE_NAMES = {"auto": None, "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
                "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32"}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -314,24 +316,22 @@ def _graceful_server(config, state, grace: float):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pixtral_fast.cli import Parser  # here: pixtral_fast.cli imports this module
-
-    p = Parser(prog="pixtral-fast serve", description="OpenAI-compatible HTTP server")
+    p = Parser(prog=f"{PROG} serve", description="OpenAI-compatible HTTP server")
     add_serve_arguments(p)
     a = p.parse_args(argv)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack on stderr
     try:
         run_serve(a)
     except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"pixtral-fast: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None
     except RuntimeError as e:  # a tensor-parallel rank died or timed out: one line, no traceback
         from pixtral_fast.parallel.comm import TensorParallelError
 
         if not isinstance(e, TensorParallelError):
             raise
-        print(f"pixtral-fast: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None
 
 
 if __name__ == "__main__":
