@@ -96,12 +96,35 @@ def load_model(path: str | Path, device=None, dtype: torch.dtype = torch.bfloat1
         if parallel:
             raise ValueError(f"{path}: tensor parallelism does not take compressed-tensors (quantized) checkpoints "
                              "yet; run it with tensor_parallel_size=1, or give the bf16 checkpoint")
-        from pixtral_fast.quant.loading import load_quantized_model
-
         return load_quantized_model(path, device, dtype, backend, progress)
     state = load_state_dict(path, args, device, dtype, progress=progress, shard=comm.plan if parallel else None)
     model = build_model(args, device="meta", dtype=dtype, comm=comm)
     model.load_state_dict(state, assign=True, strict=True)
     model.set_backend(backend).eval().requires_grad_(False)  # inference only: no autograd graphs
     log.info("loaded %s on %s (%s), backend=%s", path, device, dtype, model.backend)
+    return model
+
+
+def load_quantized_model(path: str | Path, device=None, dtype: torch.dtype = torch.bfloat16, backend: str = "auto",
+                         progress: bool = True) -> Pixtral:
+    """pf.load_model for a compressed-tensors HF folder: the model built here, its packed weights
+    read by pixtral_fast/quant/loading.py."""
+    from pixtral_fast.quant.config import QuantConfig
+    from pixtral_fast.quant.loading import (bind_quant_layers, read_quantized_state, repack_quant_layers,
+                                            swap_quantized_modules)
+
+    device, dtype = resolve_device(device), check_dtype(dtype)
+    qconfig = QuantConfig.from_folder(path)
+    if qconfig is None:
+        raise CheckpointError(f"{path}: config.json has no quantization_config")
+    args = read_args(path)
+    model = build_model(args, device="meta", dtype=dtype)
+    state, schemes = read_quantized_state(path, args, qconfig, model, device, dtype, progress=progress)
+    scale_dtypes = {cons: state[f"{cons}.weight_scale"].dtype for cons in schemes}
+    swap_quantized_modules(model, schemes, scale_dtypes.__getitem__)
+    model.load_state_dict(state, assign=True, strict=True)
+    del state
+    repack_quant_layers(model)
+    model.set_backend(backend).eval().requires_grad_(False)
+    bind_quant_layers(model)
     return model

@@ -232,26 +232,3 @@ def repack_quant_layers(model) -> None:
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.repack_()
-
-
-def load_quantized_model(path: str | Path, device=None, dtype: torch.dtype = torch.bfloat16, backend: str = "auto",
-                         progress: bool = True):
-    """pf.load_model for a compressed-tensors HF folder."""
-    from pixtral_fast.model.load import check_dtype, read_args, resolve_device
-    from pixtral_fast.model.pixtral import build_model
-
-    device, dtype = resolve_device(device), check_dtype(dtype)
-    qconfig = QuantConfig.from_folder(path)
-    if qconfig is None:
-        raise CheckpointError(f"{path}: config.json has no quantization_config")
-    args = read_args(path)
-    model = build_model(args, device="meta", dtype=dtype)
-    state, schemes = read_quantized_state(path, args, qconfig, model, device, dtype, progress=progress)
-    scale_dtypes = {cons: state[f"{cons}.weight_scale"].dtype for cons in schemes}
-    swap_quantized_modules(model, schemes, scale_dtypes.__getitem__)
-    model.load_state_dict(state, assign=True, strict=True)
-    del state
-    repack_quant_layers(model)
-    model.set_backend(backend).eval().requires_grad_(False)
-    bind_quant_layers(model)
-    return model
