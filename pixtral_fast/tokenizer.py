@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pydantic
@@ -22,12 +22,12 @@ from mistral_common.tokens.tokenizers.sentencepiece import is_sentencepiece
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer, is_tekken
 from PIL import Image
 
-from pixtral_fast.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
+from pixtral_fast.images import DEFAULT_MAX_IMAGE_PIXELS, MediaLimits, load_image
 from pixtral_fast.weights import CheckpointError
 
-__all__ = ["Encoded", "Tokenizer", "load_image", "to_request"]
+__all__ = ["Encoded", "ImageSource", "InputError", "Prompt", "Tokenizer", "decode_images", "load_image",
+           "parse_messages", "to_request"]
 
-ImageLoader = Callable[[Any, str], Image.Image]
 TEKKEN_NAMES = ("tekken.json", "tekken_240911.json")
 SENTENCEPIECE_MM = re.compile(r"\.model\.v\d+m\d+$")  # mistral_common's multimodal SentencePiece names
 
@@ -38,47 +38,145 @@ class Encoded:
     images: list[np.ndarray]  # float32 [3, H, W], as mistral_common returns them
 
 
+class InputError(ValueError):
+    """A bad message or image; `param` is where it sits in the request (the server's error param)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class ImageSource:
+    """One image of a prompt: what the caller gave (a URL, path, bytes or PIL image), where it
+    sits in the request (errors name it), the bytes fetched for an http(s) URL, the decoded image."""
+    source: Any
+    param: str
+    data: bytes | None = None
+    image: Image.Image | None = field(default=None, repr=False)
+
+
+@dataclass
+class _PendingUser:
+    """A user message whose images are not decoded yet: text chunks and ImageSources."""
+    content: list
+
+
+@dataclass
+class Prompt:
+    """Checked messages with their images noted in order, not yet decoded (the server fetches and
+    decodes them elsewhere). `request`: the caller's own ChatCompletionRequest, whose other fields
+    are kept."""
+    messages: list
+    images: list[ImageSource]
+    request: ChatCompletionRequest | None = None
+
+    def to_request(self) -> ChatCompletionRequest:
+        """The mistral_common request, every image decoded (decode_images) beforehand."""
+        messages = [UserMessage(content=[ImageChunk(image=c.image) if isinstance(c, ImageSource) else c
+                                         for c in m.content]) if isinstance(m, _PendingUser) else m
+                    for m in self.messages]
+        if self.request is not None:
+            return self.request.model_copy(update={"messages": messages})
+        return ChatCompletionRequest(messages=messages)
+
+
+def parse_messages(messages: Any, limits: MediaLimits) -> Prompt:
+    """The one message parser: OpenAI-style dicts (and, from a program, mistral_common messages
+    or a ChatCompletionRequest) checked, with their images noted; InputError naming what is wrong.
+    A server's client (limits.server) gives only dicts, and images only as image_url parts."""
+    request = messages if isinstance(messages, ChatCompletionRequest) else None
+    if request is not None:
+        messages = request.messages
+    elif isinstance(messages, dict):
+        messages = [messages]
+    if not isinstance(messages, list) or not messages:
+        raise InputError("messages", "messages must be a ChatCompletionRequest or a non-empty list of messages")
+    images: list[ImageSource] = []
+    parsed = [_message(m, f"messages[{i}]", limits, images) for i, m in enumerate(messages)]
+    most = limits.max_images_per_prompt
+    if most is not None and len(images) > most:
+        raise InputError("messages", f"messages: {len(images)} images in the prompt; at most {most} are allowed "
+                                     f"({limits.setting('max_images_per_prompt')})")
+    return Prompt(parsed, images, request)
+
+
+def _message(m: Any, where: str, limits: MediaLimits, images: list[ImageSource]) -> Any:
+    if isinstance(m, UserMessage):
+        if isinstance(m.content, str):
+            return m
+        return _PendingUser([_own_chunk(c, f"{where}.content[{j}]", limits, images) for j, c in enumerate(m.content)])
+    if not isinstance(m, dict):
+        if limits.server:
+            raise InputError(where, f"{where}: a message must be an object with a role")
+        return m  # anything else is refused by ChatCompletionRequest's validation, with its message
+    role = m.get("role")
+    if role == "user":
+        return _PendingUser(_chunks(m.get("content"), where, limits, images))
+    if role == "assistant":
+        if m.get("tool_calls"):
+            raise InputError(f"{where}.tool_calls", f"{where}.tool_calls: tool calls are not supported")
+        return AssistantMessage(content=_system_or_assistant(m.get("content"), where))
+    if role in ("system", "developer"):  # developer: OpenAI's newer name for the system message
+        content = _system_or_assistant(m.get("content"), where)
+        if content is None:
+            raise InputError(f"{where}.content", f"{where}: a system message needs content")
+        return SystemMessage(content=content)
+    raise InputError(f"{where}.role", f"{where}: role must be user, assistant or system, got {role!r}")
+
+
 def _text(value: Any, where: str) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"{where}: a text part needs a string 'text', got {type(value).__name__}")
+        raise InputError(f"{where}.text", f"{where}: a text part needs a string 'text', got {type(value).__name__}")
     return value
 
 
-def _chunks(content: Any, where: str, load: ImageLoader) -> list:
+def _chunks(content: Any, where: str, limits: MediaLimits, images: list[ImageSource]) -> list:
     if isinstance(content, str):
         return [TextChunk(text=content)]
     if not isinstance(content, list):
-        raise ValueError(f"{where}.content must be a string or a list of parts, got {type(content).__name__}")
-    out = []
-    for j, part in enumerate(content):
-        at = f"{where}.content[{j}]"
-        if isinstance(part, (TextChunk, ImageChunk, ImageURLChunk)):
-            out.append(_own_chunk(part, at, load))
-            continue
-        if not isinstance(part, dict) or "type" not in part:
-            raise ValueError(f"{at}: expected a dict with a 'type'")
-        kind = part["type"]
-        if kind == "text":
-            out.append(TextChunk(text=_text(part.get("text"), at)))
-        elif kind == "image":
-            out.append(ImageChunk(image=load(part.get("image"), at)))
-        elif kind == "image_url":
-            spec = part.get("image_url")
-            url = spec.get("url") if isinstance(spec, dict) else spec
-            if not isinstance(url, str) or not url:
-                raise ValueError(f"{at}: an image_url part needs image_url.url, a non-empty string")
-            out.append(ImageChunk(image=load(url, at)))
-        else:
-            raise ValueError(f"{at}: unknown part type {kind!r} (text, image, image_url)")
-    return out
+        raise InputError(f"{where}.content", f"{where}.content must be a string or a list of parts, "
+                                             f"got {type(content).__name__}")
+    if not content:
+        raise InputError(f"{where}.content", f"{where}.content: the list of parts is empty; give a string or "
+                                             "at least one part")
+    return [_part(part, f"{where}.content[{j}]", limits, images) for j, part in enumerate(content)]
 
 
-def _own_chunk(chunk: Any, where: str, load: ImageLoader) -> Any:
+def _part(part: Any, at: str, limits: MediaLimits, images: list[ImageSource]) -> Any:
+    if isinstance(part, (TextChunk, ImageChunk, ImageURLChunk)):
+        return _own_chunk(part, at, limits, images)
+    if not isinstance(part, dict) or "type" not in part:
+        raise InputError(at, f"{at}: expected a dict with a 'type'")
+    kind = part["type"]
+    if kind == "text":
+        return TextChunk(text=_text(part.get("text"), at))
+    if kind == "image" and not limits.server:  # a client may not name a path or hand over objects
+        return _image(part.get("image"), at, at, images)
+    if kind == "image_url":
+        spec = part.get("image_url")
+        url = spec.get("url") if isinstance(spec, dict) else spec
+        param = f"{at}.image_url.url"
+        if not isinstance(url, str) or not url:
+            raise InputError(param, f"{at}: an image_url part needs image_url.url, a non-empty string")
+        return _image(url, at, param if limits.server else at, images)
+    kinds = "text, image_url" if limits.server else "text, image, image_url"
+    raise InputError(at, f"{at}: unknown part type {kind!r} ({kinds})")
+
+
+def _image(source: Any, at: str, param: str, images: list[ImageSource]) -> ImageSource:
+    """param: where the image's own errors point (the server's param names the URL itself)."""
+    image = ImageSource(source, param)
+    images.append(image)
+    return image
+
+
+def _own_chunk(chunk: Any, where: str, limits: MediaLimits, images: list[ImageSource]) -> Any:
     """mistral_common chunks with their images loaded here (caps, modes, no URL fetching)."""
     if isinstance(chunk, ImageChunk):
-        return ImageChunk(image=load(chunk.image, where))
+        return _image(chunk.image, where, where, images)
     if isinstance(chunk, ImageURLChunk):
-        return ImageChunk(image=load(chunk.get_url(), where))
+        return _image(chunk.get_url(), where, where, images)
     return chunk
 
 
@@ -87,7 +185,8 @@ def _system_or_assistant(content: Any, where: str) -> Any:
     if content is None or isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise ValueError(f"{where}.content must be a string or a list of text parts, got {type(content).__name__}")
+        raise InputError(f"{where}.content", f"{where}.content must be a string or a list of text parts, "
+                                             f"got {type(content).__name__}")
     parts = []
     for j, part in enumerate(content):
         if isinstance(part, TextChunk):
@@ -95,47 +194,37 @@ def _system_or_assistant(content: Any, where: str) -> Any:
         elif isinstance(part, dict) and part.get("type") == "text":
             parts.append(TextChunk(text=_text(part.get("text"), f"{where}.content[{j}]")))
         else:
-            raise ValueError(f"{where}.content[{j}]: only text parts are allowed here")
+            raise InputError(f"{where}.content[{j}]", f"{where}.content[{j}]: only text parts are allowed here")
     return parts
 
 
-def _message(m: Any, where: str, load: ImageLoader) -> Any:
-    if isinstance(m, UserMessage):
-        content = m.content if isinstance(m.content, str) else [_own_chunk(c, f"{where}.content[{j}]", load)
-                                                                for j, c in enumerate(m.content)]
-        return m.model_copy(update={"content": content})
-    if isinstance(m, (AssistantMessage, SystemMessage)) or not isinstance(m, dict):
-        return m  # anything else is refused by ChatCompletionRequest's validation, with its message
-    role = m.get("role")
-    if role == "user":
-        return UserMessage(content=_chunks(m.get("content"), where, load))
-    if role == "assistant":
-        return AssistantMessage(content=_system_or_assistant(m.get("content"), where))
-    if role == "system":
-        content = _system_or_assistant(m.get("content"), where)
-        if content is None:
-            raise ValueError(f"{where}: a system message needs content")
-        return SystemMessage(content=content)
-    raise ValueError(f"{where}: role must be user, assistant or system, got {role!r}")
+def decode_images(images: list[ImageSource], limits: MediaLimits, max_side: int | None) -> None:
+    """Decodes every image of a prompt (blocking) through the one decoder (pixtral_fast.images),
+    prepared for the model's `max_side`; InputError naming the image."""
+    for s in images:
+        try:
+            s.image = load_image(s.data if s.data is not None else s.source, s.param, max_side=max_side, limits=limits)
+        except InputError:
+            raise
+        except ValueError as e:  # names the image already
+            raise InputError(s.param, str(e)) from None
 
 
-def to_request(messages: Any, load: ImageLoader = load_image) -> ChatCompletionRequest:
+def to_request(messages: Any, limits: MediaLimits | None = None, max_side: int | None = 1024) -> ChatCompletionRequest:
     """A ChatCompletionRequest from one, or from a list of OpenAI-style dicts / mistral_common
-    messages; every image goes through `load` (a ChatCompletionRequest's own included)."""
-    if isinstance(messages, ChatCompletionRequest):
-        return messages.model_copy(update={"messages": [_message(m, f"messages[{i}]", load)
-                                                        for i, m in enumerate(messages.messages)]})
-    if isinstance(messages, dict):
-        messages = [messages]
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a ChatCompletionRequest or a non-empty list of messages")
-    return ChatCompletionRequest(messages=[_message(m, f"messages[{i}]", load) for i, m in enumerate(messages)])
+    messages; every image decoded under `limits` (the library's by default)."""
+    limits = limits or MediaLimits()
+    prompt = parse_messages(messages, limits)
+    decode_images(prompt.images, limits, max_side)
+    return prompt.to_request()
 
 
 def user_error(e: Exception) -> ValueError:
     """A plain ValueError saying what mistral_common (or pydantic) found wrong with the request."""
     if type(e) is ValueError:
         return e
+    if isinstance(e, InputError):
+        return ValueError(str(e))
     if isinstance(e, pydantic.ValidationError):
         details = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or e.title}: {err['msg']}" for err in e.errors())
         return ValueError(f"the request is malformed ({e.title}): {details}")
@@ -258,13 +347,29 @@ class Tokenizer:
     def bos_id(self) -> int:
         return self.tekken.bos_id
 
+    @property
+    def media_limits(self) -> MediaLimits:
+        """The library's bounds on images: this tokenizer's pixel cap, any local path."""
+        return MediaLimits(max_image_pixels=self.max_image_pixels)
+
     def load_image(self, image: Any, where: str = "image") -> Image.Image:
-        return load_image(image, where, self.max_image_pixels, self.max_image_side)
+        return load_image(image, where, max_side=self.max_image_side, limits=self.media_limits)
 
     def encode(self, request_or_messages: Any) -> Encoded:
         """Tokens and preprocessed images; ValueError for anything wrong with the request."""
         try:
-            encoded = self.mistral.encode_chat_completion(to_request(request_or_messages, self.load_image))
+            prompt = parse_messages(request_or_messages, self.media_limits)
+            decode_images(prompt.images, self.media_limits, self.max_image_side)
+        except MemoryError:
+            raise
+        except Exception as e:
+            raise user_error(e) from None
+        return self.encode_prompt(prompt)
+
+    def encode_prompt(self, prompt: Prompt) -> Encoded:
+        """Tokens and preprocessed images of a parsed prompt whose images are decoded."""
+        try:
+            encoded = self.mistral.encode_chat_completion(prompt.to_request())
         except MemoryError:
             raise
         except Exception as e:

@@ -23,7 +23,7 @@ from pixtral_fast.runtime.async_engine import Delta, EngineClosed, EngineFault, 
 from pixtral_fast.runtime.engine import RequestError
 from pixtral_fast.runtime.sampling import SamplingParams
 from pixtral_fast.serve import protocol as wire
-from pixtral_fast.serve.media import fetch_remote, load_images, parse_messages, with_images
+from pixtral_fast.serve.media import fetch_remote, load_images, parse_messages
 from pixtral_fast.serve.metrics import ChoiceTimer, engine_death
 from pixtral_fast.serve.protocol import APIError, ChatRequest
 
@@ -97,12 +97,13 @@ class ChatHandler:
 
     async def _encode(self, req: ChatRequest):
         s = self.server
-        messages, sources = parse_messages(req.messages, s.settings.media)
-        await fetch_remote(sources, s.settings.media, s.http)
+        prompt = parse_messages(req.messages, s.settings.media)
+        await fetch_remote(prompt.images, s.settings.media, s.http)
+        tokenizer = s.engine.engine.tokenizer
 
         def encode():
-            load_images(sources, s.settings.media, getattr(s.engine.engine.tokenizer, "max_image_side", None))
-            return s.engine.engine.tokenizer.encode(with_images(messages))
+            load_images(prompt.images, s.settings.media, tokenizer.max_image_side)
+            return tokenizer.encode_prompt(prompt)
 
         try:
             return await s.engine.run_in_pool(encode)

@@ -1,21 +1,23 @@
-"""OpenAI chat messages -> the tokenizer's messages, with their images.
+"""A client's chat messages -> the tokenizer's prompt, with its images.
 
-Three phases, so that nothing slow runs on the event loop: `parse_messages` checks the structure
-and notes each image's source (cheap, on the loop); `fetch_remote` downloads http(s) images with a
-timeout and a byte cap (async); `load_images` decodes every image (base64, file, bytes) with a
-pixel cap, in the engine's thread pool, just before tokenization."""
+The parser and the decoder are the library's (pixtral_fast.tokenizer.parse_messages,
+pixtral_fast.images), run under the server's MediaLimits; what only the server does is here:
+fetching http(s) images, and answering refusals as 400s naming the param. Three phases, so that
+nothing slow runs on the event loop: `parse_messages` checks the structure and notes each image's
+source (cheap, on the loop); `fetch_remote` downloads http(s) images with a timeout and a byte cap
+(async); `load_images` decodes every image (base64, file, bytes) with a pixel cap, in the engine's
+thread pool, just before tokenization."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
-from PIL import Image
 
-from pixtral_fast import images
-from pixtral_fast.images import load_image, parse_url, shown, split_url
+from pixtral_fast import images, tokenizer
+from pixtral_fast.images import parse_url, shown, split_url
+from pixtral_fast.tokenizer import ImageSource, InputError, Prompt, decode_images
 from pixtral_fast.serve.protocol import APIError
 
 
@@ -34,80 +36,16 @@ class MediaLimits(images.MediaLimits):
     server: bool = True
 
 
-@dataclass
-class ImageSource:
-    url: str
-    param: str                                # where it sits in the request, for errors
-    data: bytes | None = None                 # fetched bytes (http) — decoded later
-    image: Image.Image | None = field(default=None, repr=False)
-
-
 def _bad(param: str, message: str) -> APIError:
     return APIError(400, f"{param}: {message}", param)
 
 
-def _text_of(content: Any, param: str) -> str:
-    """System / assistant content: a string or text parts."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):
-        parts = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise _bad(f"{param}[{j}]", "only text parts are allowed here")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise _bad(param, "content must be a string or a list of parts")
-
-
-def parse_messages(messages: list[dict], limits: MediaLimits) -> tuple[list[dict], list[ImageSource]]:
-    """Tokenizer messages (images as ImageSource placeholders) and the image sources in order."""
-    out, sources = [], []
-    for i, m in enumerate(messages):
-        at = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise _bad(at, "a message must be an object with a role")
-        role = m.get("role")
-        if role in ("system", "developer"):
-            out.append({"role": "system", "content": _text_of(m.get("content"), f"{at}.content")})
-        elif role == "assistant":
-            if m.get("tool_calls"):
-                raise _bad(f"{at}.tool_calls", "tool calls are not supported")
-            out.append({"role": "assistant", "content": _text_of(m.get("content"), f"{at}.content")})
-        elif role == "user":
-            out.append({"role": "user", "content": _user_parts(m.get("content"), f"{at}.content", sources)})
-        else:
-            raise _bad(f"{at}.role", f"role must be system, user or assistant, got {role!r}")
-    if len(sources) > limits.max_images_per_prompt:
-        raise APIError(400, f"messages: {len(sources)} images in the prompt; at most "
-                            f"{limits.max_images_per_prompt} are allowed (--max-images-per-prompt)", "messages")
-    return out, sources
-
-
-def _user_parts(content: Any, at: str, sources: list[ImageSource]) -> Any:
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list) or not content:
-        raise _bad(at, "content must be a string or a non-empty list of parts")
-    parts = []
-    for j, part in enumerate(content):
-        where = f"{at}[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            if not isinstance(part.get("text"), str):
-                raise _bad(f"{where}.text", "must be a string")
-            parts.append({"type": "text", "text": part["text"]})
-        elif kind == "image_url":
-            spec = part.get("image_url")
-            url = spec.get("url") if isinstance(spec, dict) else spec
-            if not isinstance(url, str) or not url:
-                raise _bad(f"{where}.image_url.url", "must be a non-empty string")
-            source = ImageSource(url, f"{where}.image_url.url")
-            sources.append(source)
-            parts.append({"type": "image", "image": source})
-        else:
-            raise _bad(where, f"unknown content part type {kind!r} (text, image_url)")
-    return parts
+def parse_messages(messages: list[dict], limits: MediaLimits) -> Prompt:
+    """The client's messages through the one parser (pixtral_fast.tokenizer), refusals as 400s."""
+    try:
+        return tokenizer.parse_messages(messages, limits)
+    except InputError as e:
+        raise APIError(400, str(e), e.param) from None
 
 
 async def fetch_remote(sources: list[ImageSource], limits: MediaLimits, client: httpx.AsyncClient) -> None:
@@ -128,7 +66,7 @@ async def fetch_remote(sources: list[ImageSource], limits: MediaLimits, client: 
 
 def _parse_url(s: ImageSource):
     try:
-        return parse_url(s.url, s.param)
+        return parse_url(s.source, s.param)
     except ValueError as e:
         raise APIError(400, str(e), s.param) from None
 
@@ -183,7 +121,7 @@ async def _fetch_one(s: ImageSource, limits: MediaLimits, client: httpx.AsyncCli
     """Follows up to MAX_REDIRECTS redirects itself, so that each hop is checked as the first URL
     is: a redirect to data:, file: or any other scheme is refused, not fetched or half-handled."""
     try:
-        url = _http_url(s.url)
+        url = _http_url(s.source)
         for _ in range(MAX_REDIRECTS + 1):
             async with client.stream("GET", url, timeout=limits.fetch_timeout, follow_redirects=False) as response:
                 if response.has_redirect_location:
@@ -213,24 +151,11 @@ async def _read_capped(response: httpx.Response, param: str, cap: int) -> bytes:
 
 
 def load_images(sources: list[ImageSource], limits: MediaLimits, max_side: int | None = None) -> None:
-    """Decodes every source into a PIL image (blocking: run it in the thread pool), through the
-    library's decoder (pixtral_fast.images) under the server's limits. With `max_side` (the
-    tokenizer's max_image_side) each is prepared as the offline engine prepares an image: shrunk to
-    the model's size, a large JPEG decoded at reduced scale, so that server and offline answers agree."""
-    for s in sources:
-        try:
-            s.image = load_image(s.data if s.data is not None else s.url, s.param, limits=limits,
-                                 max_side=max_side)
-        except ValueError as e:  # names the image (param) already
-            raise APIError(400, str(e), s.param) from None
-
-
-def with_images(messages: list[dict]) -> list[dict]:
-    """The tokenizer's messages: each ImageSource replaced by its decoded image."""
-    out = []
-    for m in messages:
-        if isinstance(m["content"], list):
-            m = {**m, "content": [{"type": "image", "image": p["image"].image} if p["type"] == "image" else p
-                                  for p in m["content"]]}
-        out.append(m)
-    return out
+    """Decodes every source (blocking: run it in the thread pool) through the library's decoder
+    under the server's limits. With `max_side` (the tokenizer's max_image_side) each is prepared as
+    the offline engine prepares an image: shrunk to the model's size, a large JPEG decoded at
+    reduced scale, so that server and offline answers agree."""
+    try:
+        decode_images(sources, limits, max_side)
+    except InputError as e:
+        raise APIError(400, str(e), e.param) from None
