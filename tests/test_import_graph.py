@@ -49,7 +49,6 @@ LAYER_OF = {
     f"{PACKAGE}.quant.command": "cli",       # the `quantize` subcommand's arguments and exit codes
     f"{PACKAGE}.parallel": "parallel",
     f"{PACKAGE}.weights": "loading",
-    f"{PACKAGE}.cpu_memory": "loading",      # host memory for a CPU engine's cache (a leaf of the runtime)
     f"{PACKAGE}.tokenizer": "tokenizer/images",
     f"{PACKAGE}.images": "tokenizer/images",
     f"{PACKAGE}.hf_tokenizer": "tokenizer/images",  # an exported folder's tokenizer files
@@ -59,6 +58,7 @@ LAYER_OF = {
     f"{PACKAGE}.easy_vqa": "model",          # a data set as tokenized prompts (model-independent)
     f"{PACKAGE}.train_demo": "model",        # trains a small Pixtral with the reference ops
     f"{PACKAGE}.runtime": "runtime",
+    f"{PACKAGE}.cpu_memory": "runtime",      # the host memory a CPU engine's KV cache may take
     f"{PACKAGE}.benchmark": "runtime",       # an engine's end-to-end speed against its roofline
     f"{PACKAGE}.demo": "runtime",            # the shipped model answering through an Engine
     f"{PACKAGE}": "runtime",                 # __init__: the public API, ending at the Engine
@@ -74,13 +74,13 @@ GOAL_CYCLES, GOAL_UPWARD = 0, 4
 KNOWN_CYCLES = {
     # config_hf.py takes the sections from config.py; it should take them from config_sections.py.
     ("pixtral_fast.config", "pixtral_fast.config_hf"),
-    # The CPU cache budget is sized in CacheShape's bytes; CacheShape belongs below both.
+    # cpu_memory.default_memory_bytes sizes a block with kv_cache.CacheShape, and kv_cache asks
+    # cpu_memory for the host's free bytes.
     ("pixtral_fast.cpu_memory", "pixtral_fast.runtime.kv_cache"),
 }
 KNOWN_UPWARD = {
-    ("pixtral_fast.cpu_memory", "pixtral_fast.runtime.kv_cache"): "CacheShape (see KNOWN_CYCLES)",
-    ("pixtral_fast.hf_tokenizer", "pixtral_fast.tiny"): "tiny.tekken_file: the shipped Tekken file's path",
-    ("pixtral_fast.kernels.rope_2d", "pixtral_fast.reference"): "the kernel's fallback calls the oracle",
+    ("pixtral_fast.hf_tokenizer", "pixtral_fast.tiny"): "tiny.tekken_file: the Tekken file mistral_common ships",
+    ("pixtral_fast.kernels.rope_2d", "pixtral_fast.reference"): "one RoPE frequency table (kernel and oracle)",
     ("pixtral_fast.ops", "pixtral_fast.quant.ops"): "pf.ops re-exports the quantized linears (DESIGN §3)",
     ("pixtral_fast.reference", "pixtral_fast.quant.reference"): "their oracles, re-exported likewise",
     ("pixtral_fast.parallel.driver", "pixtral_fast.model.load"): "the TP executor lives in parallel/",
@@ -90,8 +90,8 @@ KNOWN_UPWARD = {
     ("pixtral_fast.parallel.memory", "pixtral_fast.model.pixtral"): "the TP memory plan builds a meta model",
     ("pixtral_fast.quant.model", "pixtral_fast.model.pixtral"): "quantize_model builds a Pixtral",
     ("pixtral_fast.quant.model", "pixtral_fast.quant.loading"): "the module swap lives in the packed loader",
-    ("pixtral_fast.quant.quantize", "pixtral_fast.hf_export"): "`quantize` writes an HF folder",
-    ("pixtral_fast.quant.quantize", "pixtral_fast.tokenizer"): "`quantize` copies the tokenizer files",
+    ("pixtral_fast.quant.quantize", "pixtral_fast.hf_export"): "a consolidated SRC is exported to HF first",
+    ("pixtral_fast.quant.quantize", "pixtral_fast.tokenizer"): "TEKKEN_NAMES: the tokenizer files it copies",
     ("pixtral_fast.quant.quantize", "pixtral_fast.weights"): "`quantize` reads the source checkpoint",
     ("pixtral_fast.weights", "pixtral_fast.model.pixtral"): "the loader checks names against a meta model",
 }
