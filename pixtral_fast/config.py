@@ -52,6 +52,7 @@ __all__ = ["IMG_BREAK_ID", "IMG_END_ID", "IMG_ID", "MAX_CONFIG_BYTES", "MAX_DIM"
            "ModelArgs", "read_json",
            "_int"]  # config_hf.py's, until it imports the sections from config_sections.py
 
+
 def _check_model(text: TextArgs, vision: VisionArgs | None, text_name: Names, name: Names) -> None:
     if not isinstance(text, TextArgs) or not isinstance(vision, (VisionArgs, type(None))):
         raise ConfigError(f"ModelArgs wants TextArgs and VisionArgs | None, got {type(text).__name__} and "
