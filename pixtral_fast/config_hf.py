@@ -47,6 +47,18 @@ def image_marker_ids(path: Path, vocab_size: int) -> tuple[int, int]:
     return _SENTENCEPIECE_V7_MARKERS if vocab_size == _SENTENCEPIECE_V7_VOCAB else (IMG_BREAK_ID, IMG_END_ID)
 
 
+def ties_word_embeddings(raw: dict[str, Any]) -> bool:
+    """Whether transformers ties this config's output head to its embedding: the top-level
+    tie_word_embeddings, whose default is true for Mistral3 and false for Llava; Llava also takes
+    text_config.tie_word_embeddings=true (older saves wrote it there). A checkpoint that holds
+    lm_head anyway is read as it is, as transformers does when the two differ."""
+    mistral3 = raw.get("model_type") == "mistral3"
+    top = raw.get("tie_word_embeddings")
+    text = raw.get("text_config")
+    text_tied = isinstance(text, dict) and text.get("tie_word_embeddings") is True
+    return (mistral3 if top is None else top is True) or (not mistral3 and text_tied)
+
+
 def hf_values(path: Path, raw: dict[str, Any]) -> tuple[dict, dict, Callable[[str], Names]]:
     """Our TextArgs / VisionArgs values from an HF config, and the HF name of each field."""
     sections = {}
@@ -78,9 +90,9 @@ def hf_values(path: Path, raw: dict[str, Any]) -> tuple[dict, dict, Callable[[st
     if not mistral3:
         refuse_unless("model_type", raw.get("model_type", "llava"), "llava", "Llava (Pixtral-12B, Pixtral-Large) "
                       "or mistral3 (Mistral-Small-3.1/3.2)")
-    if tc.get("tie_word_embeddings") is True:
-        raise ConfigError(f"{path}: text_config.tie_word_embeddings=true is not supported (every Pixtral-family "
-                          "release has a separate output matrix)")
+    for where, section in (("tie_word_embeddings", raw), ("text_config.tie_word_embeddings", tc)):
+        if section.get("tie_word_embeddings") not in (None, True, False):
+            raise ConfigError(f"{path}: {where} must be true or false, got {_show(section['tie_word_embeddings'])}")
 
     def need(d: dict, key: str, where: str, default: Any = _MISSING) -> Any:
         if d.get(key) is None:  # HF writes null for "not set"

@@ -56,12 +56,14 @@ def is_mistral3(args: ModelArgs) -> bool:
     return args.vision is not None and args.vision.merges_patches
 
 
-def hf_config(args: ModelArgs) -> dict[str, Any]:
-    """The config.json transformers builds this model from."""
+def hf_config(args: ModelArgs, tied: bool = False) -> dict[str, Any]:
+    """The config.json transformers builds this model from; `tied`: the output head is the embedding."""
     from pixtral_fast.tiny import hf_config as llava_config
 
     config = llava_config(args)
-    config["tie_word_embeddings"] = False  # transformers 5 ties Mistral3's output by default
+    # Said at the top level (transformers 5 ties Mistral3's output by default) and in text_config
+    # (where older transformers read Llava's).
+    config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = tied
     v = args.vision
     if not is_mistral3(args):
         return config
@@ -73,12 +75,22 @@ def hf_config(args: ModelArgs) -> dict[str, Any]:
     return config
 
 
-def to_hf_state(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """HF keys, with wq/wk rows permuted back to HF's rotate-half order."""
+def output_is_embedding(state: dict[str, torch.Tensor]) -> bool:
+    """A tied model: its output head holds exactly its embedding (one tensor, or an equal copy, as
+    a consolidated file made from a tied HF folder stores it)."""
+    out, emb = state["output.weight"], state["tok_embeddings.weight"]
+    return out is emb or (out.shape == emb.shape and out.dtype == emb.dtype and torch.equal(out, emb))
+
+
+def to_hf_state(state: dict[str, torch.Tensor], args: ModelArgs, tied: bool = False) -> dict[str, torch.Tensor]:
+    """HF keys, with wq/wk rows permuted back to HF's rotate-half order; `tied`: no lm_head (what
+    transformers saves for a tied model)."""
     from pixtral_fast.weights import _rope_heads, apply_hf_rope_permutation
 
     out = {}
     for name, t in state.items():
+        if tied and name == "output.weight":
+            continue
         heads = _rope_heads(name, args)
         out[consolidated_to_hf_name(name)] = t if heads is None else apply_hf_rope_permutation(t, heads)
     return out
@@ -102,10 +114,11 @@ def convert_consolidated_to_hf(src: str | Path, dst: str | Path, dtype: torch.dt
     if processor:
         _tokenizer_converts(src)  # before the weights: a missing transformers fails an export at once
     state = load_state_dict(src, args, "cpu", dtype, progress=False)
+    tied = output_is_embedding(state)
     dst.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in to_hf_state(state, args).items()}
+    tensors = {k: v.contiguous() for k, v in to_hf_state(state, args, tied).items()}
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    (dst / "config.json").write_text(json.dumps(hf_config(args), indent=2) + "\n")
+    (dst / "config.json").write_text(json.dumps(hf_config(args, tied), indent=2) + "\n")
     if processor:
         from pixtral_fast.hf_tokenizer import write_hf_processor
 

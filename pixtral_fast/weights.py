@@ -3,14 +3,22 @@
 Every key, shape and dtype is checked against the model built from the config before a byte of
 tensor data is read; one CheckpointError lists everything that is missing, unexpected, mis-shaped
 or not floating point.
-Tensors are read memory-mapped, converted to the target dtype and placed on the target device
-one at a time, so a 25 GB checkpoint never sits twice in host memory.
+Each file's header is read once (safetensors checks it, then its JSON gives every tensor's byte
+range); the file is memory-mapped and each tensor (or a tensor-parallel rank's cut of it) is a
+view of its bytes, converted to the target dtype and placed on the target device one at a time,
+so a 25 GB checkpoint never sits twice in host memory and loads as fast as
+safetensors.torch.load_file reads it.
 """
 from __future__ import annotations
 
+import functools
 import json
+import math
+import mmap
 import re
+import struct
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,7 +26,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from pixtral_fast.config import ModelArgs
+from pixtral_fast.config import ModelArgs, read_json
+from pixtral_fast.config_hf import ties_word_embeddings
 from pixtral_fast.parallel.plan import ShardPlan
 
 CONSOLIDATED = "consolidated.safetensors"
@@ -29,6 +38,13 @@ class CheckpointError(ValueError):
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    return dict(_model_shapes(args))
+
+
+@functools.lru_cache(maxsize=8)
+def _model_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Building the model on the meta device costs more than reading a small checkpoint's
+    headers and mapping its bytes; ModelArgs is frozen, so one build per config serves every load."""
     from pixtral_fast.model.pixtral import build_model
 
     return {k: tuple(v.shape) for k, v in build_model(args, device="meta").state_dict().items()}
@@ -50,30 +66,57 @@ def unreadable(f: Path, e: Exception) -> CheckpointError:
 
 # safetensors dtype names of floating-point tensors the loader converts exactly to bf16/fp16/fp32.
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
+_TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
 
-def read_shapes(files: Iterable[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
-    """name -> (shape, file) from safetensors headers, without reading tensor data. Every weight of
-    the model is floating point: integer, bool or fp8 tensors (a quantized or corrupt file) are
-    refused here, all named in one CheckpointError, instead of being cast into nonsense."""
-    found: dict[str, tuple[tuple[int, ...], Path]] = {}
-    wrong_dtype: list[str] = []
+@dataclass(frozen=True)
+class TensorRecord:
+    """One tensor as its file's header describes it; begin/end are byte offsets in the file."""
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def read_header(f: Path) -> dict[str, TensorRecord]:
+    """name -> TensorRecord of every tensor in `f`, without reading tensor data. safetensors checks
+    the header first (offsets inside the file, no gap or overlap, each byte range the size its
+    shape and dtype say), so the JSON read here describes the file exactly."""
+    with open_safetensors(f):
+        pass
+    try:
+        with open(f, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+    except (OSError, ValueError, struct.error) as e:
+        raise unreadable(f, e) from None
+    data = 8 + size
+    return {name: TensorRecord(f, entry["dtype"], tuple(entry["shape"]), data + entry["data_offsets"][0],
+                               data + entry["data_offsets"][1])
+            for name, entry in header.items() if name != "__metadata__"}
+
+
+def read_records(files: Iterable[Path]) -> dict[str, TensorRecord]:
+    """The headers of every file in one table. Every weight of the model is floating point:
+    integer, bool or fp8 tensors (a quantized or corrupt file) are refused here, all named in one
+    CheckpointError, instead of being cast into nonsense."""
+    found: dict[str, TensorRecord] = {}
     for f in files:
-        with open_safetensors(f) as st:
-            for name in st.keys():
-                if name in found:
-                    raise CheckpointError(f"{name} appears in both {found[name][1]} and {f}")
-                try:
-                    tensor = st.get_slice(name)
-                except SafetensorError as e:  # e.g. a dtype this torch does not have
-                    raise unreadable(f, e) from None
-                found[name] = (tuple(tensor.get_shape()), f)
-                if tensor.get_dtype() not in FLOAT_DTYPES:
-                    wrong_dtype.append(f"{name} ({tensor.get_dtype()})")
+        for name, record in read_header(f).items():
+            if name in found:
+                raise CheckpointError(f"{name} appears in both {found[name].file} and {f}")
+            found[name] = record
+    wrong_dtype = [f"{name} ({r.dtype})" for name, r in found.items() if r.dtype not in FLOAT_DTYPES]
     if wrong_dtype:
         raise CheckpointError(f"{len(wrong_dtype)} tensor(s) of a non-floating dtype where floating-point weights "
                               f"belong (expected one of {', '.join(FLOAT_DTYPES)}): " + listed(wrong_dtype))
     return found
+
+
+def read_shapes(files: Iterable[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
+    """name -> (shape, file) from safetensors headers (read_records' checks included)."""
+    return {name: (r.shape, r.file) for name, r in read_records(files).items()}
 
 
 def listed(items: list[str], limit: int = 20) -> str:
@@ -203,43 +246,83 @@ def load_state_dict(folder: str | Path, args: ModelArgs, device, dtype: torch.dt
                     progress: bool = True, shard: ShardPlan | None = None) -> dict[str, torch.Tensor]:
     """Reads a consolidated or HF folder into consolidated names, checked against `args`. With a
     tensor-parallel `shard`, only that rank's slice of each split tensor is read (a slice of the
-    memory-mapped file), so a rank's host memory holds its share, not the whole model."""
+    memory-mapped file), so a rank's host memory holds its share, not the whole model. An HF
+    folder whose config ties the output head to the embedding and holds no lm_head gets the
+    embedding as output.weight (one tensor, both names). Every tensor returned is contiguous."""
     folder = Path(folder)
     hf = not (folder / CONSOLIDATED).is_file()
-    files = hf_files(folder) if hf else [folder / CONSOLIDATED]
-    found = read_shapes(files)
-    source_name = by_consolidated_name(found, folder) if hf else {k: k for k in found}
-    shapes = {new: found[old][0] for new, old in source_name.items()}
-    check_keys(shapes, expected_shapes(args), str(folder))
+    records = read_records(hf_files(folder) if hf else [folder / CONSOLIDATED])
+    source = by_consolidated_name(records, folder) if hf else {k: k for k in records}
+    tied = hf and "output.weight" not in source and "tok_embeddings.weight" in source and hf_tied_output(folder)
+    if tied:
+        source["output.weight"] = source["tok_embeddings.weight"]
+    check_keys({new: records[old].shape for new, old in source.items()}, expected_shapes(args), str(folder))
 
+    mapped = {f: map_file(f) for f in {r.file for r in records.values()}}
+    in_file_order = sorted((new for new in source if not (tied and new == "output.weight")),
+                           key=lambda new: (str(records[source[new]].file), records[source[new]].begin))
     state: dict[str, torch.Tensor] = {}
-    by_file: dict[Path, list[str]] = {}
-    for new, old in source_name.items():
-        by_file.setdefault(found[old][1], []).append(new)
-    bar = tqdm(total=len(source_name), desc="loading weights", unit="tensor", disable=not progress)
-    for f, names in by_file.items():
-        with open_safetensors(f) as st:
-            for new in names:
-                cut = None if shard is None else shard.slice_for(new, args.text)
-                t = st.get_tensor(source_name[new]) if cut is None else _read_cut(st, source_name[new], cut)
-                heads = _rope_heads(new, args) if hf else None
-                if heads is not None:  # HF's permutation is within each head: un-permute the heads read
-                    t = undo_hf_rope_permutation(t, heads if cut is None else cut[2] // args.text.head_dim)
-                if cut is not None and cut[3] > cut[2]:  # a vocabulary share padded to the equal size
-                    t = torch.cat([t, t.new_zeros(cut[3] - cut[2], *t.shape[1:])])
-                # Contiguous, whatever the path: a column cut (wo, w2) read without a dtype conversion
-                # is a strided view of the whole tensor's rows (the kernels refuse it, and it keeps
-                # the whole tensor alive); .contiguous() copies only this rank's share.
-                state[new] = t.to(device=device, dtype=dtype).contiguous()
-                bar.update()
+    bar = tqdm(total=len(source), desc="loading weights", unit="tensor", disable=not progress)
+    for new in in_file_order:
+        record = records[source[new]]
+        cut = None if shard is None else shard.slice_for(new, args.text)
+        t = read_tensor(mapped[record.file], record, cut)
+        state[new] = placed(t, new, args, hf, cut, device, dtype)
+        bar.update()
+    if tied:  # the same rows, cut the same way (plan.VocabRows): one tensor serves both
+        state["output.weight"] = state["tok_embeddings.weight"]
+        bar.update()
     bar.close()
     return state
 
 
-def _read_cut(st, name: str, cut: tuple[int, int, int, int]) -> torch.Tensor:
-    dim, start, length, _ = cut
-    sliced = st.get_slice(name)
-    return sliced[start:start + length] if dim == 0 else sliced[:, start:start + length]
+def hf_tied_output(folder: Path) -> bool:
+    """Whether the folder's config.json ties the output head to the embedding (transformers' rule)."""
+    config = folder / "config.json"
+    return config.is_file() and ties_word_embeddings(read_json(config, "config.json")[1])
+
+
+def map_file(f: Path) -> mmap.mmap:
+    """`f` mapped copy-on-write: tensors read from it are views, and writing one never touches the file."""
+    try:
+        with open(f, "rb") as fh:
+            return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError) as e:
+        raise unreadable(f, e) from None
+
+
+def read_tensor(mapped: mmap.mmap, record: TensorRecord, cut: tuple[int, int, int, int] | None) -> torch.Tensor:
+    """The tensor of `record`, or the (dim, start, length) cut of it, as a view of the mapped file:
+    a row cut maps only its own byte range; a column cut (wo, w2) is a strided view whose copy
+    (placed) reads only this rank's columns."""
+    dtype = _TORCH_DTYPES[record.dtype]
+    begin, end, shape = record.begin, record.end, record.shape
+    if cut is not None and cut[0] == 0:
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        begin, end = begin + cut[1] * row_bytes, begin + (cut[1] + cut[2]) * row_bytes
+        shape = (cut[2], *shape[1:])
+    t = _bytes_as(mapped, dtype, begin, end).view(shape)
+    return t if cut is None or cut[0] == 0 else t[:, cut[1]:cut[1] + cut[2]]
+
+
+def _bytes_as(mapped: mmap.mmap, dtype: torch.dtype, begin: int, end: int) -> torch.Tensor:
+    if end == begin:  # frombuffer refuses an empty range
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin)
+
+
+def placed(t: torch.Tensor, name: str, args: ModelArgs, hf: bool, cut: tuple[int, int, int, int] | None,
+           device, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor as read -> as the model holds it: HF's q/k rows un-permuted, a vocabulary share
+    padded, converted, on `device`, contiguous."""
+    heads = _rope_heads(name, args) if hf else None
+    if heads is not None:  # HF's permutation is within each head: un-permute the heads read
+        t = undo_hf_rope_permutation(t, heads if cut is None else cut[2] // args.text.head_dim)
+    if cut is not None and cut[3] > cut[2]:  # a vocabulary share padded to the equal size
+        t = torch.cat([t, t.new_zeros(cut[3] - cut[2], *t.shape[1:])])
+    # A column cut is a strided view of whole rows (the kernels refuse it): .contiguous() copies
+    # only this rank's share.
+    return t.to(device=device, dtype=dtype).contiguous()
 
 
 def save_consolidated(state: dict[str, torch.Tensor], args: ModelArgs, folder: str | Path,
