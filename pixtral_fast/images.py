@@ -5,7 +5,11 @@ to an 8-bit mode whose RGB conversion mistral_common gets right.
 mistral_common converts every image to float32 at full size before it resizes (a 20000x20000
 picture takes 8 GB there) and converts any mode through `convert("RGBA")`, which clips 16-bit
 samples at 255 and reads float samples on the 0..255 scale. Resizing to mistral_common's own
-target size first leaves its token count unchanged; its resizing and normalisation still run."""
+target size first leaves its token count unchanged; its resizing and normalisation still run.
+
+This is the one image decoder: the library (Tokenizer.encode) and the server read PIL images,
+bytes, paths, base64 data: URLs and file:// URLs here under one MediaLimits; the server only adds
+the http(s) fetch (serve/media.py) and its own limits (`MediaLimits.server`)."""
 from __future__ import annotations
 
 import base64

@@ -51,7 +51,9 @@ def conversations(media_dir) -> dict[str, list[dict]]:
         "file URL": user_message("And this?", file_url),
         "file URL with a %XX byte": user_message("And this?", odd_byte_url),
         "text and image parts, several images": [
-            {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+            # several text parts: joined as mistral_common joins them, on both paths
+            {"role": "system", "content": [{"type": "text", "text": "Be brief."},
+                                           {"type": "text", "text": "Be kind."}]},
             {"role": "user", "content": [{"type": "text", "text": "Compare "},
                                          {"type": "image_url", "image_url": {"url": file_url}},
                                          {"type": "text", "text": " with "},
