@@ -47,18 +47,3 @@ def default_cpu_cache_bytes(bytes_per_block: int, block_size: int, max_batch_siz
     per_rank_blocks = min(blocks_wanted(block_size, max_batch_size, max_model_len),
                           all_ranks_cap // tp_size // bytes_per_block)
     return max(MIN_BLOCKS, per_rank_blocks) * bytes_per_block
-
-
-def default_memory_bytes(model, config, tp_size: int = 1) -> int | None:
-    """The memory_bytes a rank's ModelRunner sizes its KV cache with: config.memory_bytes when
-    given; on the CPU with neither num_blocks nor memory_bytes given, default_cpu_cache_bytes for
-    this rank's KV heads (model.local_text); else None (num_blocks, or the GPU's free memory)."""
-    from pixtral_fast.runtime.kv_cache import CacheShape
-
-    if config.num_blocks is not None or config.memory_bytes is not None or model.device.type != "cpu":
-        return config.memory_bytes
-    local, whole = model.local_text, model.args.text
-    per_block = CacheShape(local.n_layers, MIN_BLOCKS, config.block_size, local.n_kv_heads, local.head_dim,
-                           model.dtype).bytes_per_block
-    max_model_len = min(config.max_model_len or whole.max_seq_len, whole.max_seq_len)  # as ModelRunner's
-    return default_cpu_cache_bytes(per_block, config.block_size, config.max_batch_size, max_model_len, tp_size)

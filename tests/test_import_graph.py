@@ -74,9 +74,6 @@ GOAL_CYCLES, GOAL_UPWARD = 0, 4
 KNOWN_CYCLES = {
     # config_hf.py takes the sections from config.py; it should take them from config_sections.py.
     ("pixtral_fast.config", "pixtral_fast.config_hf"),
-    # cpu_memory.default_memory_bytes sizes a block with kv_cache.CacheShape, and kv_cache asks
-    # cpu_memory for the host's free bytes.
-    ("pixtral_fast.cpu_memory", "pixtral_fast.runtime.kv_cache"),
 }
 KNOWN_UPWARD = {
     ("pixtral_fast.hf_tokenizer", "pixtral_fast.tiny"): "tiny.tekken_file: the Tekken file mistral_common ships",

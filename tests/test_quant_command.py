@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pixtral_fast.quant.loading import load_quantized_model
+from pixtral_fast.model.load import load_quantized_model
 from pixtral_fast.quant.quantize import quantize_checkpoint
 from pixtral_fast.weights import CheckpointError
 from tests.support.ct_quant import save_ct_quantized

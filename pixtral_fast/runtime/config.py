@@ -32,7 +32,7 @@ class EngineConfig:
     num_blocks: int | None = None            # the cache's size in blocks, or:
     memory_bytes: int | None = None          # its size in bytes (either: at most the memory left), or:
     gpu_memory_fraction: float = 0.9         # this fraction of the GPU memory still free; on the CPU
-    #                                          cpu_memory.default_memory_bytes (the limits' need, capped)
+    #                                          model_runner.default_memory_bytes (the limits' need, capped)
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE  # at most MAX_BATCH_SIZE_LIMIT (4096)
     max_model_len: int | None = None         # prompt + generation; default: the model's context
     max_prefill_tokens: int = 16384          # tokens prefilled together in one step

@@ -7,12 +7,12 @@ from dataclasses import replace
 
 import torch
 
-from pixtral_fast.cpu_memory import default_memory_bytes
+from pixtral_fast.cpu_memory import MIN_BLOCKS, default_cpu_cache_bytes
 from pixtral_fast.model.pixtral import Pixtral
 from pixtral_fast.parallel.comm import Collectives
 from pixtral_fast.runtime.config import DEFAULT_MAX_BATCH_SIZE, EngineConfig
 from pixtral_fast.runtime.graphs import DecodeRow, DecodeRunner
-from pixtral_fast.runtime.kv_cache import PagedKVCache, check_cache_fits, plan_cache
+from pixtral_fast.runtime.kv_cache import CacheShape, PagedKVCache, check_cache_fits, plan_cache
 from pixtral_fast.runtime.prefill import PrefillBatch, run_prefill
 from pixtral_fast.runtime.requests import EngineStats
 from pixtral_fast.runtime.sampling import StepOutput
@@ -72,3 +72,16 @@ class ModelRunner:
                    "embedding_and_output" if name in ("tok_embeddings.weight", "output.weight") else "other")
             out[key] += p.numel() * p.element_size()
         return out
+
+
+def default_memory_bytes(model, config, tp_size: int = 1) -> int | None:
+    """The memory_bytes a rank's ModelRunner sizes its KV cache with: config.memory_bytes when
+    given; on the CPU with neither num_blocks nor memory_bytes given, default_cpu_cache_bytes for
+    this rank's KV heads (model.local_text); else None (num_blocks, or the GPU's free memory)."""
+    if config.num_blocks is not None or config.memory_bytes is not None or model.device.type != "cpu":
+        return config.memory_bytes
+    local, whole = model.local_text, model.args.text
+    per_block = CacheShape(local.n_layers, MIN_BLOCKS, config.block_size, local.n_kv_heads, local.head_dim,
+                           model.dtype).bytes_per_block
+    max_model_len = min(config.max_model_len or whole.max_seq_len, whole.max_seq_len)  # as ModelRunner's
+    return default_cpu_cache_bytes(per_block, config.block_size, config.max_batch_size, max_model_len, tp_size)
