@@ -73,6 +73,9 @@ class Prompt:
 
     def to_request(self) -> ChatCompletionRequest:
         """The mistral_common request, every image decoded (decode_images) beforehand."""
+        undecoded = [s.param for s in self.images if s.image is None]
+        if undecoded:
+            raise ValueError(f"the prompt's images are not decoded ({', '.join(undecoded)}): decode_images first")
         messages = [UserMessage(content=[ImageChunk(image=c.image) if isinstance(c, ImageSource) else c
                                          for c in m.content]) if isinstance(m, _PendingUser) else m
                     for m in self.messages]
@@ -356,25 +359,24 @@ class Tokenizer:
         return load_image(image, where, max_side=self.max_image_side, limits=self.media_limits)
 
     def encode(self, request_or_messages: Any) -> Encoded:
-        """Tokens and preprocessed images; ValueError for anything wrong with the request."""
+        """Tokens and preprocessed images; ValueError for anything wrong with the request. A Prompt
+        (parse_messages) comes with its images decoded already (the server decodes them under its
+        own limits); anything else is parsed and its images decoded here, under the library's."""
         try:
-            prompt = parse_messages(request_or_messages, self.media_limits)
-            decode_images(prompt.images, self.media_limits, self.max_image_side)
-        except MemoryError:
-            raise
-        except Exception as e:
-            raise user_error(e) from None
-        return self.encode_prompt(prompt)
-
-    def encode_prompt(self, prompt: Prompt) -> Encoded:
-        """Tokens and preprocessed images of a parsed prompt whose images are decoded."""
-        try:
+            prompt = request_or_messages
+            if not isinstance(prompt, Prompt):
+                prompt = self._prompt(request_or_messages)
             encoded = self.mistral.encode_chat_completion(prompt.to_request())
         except MemoryError:
             raise
         except Exception as e:
             raise user_error(e) from None
         return Encoded(tokens=list(encoded.tokens), images=list(encoded.images))
+
+    def _prompt(self, request_or_messages: Any) -> Prompt:
+        prompt = parse_messages(request_or_messages, self.media_limits)
+        decode_images(prompt.images, self.media_limits, self.max_image_side)
+        return prompt
 
     def decode(self, ids: list[int]) -> str:
         return self.tekken.decode(list(ids))

@@ -1,5 +1,5 @@
 """One input processor: the library (Tokenizer.encode) and the server (serve/media's parse, fetch
-and decode phases, then Tokenizer.encode_prompt) run the same message parser and the same image
+and decode phases, then Tokenizer.encode of the parsed Prompt) run the same message parser and the same image
 decoder, so the same messages give the same tokens and pixels, and the same bad input the same
 refusal. Called in-process: no server is started."""
 import base64
@@ -39,7 +39,7 @@ def served(tok: Tokenizer, messages: list[dict], media_dir):
     limits = server_limits(tok, media_dir)
     prompt = parse_messages(messages, limits)
     load_images(prompt.images, limits, tok.max_image_side)
-    return tok.encode_prompt(prompt)
+    return tok.encode(prompt)
 
 
 def conversations(media_dir) -> dict[str, list[dict]]:

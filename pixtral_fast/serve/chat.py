@@ -103,7 +103,7 @@ class ChatHandler:
 
         def encode():
             load_images(prompt.images, s.settings.media, tokenizer.max_image_side)
-            return tokenizer.encode_prompt(prompt)
+            return tokenizer.encode(prompt)
 
         try:
             return await s.engine.run_in_pool(encode)
