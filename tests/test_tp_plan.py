@@ -16,7 +16,7 @@ from pixtral_fast.model.pixtral import build_model
 from pixtral_fast.parallel import Collectives, ShardPlan
 from pixtral_fast.parallel.plan import check_size
 from pixtral_fast.tiny import TINY_LARGE_ARGS, make_tiny
-from pixtral_fast.weights import (apply_hf_rope_permutation, hf_to_consolidated_name, load_state_dict,
+from pixtral_fast.weights import (apply_hf_rope_permutation, load_state_dict,
                                   undo_hf_rope_permutation)
 
 
@@ -187,38 +187,3 @@ def test_one_way_plan_builds_the_plain_model():
     assert {k: v.shape for k, v in one.state_dict().items()} == {k: v.shape for k, v in whole.state_dict().items()}
 
 
-def test_a_rank_never_reads_a_split_tensor_whole(folders, monkeypatch):
-    """Host memory per rank stays near its share: split tensors are read as slices of the
-    memory-mapped file (get_slice), never whole (get_tensor)."""
-    import pixtral_fast.weights as weights
-
-    read_whole: list[str] = []
-    real_open = weights.safe_open
-
-    class Watched:
-        def __init__(self, *args, **kwargs):
-            self.inner = real_open(*args, **kwargs)
-
-        def __enter__(self):
-            self.file = self.inner.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.inner.__exit__(*exc)
-
-        def get_tensor(self, name):
-            read_whole.append(name)
-            return self.file.get_tensor(name)
-
-        def __getattr__(self, attr):
-            return getattr(self.file, attr)
-
-    monkeypatch.setattr(weights, "safe_open", Watched)
-    args = ModelArgs.from_params_json(folders[0] / "params.json")
-    for folder in folders:
-        read_whole.clear()
-        plan = ShardPlan(2, 1)
-        load_state_dict(folder, args, "cpu", torch.float32, progress=False, shard=plan)
-        split = {n for n in weights.expected_shapes(args) if plan.slice_for(n, args.text) is not None}
-        whole = {hf_to_consolidated_name(n) for n in read_whole}
-        assert read_whole and not (whole & split), sorted(whole & split)[:5]
