@@ -3,7 +3,11 @@
 Tokenization and image preprocessing (resizing, normalisation, the [IMG]/[IMG_BREAK]/[IMG_END]
 layout) are mistral_common's; this module turns user-friendly inputs into its request objects,
 hands it images it can convert (pixtral_fast.images), and turns every failure on user input into
-a ValueError that says what is wrong, never one of mistral_common's own exception types."""
+a ValueError that says what is wrong, never one of mistral_common's own exception types.
+
+parse_messages is the one message parser: the library (Tokenizer.encode) and the server (which
+fetches and decodes the images of the Prompt it returns under its own MediaLimits, then hands the
+Prompt to Tokenizer.encode) read messages the same way."""
 from __future__ import annotations
 
 import functools
@@ -108,7 +112,7 @@ def _message(m: Any, where: str, limits: MediaLimits, images: list[ImageSource])
     if isinstance(m, UserMessage):
         if isinstance(m.content, str):
             return m
-        return _PendingUser([_own_chunk(c, f"{where}.content[{j}]", limits, images) for j, c in enumerate(m.content)])
+        return _PendingUser([_own_chunk(c, f"{where}.content[{j}]", images) for j, c in enumerate(m.content)])
     if not isinstance(m, dict):
         if limits.server:
             raise InputError(where, f"{where}: a message must be an object with a role")
@@ -148,38 +152,38 @@ def _chunks(content: Any, where: str, limits: MediaLimits, images: list[ImageSou
 
 def _part(part: Any, at: str, limits: MediaLimits, images: list[ImageSource]) -> Any:
     if isinstance(part, (TextChunk, ImageChunk, ImageURLChunk)):
-        return _own_chunk(part, at, limits, images)
+        return _own_chunk(part, at, images)
     if not isinstance(part, dict) or "type" not in part:
         raise InputError(at, f"{at}: expected a dict with a 'type'")
     kind = part["type"]
     if kind == "text":
         return TextChunk(text=_text(part.get("text"), at))
     if kind == "image" and not limits.server:  # a client may not name a path or hand over objects
-        return _image(part.get("image"), at, at, images)
+        return _image(part.get("image"), at, images)
     if kind == "image_url":
         spec = part.get("image_url")
         url = spec.get("url") if isinstance(spec, dict) else spec
         param = f"{at}.image_url.url"
         if not isinstance(url, str) or not url:
             raise InputError(param, f"{at}: an image_url part needs image_url.url, a non-empty string")
-        return _image(url, at, param if limits.server else at, images)
+        return _image(url, param if limits.server else at, images)
     kinds = "text, image_url" if limits.server else "text, image, image_url"
     raise InputError(at, f"{at}: unknown part type {kind!r} ({kinds})")
 
 
-def _image(source: Any, at: str, param: str, images: list[ImageSource]) -> ImageSource:
+def _image(source: Any, param: str, images: list[ImageSource]) -> ImageSource:
     """param: where the image's own errors point (the server's param names the URL itself)."""
     image = ImageSource(source, param)
     images.append(image)
     return image
 
 
-def _own_chunk(chunk: Any, where: str, limits: MediaLimits, images: list[ImageSource]) -> Any:
+def _own_chunk(chunk: Any, where: str, images: list[ImageSource]) -> Any:
     """mistral_common chunks with their images loaded here (caps, modes, no URL fetching)."""
     if isinstance(chunk, ImageChunk):
-        return _image(chunk.image, where, where, images)
+        return _image(chunk.image, where, images)
     if isinstance(chunk, ImageURLChunk):
-        return _image(chunk.get_url(), where, where, images)
+        return _image(chunk.get_url(), where, images)
     return chunk
 
 
@@ -206,9 +210,8 @@ def decode_images(images: list[ImageSource], limits: MediaLimits, max_side: int 
     prepared for the model's `max_side`; InputError naming the image."""
     for s in images:
         try:
-            s.image = load_image(s.data if s.data is not None else s.source, s.param, max_side=max_side, limits=limits)
-        except InputError:
-            raise
+            given = s.data if s.data is not None else s.source
+            s.image = load_image(given, s.param, max_side=max_side, limits=limits)
         except ValueError as e:  # names the image already
             raise InputError(s.param, str(e)) from None
 
