@@ -16,6 +16,7 @@ from typing import Any
 
 # The sections and their checks live one module down (config_hf.py builds on them too); their
 # names stay importable from here, where the package has always offered them.
+from pixtral_fast.config_hf import hf_values
 from pixtral_fast.config_sections import (
     IMG_BREAK_ID,
     IMG_END_ID,
@@ -41,7 +42,6 @@ from pixtral_fast.config_sections import (
     _check_text,
     _check_vision,
     _checked,
-    _int,
     _show,
     check_value,
 )
@@ -49,8 +49,7 @@ from pixtral_fast.config_sections import (
 __all__ = ["IMG_BREAK_ID", "IMG_END_ID", "IMG_ID", "MAX_CONFIG_BYTES", "MAX_DIM", "MAX_FFN_DIM", "MAX_HEAD_DIM",
            "MAX_HEADS", "MAX_IMAGE_SIZE", "MAX_LAYERS", "MAX_SEQ_LEN", "MAX_VOCAB", "MM_PROJECTORS", "PATCH_MERGE",
            "TEXT_FIELDS", "VISION_FIELDS", "ConfigError", "Field", "Names", "TextArgs", "VisionArgs", "check_value",
-           "ModelArgs", "read_json",
-           "_int"]  # config_hf.py's, until it imports the sections from config_sections.py
+           "ModelArgs", "read_json"]
 
 
 def _check_model(text: TextArgs, vision: VisionArgs | None, text_name: Names, name: Names) -> None:
@@ -95,10 +94,6 @@ class ModelArgs:
     def from_hf_config(cls, path: str | Path) -> "ModelArgs":
         """Reads an HF config.json: LlavaForConditionalGeneration with a Pixtral vision tower
         (Pixtral-12B, Pixtral-Large) or Mistral3ForConditionalGeneration (Mistral-Small-3.1/3.2)."""
-        # Imported here while config_hf.py still takes the sections from this module (a cycle at import
-        # time otherwise); once it imports config_sections.py this can move to the top.
-        from pixtral_fast.config_hf import hf_values
-
         path, raw = read_json(path, "config.json")
 
         text_values, vision_values, name = hf_values(path, raw)

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pixtral_fast.config import (IMG_BREAK_ID, IMG_END_ID, IMG_ID, TEXT_FIELDS, ConfigError, Names, TextArgs,
-                                 VisionArgs, _check_vision, _checked, _int, _show, check_value)
+from pixtral_fast.config_sections import (IMG_BREAK_ID, IMG_END_ID, IMG_ID, TEXT_FIELDS, ConfigError, Names,
+                                          TextArgs, VisionArgs, _check_vision, _checked, _int, _show, check_value)
 
 _HF_TEXT = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "head_dim": "head_dim",
             "hidden_dim": "intermediate_size", "n_heads": "num_attention_heads",
