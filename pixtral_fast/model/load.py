@@ -93,10 +93,7 @@ def load_model(path: str | Path, device=None, dtype: torch.dtype = torch.bfloat1
     if parallel:
         comm.plan.check(args.text)
     if is_quantized(path):  # compressed-tensors: the weights stay packed (pixtral_fast/quant/)
-        if parallel:
-            raise ValueError(f"{path}: tensor parallelism does not take compressed-tensors (quantized) checkpoints "
-                             "yet; run it with tensor_parallel_size=1, or give the bf16 checkpoint")
-        return load_quantized_model(path, device, dtype, backend, progress)
+        return load_quantized_model(path, device, dtype, backend, progress, comm)
     state = load_state_dict(path, args, device, dtype, progress=progress, shard=comm.plan if parallel else None)
     model = build_model(args, device="meta", dtype=dtype, comm=comm)
     model.load_state_dict(state, assign=True, strict=True)
@@ -105,10 +102,25 @@ def load_model(path: str | Path, device=None, dtype: torch.dtype = torch.bfloat1
     return model
 
 
+def check_tensor_parallel_split(path: str | Path, size: int) -> None:
+    """The checks a `size`-way split of the checkpoint must pass, before any rank starts: the
+    decoder divides (ShardPlan.check: ValueError), and a quantized checkpoint's packed layers cut
+    on pack and group boundaries (CheckpointError naming the layer)."""
+    from pixtral_fast.parallel.plan import ShardPlan
+    from pixtral_fast.quant.config import QuantConfig
+    from pixtral_fast.quant.loading import check_split
+
+    path = checkpoint_path(path)
+    args = read_args(path)
+    ShardPlan(size).check(args.text)
+    if size > 1 and is_quantized(path):
+        check_split(path, args, QuantConfig.from_folder(path), build_model(args, device="meta"), size)
+
+
 def load_quantized_model(path: str | Path, device=None, dtype: torch.dtype = torch.bfloat16, backend: str = "auto",
-                         progress: bool = True) -> Pixtral:
-    """pf.load_model for a compressed-tensors HF folder: the model built here, its packed weights
-    read by pixtral_fast/quant/loading.py."""
+                         progress: bool = True, comm: Collectives | None = None) -> Pixtral:
+    """pf.load_model for a compressed-tensors HF folder: the model built here (this rank's share
+    with `comm`), its packed weights read by pixtral_fast/quant/loading.py."""
     from pixtral_fast.quant.config import QuantConfig
     from pixtral_fast.quant.loading import (bind_quant_layers, read_quantized_state, repack_quant_layers,
                                             swap_quantized_modules)
@@ -118,8 +130,14 @@ def load_quantized_model(path: str | Path, device=None, dtype: torch.dtype = tor
     if qconfig is None:
         raise CheckpointError(f"{path}: config.json has no quantization_config")
     args = read_args(path)
-    model = build_model(args, device="meta", dtype=dtype)
-    state, schemes = read_quantized_state(path, args, qconfig, model, device, dtype, progress=progress)
+    shard = comm.plan if comm is not None and comm.size > 1 else None
+    if shard is not None:
+        shard.check(args.text)
+    # compressed-tensors' class targets match the whole model's modules (a rank's output head is no
+    # nn.Linear): every rank and TP=1 pick the same layers
+    whole = build_model(args, device="meta", dtype=dtype)
+    state, schemes = read_quantized_state(path, args, qconfig, whole, device, dtype, progress=progress, shard=shard)
+    model = whole if shard is None else build_model(args, device="meta", dtype=dtype, comm=comm)
     scale_dtypes = {cons: state[f"{cons}.weight_scale"].dtype for cons in schemes}
     swap_quantized_modules(model, schemes, scale_dtypes.__getitem__)
     model.load_state_dict(state, assign=True, strict=True)

@@ -313,14 +313,11 @@ def start(path, size: int, device, dtype: torch.dtype, backend: str, progress: b
           timeout_s: float = DEFAULT_TIMEOUT_S):
     """(the driver's model, the driver) for a `size`-way engine: spawns size - 1 workers, or under
     torchrun joins its group (where ranks > 0 serve the driver here and exit when it closes)."""
-    from pixtral_fast.model.load import check_dtype, checkpoint_path, is_quantized, read_args
+    from pixtral_fast.model.load import check_dtype, check_tensor_parallel_split
 
     check_size(size)  # everything a rank would trip over, found before any process starts
     check_dtype(dtype)
-    ShardPlan(size).check(read_args(checkpoint_path(path)).text)
-    if is_quantized(path):
-        raise ValueError(f"{path}: tensor parallelism does not take compressed-tensors (quantized) checkpoints "
-                         "yet; run it with tensor_parallel_size=1, or give the bf16 checkpoint")
+    check_tensor_parallel_split(path, size)
     launched = torchrun_rank()
     check_free(spawning=launched is None)
     if launched is not None:

@@ -7,6 +7,11 @@ Which layers are quantized is read from the file (a module with `weight_packed`,
 `weight`), and must agree with the config's targets/ignore (scheme_for); the config gives the
 group size and the activation scheme. HF's rotate-half row order of wq/wk is undone on the packed
 rows and their scales alike (quantization is per row, so rows permute with their scales).
+
+A tensor-parallel rank reads only its share of each tensor (a safetensors slice): the rows of a
+column-parallel layer's packed words, e4m3 bytes and per-row scales; the input columns of a
+row-parallel one (wo, w2), where a W4A16 cut must fall on a pack boundary (8 int4 per int32)
+and on a scale-group boundary, or the checkpoint is refused naming the layer.
 """
 from __future__ import annotations
 
@@ -18,12 +23,15 @@ import torch
 from safetensors import SafetensorError
 from tqdm import tqdm
 
+from pixtral_fast.parallel.plan import ShardPlan, VocabRows
 from pixtral_fast.quant.config import QuantConfig, WeightScheme
-from pixtral_fast.quant.formats import FP8_DTYPE, packed_words
+from pixtral_fast.quant.formats import FP8_DTYPE, INT4_PER_WORD, packed_words
 from pixtral_fast.quant.linear import QuantFeedForward, QuantLinear
 from pixtral_fast.weights import (_HF_PREFIXES, CheckpointError, _rope_heads, by_consolidated_name, check_keys,
                                   expected_shapes, hf_files, hf_to_consolidated_name, listed, open_safetensors,
-                                  undo_hf_rope_permutation, unreadable)
+                                  placed, undo_hf_rope_permutation, unreadable)
+
+Cut = tuple[int, int, int, int]  # (dim, start, length, padded length), as ShardPlan.slice_for gives it
 
 # What each format stores under a quantized layer, and nothing else.
 _KIND_SUFFIXES = {"w4a16": ("weight_packed", "weight_scale", "weight_shape"), "fp8": ("weight", "weight_scale")}
@@ -65,12 +73,34 @@ def _classes(model, cons_module: str) -> tuple[str, ...]:
 
 
 def read_quantized_state(folder: str | Path, args, qconfig: QuantConfig, model, device, dtype: torch.dtype,
-                         progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, WeightScheme]]:
+                         progress: bool = True, shard: ShardPlan | None = None
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, WeightScheme]]:
     """(state dict in consolidated names, {consolidated module name: scheme} of the quantized ones).
-    model: the dense model (on the meta device) whose module types the class targets match."""
+    model: the dense model (on the meta device) whose module types the class targets match.
+    shard: a tensor-parallel rank's plan: only its share of each split tensor is read."""
     folder = Path(folder)
     files = hf_files(folder)
     tensors = _read_headers(files)
+    quantized = _quantized_layers(folder, tensors, qconfig, model)
+
+    expected = expected_shapes(args)
+    q_modules = {m for m, _ in quantized.values()}
+    dense = by_consolidated_name((k for k in tensors if k.rpartition(".")[0] not in q_modules), folder)
+    check_keys({c: tensors[k][2] for c, k in dense.items()},
+               {c: s for c, s in expected.items() if c.rsplit(".", 1)[0] not in quantized}, str(folder))
+
+    state: dict[str, torch.Tensor] = {}
+    with contextlib.ExitStack() as stack, tqdm(total=len(dense) + len(quantized), desc="loading weights",
+                                               unit="tensor", disable=not progress) as bar:
+        opened = {f: stack.enter_context(open_safetensors(f)) for f in files}
+        _read(folder, args, tensors, opened, dense, quantized, expected, device, dtype, state, bar,
+              shard if shard is not None and shard.is_parallel else None)
+    return state, {cons: scheme for cons, (_, scheme) in quantized.items()}
+
+
+def _quantized_layers(folder: Path, tensors: dict, qconfig: QuantConfig, model) -> dict[str, tuple[str, WeightScheme]]:
+    """{consolidated module: (HF module, scheme)} of the layers the file holds quantized, checked
+    against the config's targets and ignore list and against what each format stores."""
     for key in tensors:
         suffix = key.rsplit(".", 1)[-1]
         if suffix in _REFUSED_SUFFIXES:
@@ -91,19 +121,22 @@ def read_quantized_state(folder: str | Path, args, qconfig: QuantConfig, model, 
                                   f"{'no scheme' if scheme is None else scheme.kind} (targets / ignore)")
         quantized[cons] = (module, scheme)
     _check_quantized_keys(folder, tensors, quantized)
+    return quantized
 
+
+
+def check_split(folder: str | Path, args, qconfig: QuantConfig, model, size: int) -> None:
+    """CheckpointError where some rank of a `size`-way split cannot take its share of a quantized
+    layer (quantized_cuts), from the headers alone: found before any rank starts loading."""
+    folder = Path(folder)
+    quantized = _quantized_layers(folder, _read_headers(hf_files(folder)), qconfig, model)
     expected = expected_shapes(args)
-    q_modules = {m for m, _ in quantized.values()}
-    dense = by_consolidated_name((k for k in tensors if k.rpartition(".")[0] not in q_modules), folder)
-    check_keys({c: tensors[k][2] for c, k in dense.items()},
-               {c: s for c, s in expected.items() if c.rsplit(".", 1)[0] not in quantized}, str(folder))
-
-    state: dict[str, torch.Tensor] = {}
-    with contextlib.ExitStack() as stack, tqdm(total=len(dense) + len(quantized), desc="loading weights",
-                                               unit="tensor", disable=not progress) as bar:
-        opened = {f: stack.enter_context(open_safetensors(f)) for f in files}
-        _read(folder, args, tensors, opened, dense, quantized, expected, device, dtype, state, bar)
-    return state, {cons: scheme for cons, (_, scheme) in quantized.items()}
+    for rank in range(size):
+        plan = ShardPlan(size, rank)
+        for cons, (module, scheme) in quantized.items():
+            if cons + ".weight" in expected:  # (a layer the model lacks is the loader's error to name)
+                quantized_cuts(folder, module, scheme, layer_cut(folder, module, cons, args, plan),
+                               expected[cons + ".weight"][1], plan)
 
 
 def _read_headers(files: list[Path]) -> dict[str, tuple[Path, torch.dtype | None, tuple[int, ...]]]:
@@ -142,27 +175,88 @@ def _check_quantized_keys(folder: Path, tensors: dict, quantized: dict[str, tupl
                               f"{listed(unexpected)}")
 
 
-def _read(folder, args, tensors, opened, dense, quantized, expected, device, dtype, state, bar) -> None:
+def _read(folder, args, tensors, opened, dense, quantized, expected, device, dtype, state, bar, shard) -> None:
     for cons, key in dense.items():
-        t = opened[tensors[key][0]].get_tensor(key)
-        heads = _rope_heads(cons, args)
-        state[cons] = (undo_hf_rope_permutation(t, heads) if heads else t).to(device=device, dtype=dtype)
+        cut = None if shard is None else shard.slice_for(cons, args.text)
+        state[cons] = placed(_read_cut(opened[tensors[key][0]], key, cut), cons, args, True, cut, device, dtype)
         bar.update()
     for cons, (module, scheme) in quantized.items():
         n, k = expected.get(cons + ".weight", (None, None))
         if n is None:
             raise CheckpointError(f"{folder}: {module} is not a weight of this model ({cons})")
-        read = {s: opened[tensors[f"{module}.{s}"][0]].get_tensor(f"{module}.{s}")
-                for s in _KIND_SUFFIXES[scheme.kind] if f"{module}.{s}" in tensors}
-        _check_quantized(folder, module, scheme, read, n, k)
+        stored = {s: tensors[f"{module}.{s}"] for s in _KIND_SUFFIXES[scheme.kind] if f"{module}.{s}" in tensors}
+        shape_value = (opened[stored["weight_shape"][0]].get_tensor(f"{module}.weight_shape")
+                       if "weight_shape" in stored else None)
+        _check_quantized(folder, module, scheme, {s: (dt, shape) for s, (_, dt, shape) in stored.items()},
+                         shape_value, n, k)
+        cut = layer_cut(folder, module, cons, args, shard)
+        cuts = quantized_cuts(folder, module, scheme, cut, k, shard)
         heads = _rope_heads(cons + ".weight", args)
-        for s, t in read.items():
+        rows = n if cut is None or cut[0] != 0 else cut[2]
+        if heads and cut is not None and cut[0] == 0:  # HF's permutation is within each head
+            heads = cut[2] // args.text.head_dim
+        for s, (f, _, _) in stored.items():
             if s == "weight_shape":
                 continue
-            if heads and t.dim() == 2 and t.shape[0] == n:  # rows of wq/wk: packed, e4m3 or per-row scales
+            t = _read_cut(opened[f], f"{module}.{s}", cuts[s])
+            if heads and t.dim() == 2 and t.shape[0] == rows:  # rows of wq/wk: packed, e4m3 or per-row scales
                 t = undo_hf_rope_permutation(t, heads)
             state[f"{cons}.{s}"] = t.contiguous().to(device)
         bar.update()
+
+
+def _read_cut(opened, key: str, cut: Cut | None) -> torch.Tensor:
+    """The tensor `key`, or only the rows (dim 0) or columns (dim 1) of `cut`: safetensors reads
+    just that slice of the file."""
+    if cut is None:
+        return opened.get_tensor(key)
+    _, start, length = cut[:3]
+    part = opened.get_slice(key)
+    return part[start:start + length] if cut[0] == 0 else part[:, start:start + length]
+
+
+def layer_cut(folder, module: str, cons: str, args, shard: ShardPlan | None) -> Cut | None:
+    """This rank's cut of the quantized layer `cons` (consolidated name), or None where it holds
+    it whole. The vocabulary-parallel output head gathers its rows itself and has no quantized
+    form: a quantized one is refused at tensor_parallel_size > 1."""
+    if shard is None or not shard.is_parallel:
+        return None
+    if cons + ".weight" in VocabRows:
+        raise CheckpointError(f"{folder}: {module} is quantized but tensor parallelism splits it by vocabulary rows: "
+                              f"only the decoder's linears can be quantized at tensor_parallel_size {shard.size} "
+                              "(keep this layer dense: quantization_config.ignore)")
+    return shard.slice_for(cons + ".weight", args.text)
+
+
+def quantized_cuts(folder, module: str, scheme: WeightScheme, cut: Cut | None, k: int,
+                   shard: ShardPlan | None) -> dict[str, Cut | None]:
+    """Each stored tensor's cut for the layer cut `cut` of its dense weight [n, k]: rows cut the
+    packed words, e4m3 bytes and per-row scales alike (a per-tensor scale stays whole); input
+    columns cut W4A16's packed words in words and its scales in groups (a per-channel scale, one
+    per row, stays whole), FP8's bytes as they are. A W4A16 column cut off a pack or group
+    boundary is a CheckpointError."""
+    whole = {s: None for s in _KIND_SUFFIXES[scheme.kind]}
+    if cut is None:
+        return whole
+    dim, start, length, _ = cut
+    if dim == 0:
+        per_row_scale = scheme.kind == "w4a16" or scheme.strategy == "channel"
+        return whole | {"weight_packed" if scheme.kind == "w4a16" else "weight": cut,
+                        "weight_scale": cut if per_row_scale else None}
+    if scheme.kind == "fp8":
+        return whole | {"weight": cut}
+    group = scheme.group_size_for(k)
+    per_row_scale = group == k
+    step = INT4_PER_WORD if per_row_scale else math.lcm(group, INT4_PER_WORD)
+    if start % step or length % step:
+        raise CheckpointError(
+            f"{folder}: {module} (W4A16, group_size {group}) cannot be split by tensor_parallel_size {shard.size}: "
+            f"each rank takes {length} of its {k} input columns, which must be a multiple of the group size and of "
+            f"the {INT4_PER_WORD} int4 values packed in one int32 word (quantize with a group size that divides "
+            f"{length}, or lower the tensor parallel size)")
+    packed = (1, start // INT4_PER_WORD, length // INT4_PER_WORD, length // INT4_PER_WORD)
+    scale = None if per_row_scale else (1, start // group, length // group, length // group)
+    return whole | {"weight_packed": packed, "weight_scale": scale}
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -170,30 +264,33 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def _check_quantized(folder, module: str, scheme: WeightScheme, read: dict, n: int, k: int) -> None:
+def _check_quantized(folder, module: str, scheme: WeightScheme, stored: dict, shape_value: torch.Tensor | None,
+                     n: int, k: int) -> None:
+    """The stored tensors of one quantized layer, from the file's headers ({suffix: (dtype, shape)}),
+    against the dense weight [n, k] the model has: checked whole, before any rank reads its share."""
     def bad(msg):
         raise CheckpointError(f"{folder}: {module}: {msg}")
 
-    if "weight_scale" not in read:
+    if "weight_scale" not in stored:
         bad("weight_scale is missing")
-    scale = read["weight_scale"]
-    if not scale.dtype.is_floating_point:
-        bad(f"weight_scale has dtype {scale.dtype}")
+    scale_dtype, scale_shape = stored["weight_scale"]
+    if scale_dtype is None or not scale_dtype.is_floating_point:
+        bad(f"weight_scale has dtype {scale_dtype}")
     if scheme.kind == "w4a16":
-        if "weight_shape" in read and tuple(int(v) for v in read["weight_shape"].tolist()) != (n, k):
-            bad(f"weight_shape {read['weight_shape'].tolist()} != this model's [{n}, {k}]")
+        if shape_value is not None and tuple(int(v) for v in shape_value.tolist()) != (n, k):
+            bad(f"weight_shape {shape_value.tolist()} != this model's [{n}, {k}]")
         group = scheme.group_size_for(k)
-        if read["weight_packed"].dtype != torch.int32 or tuple(read["weight_packed"].shape) != (n, packed_words(k)):
-            bad(f"weight_packed {read['weight_packed'].dtype} {tuple(read['weight_packed'].shape)} != int32 "
-                f"[{n}, {packed_words(k)}]")
-        if tuple(scale.shape) != (n, k // group):
-            bad(f"weight_scale {tuple(scale.shape)} != [{n}, {k // group}] (group_size {group})")
+        packed_dtype, packed_shape = stored["weight_packed"]
+        if packed_dtype != torch.int32 or tuple(packed_shape) != (n, packed_words(k)):
+            bad(f"weight_packed {packed_dtype} {tuple(packed_shape)} != int32 [{n}, {packed_words(k)}]")
+        if tuple(scale_shape) != (n, k // group):
+            bad(f"weight_scale {tuple(scale_shape)} != [{n}, {k // group}] (group_size {group})")
     else:
-        if tuple(read["weight"].shape) != (n, k):
-            bad(f"weight {tuple(read['weight'].shape)} != [{n}, {k}]")
+        if tuple(stored["weight"][1]) != (n, k):
+            bad(f"weight {tuple(stored['weight'][1])} != [{n}, {k}]")
         want = (n, 1) if scheme.strategy == "channel" else (1,)
-        if tuple(scale.shape) != want and not (scheme.strategy == "tensor" and math.prod(scale.shape) == 1):
-            bad(f"weight_scale {tuple(scale.shape)} != {list(want)} ({scheme.strategy} strategy)")
+        if tuple(scale_shape) != want and not (scheme.strategy == "tensor" and math.prod(scale_shape) == 1):
+            bad(f"weight_scale {tuple(scale_shape)} != {list(want)} ({scheme.strategy} strategy)")
 
 
 def swap_quantized_modules(model, schemes: dict[str, WeightScheme], scale_dtype) -> None:
