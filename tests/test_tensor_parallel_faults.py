@@ -203,10 +203,9 @@ def test_bad_dtype_and_missing_gpus_are_refused_before_spawning(tiny, no_spawn):
     assert no_spawn == [] and worker_children() == []
 
 
-def test_quantized_checkpoint_is_refused_before_spawning(tiny, tmp_path, no_spawn):
-    """A compressed-tensors folder: the refusal reads only config.json's quantization_config, so an
-    HF export of the tiny model with a W4A16 config (as LLM Compressor writes it) stands for one
-    without the slow quantization itself (tests/support/ct_quant.py builds real ones)."""
+def test_malformed_quantized_checkpoint_is_refused_before_spawning(tiny, tmp_path, no_spawn):
+    """A W4A16 quantization_config over dense weights: the driver checks the split from the file
+    headers, so it is refused before any worker starts (tests/test_tp_quantized.py runs real ones)."""
     folder = convert_consolidated_to_hf(tiny, tmp_path / "w4a16")
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"] = {
@@ -218,7 +217,7 @@ def test_quantized_checkpoint_is_refused_before_spawning(tiny, tmp_path, no_spaw
         "ignore": ["lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]}
     (folder / "config.json").write_text(json.dumps(config))
     assert is_quantized(folder)
-    with pytest.raises(ValueError, match="tensor parallelism does not take compressed-tensors"):
+    with pytest.raises(ValueError, match=r"quantization_config targets .* but the file holds a dense"):
         pf.Engine.from_pretrained(folder, tensor_parallel_size=2, **CPU_FP32)
     assert no_spawn == [] and worker_children() == []
 
@@ -243,7 +242,7 @@ def gpu_engines(tiny):
         engines.append(pf.Engine.from_pretrained(tiny, device="cuda", dtype=torch.float32, backend="reference",
                                                  num_blocks=64, progress=False, use_cuda_graphs=False))
         one, two, _ = engines
-        assert "nccl" in two.describe() and two.runner.use_cuda_graphs and one.runner.use_cuda_graphs
+        assert "nccl" in two.describe() and two.decode_runner.use_cuda_graphs and one.decode_runner.use_cuda_graphs
         assert len(two.worker_pids) == 1 and two.model.device == torch.device("cuda", 0)
         yield tuple(engines)
     finally:
