@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import pixtral_fast as pf
-from pixtral_fast.runtime.async_engine import AsyncEngine, EngineClosed, QueueFull, StopMatcher
+from pixtral_fast.runtime.async_engine import AsyncEngine, EngineClosed, QueueFull
+from pixtral_fast.runtime.output import StopMatcher
 from pixtral_fast.tiny import make_tiny
 from pixtral_fast.tokenizer import Encoded, Tokenizer
 from tests.support.serve_server import data_url, picture, user_message

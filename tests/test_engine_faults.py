@@ -66,7 +66,7 @@ TARGETS = {
     "vit": lambda eng: (eng.model, "encode_images"),
     "decoder": lambda eng: (eng.model, "decode_hidden"),
     "lm_head": lambda eng: (eng.model, "logits"),
-    "decode_runner": lambda eng: (eng.runner, "step"),
+    "decode_runner": lambda eng: (eng.decode_runner, "step"),
     "prefill_sampling": lambda eng: (prefill_module, "sample_rows"),
     "decode_sampling": lambda eng: (graphs_module, "sample"),
     "block_append": lambda eng: (eng.blocks, "append"),
@@ -150,7 +150,7 @@ def test_interrupt_during_decode_requeues_the_others_and_frees_its_own(model, to
     eng = new_engine(model, tok)
     other = eng.add_request(requests[0], pf.SamplingParams(max_new_tokens=MAX_NEW))
     fault = Fault(lambda: KeyboardInterrupt(), at=2, persistent=False)
-    with fault.on(eng.runner, "step"), pytest.raises(KeyboardInterrupt):
+    with fault.on(eng.decode_runner, "step"), pytest.raises(KeyboardInterrupt):
         eng.generate(requests[1], max_new_tokens=MAX_NEW)
     assert eng.blocks.usage()["used_blocks"] == 0 and not eng.scheduler.running
     assert list(eng.scheduler.waiting) == [other] and not other.finished and len(other.generated) == 2

@@ -65,7 +65,7 @@ def test_max_batch_size_beyond_what_the_cache_could_run_is_refused(model, tok):
     with pytest.raises(ValueError, match=r"max_batch_size=1000 is more sequences than the KV cache could ever run"):
         new_engine(model, tok, num_blocks=64, max_batch_size=1000)
     eng = new_engine(model, tok, num_blocks=64, max_batch_size=63)  # 63 usable blocks: 63 sequences can run
-    assert eng.runner is not None
+    assert eng.decode_runner is not None
     new_engine(model, tok, num_blocks=4)  # the default batch size always passes (small buffers)
 
 

@@ -33,7 +33,7 @@ def counts():
             model = quantize_model(model, scheme, group_size=32)
         engine = pf.Engine.from_model(model, None, max_batch_size=32, num_blocks=64)
         for batch in (1, 32):
-            out[scheme, batch] = decode_step_launches(engine.runner, batch)
+            out[scheme, batch] = decode_step_launches(engine.decode_runner, batch)
         out[scheme, "prefill"] = prefill_launches(engine.model, 48)
     layers = 40
     lines = [f"{'weights':8s} {'batch':>5s} {'per layer':>9s} {'before':>6s} {'outside':>7s} "

@@ -38,13 +38,13 @@ def engine(tiny_dir, scheme, graphs):
 @pytest.mark.parametrize("scheme", ["w4a16", "fp8"])
 def test_graph_replay_equals_eager_and_recompute(tiny_dir, scheme):
     graphed, eager = engine(tiny_dir, scheme, True), engine(tiny_dir, scheme, False)
-    assert graphed.runner.use_cuda_graphs and not eager.runner.use_cuda_graphs
+    assert graphed.decode_runner.use_cuda_graphs and not eager.decode_runner.use_cuda_graphs
     batch = [chat("Describe the picture.", picture(70, 40, 0)), chat("Hello!"),
              chat("Two pictures:", picture(32, 48, 1), picture(64, 64, 2))]
     for requests in ([batch[0]], batch):
         got = graphed.generate(requests, max_new_tokens=12)
         assert [c.tokens for c in got] == [c.tokens for c in eager.generate(requests, max_new_tokens=12)]
-    assert graphed.runner.graphs, "no decode graph was replayed"
+    assert graphed.decode_runner.graphs, "no decode graph was replayed"
     enc = graphed.tokenizer.encode(batch[0])
     expected = greedy_by_recompute(graphed.model, enc.tokens, enc.images, 12, stop_ids=(graphed.tokenizer.eos_id,))
     assert graphed.generate(batch[0], max_new_tokens=12).tokens == expected

@@ -1,4 +1,4 @@
-"""Stop strings and the end of the text: StopMatcher (async_engine) against a plain full-text
+"""Stop strings and the end of the text: StopMatcher (runtime/output.py) against a plain full-text
 oracle over many ways of splitting the text into tokens, and the final flush of a character cut
 in the middle, from the detokenizer up to the server's plain and streamed answers."""
 import asyncio
@@ -13,7 +13,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import pixtral_fast as pf
-from pixtral_fast.runtime.async_engine import AsyncEngine, StopMatcher
+from pixtral_fast.runtime.async_engine import AsyncEngine
+from pixtral_fast.runtime.output import StopMatcher
 from pixtral_fast.runtime.detokenize import IncrementalDetokenizer
 from pixtral_fast.serve.app import ServerSettings, build_app
 from pixtral_fast.tiny import make_tiny

@@ -4,8 +4,10 @@ One thread owns the engine (and the GPU): it takes commands (add, abort) from a 
 queue, steps the engine while any sequence is unfinished, and after each step hands every
 request its new tokens through `loop.call_soon_threadsafe` into that request's asyncio queue.
 The event loop never waits on the engine. Tokenization and image decoding (CPU heavy) run in a
-small thread pool. A request joins the running batch at the next step; an abort (a closed stream,
-a matched stop string) is carried out at the next step and frees the sequence's KV blocks.
+small thread pool. A request joins the running batch at the next step; an abort (a closed stream)
+is carried out at the next step and frees the sequence's KV blocks. A request's text comes from
+the engine's output processor (runtime/output.py), as offline: a stop string ends the sequence in
+the step that completes it.
 
     async with AsyncEngine(engine) as ae:
         result = await ae.generate(messages, SamplingParams(max_new_tokens=64), stop=["\\n\\n"])
@@ -19,7 +21,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence as Seq
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,8 +29,9 @@ from typing import Any
 from mistral_common.exceptions import MistralCommonException
 
 from pixtral_fast.parallel import TensorParallelError
-from pixtral_fast.runtime.detokenize import IncrementalDetokenizer
 from pixtral_fast.runtime.engine import Engine, RequestError
+from pixtral_fast.runtime.output import stop_strings
+from pixtral_fast.runtime.requests import describe_failure
 from pixtral_fast.runtime.sampling import SamplingParams
 from pixtral_fast.runtime.scheduler import Sequence
 from pixtral_fast.tokenizer import Encoded
@@ -66,6 +69,7 @@ class Result:
     prompt_tokens: int
     finish_reason: str
     logprobs: list[Any] = field(default_factory=list)
+    stop_reason: str | int | None = None  # finish "stop": the stop string matched, or the stop token id
 
 
 @dataclass
@@ -79,8 +83,9 @@ class _Update:                    # engine thread -> request, once per step with
 class _Handle:
     """One request as both sides see it. The engine thread owns seq/sent; the loop owns queue."""
 
-    def __init__(self, request: Any, params: SamplingParams, loop: asyncio.AbstractEventLoop):
-        self.request, self.params, self.loop = request, params, loop
+    def __init__(self, request: Any, params: SamplingParams, stops: tuple[str, ...],
+                 loop: asyncio.AbstractEventLoop):
+        self.request, self.params, self.stops, self.loop = request, params, stops, loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.seq: Sequence | None = None
         self.sent = 0
@@ -98,81 +103,19 @@ def _deliver(items: list[tuple[_Handle, _Update]]) -> None:
         handle.queue.put_nowait(update)
 
 
-class StopMatcher:
-    """Text assembly for one sequence: incremental detokenization plus stop strings. Text that
-    could still become a stop string is held back; a matched stop string and all after it are dropped.
-
-    Linear in the text: each stop string keeps the first position of the held text where it may
-    still begin (every earlier one was ruled out for good), so a push scans only the new text plus
-    at most (longest stop - 1) held characters."""
-
-    def __init__(self, decode: Callable[[list[int]], str], stop_ids: Seq[int], stops: Seq[str]):
-        self.detok = IncrementalDetokenizer(decode)
-        self.stop_ids = set(stop_ids)
-        self.stops = [s for s in stops if s]
-        self.held = ""
-        self.starts = [0] * len(self.stops)   # per stop: where in `held` it may still begin
-        self.stopped = False
-
-    def push(self, token: int) -> str:
-        text = "" if token in self.stop_ids else self.detok.push(token)
-        return self._release(text, final=False)
-
-    def finish(self) -> str:
-        return self._release(self.detok.flush(), final=True)
-
-    def _release(self, text: str, final: bool) -> str:
-        self.held += text
-        cut = self._first_match()
-        if cut is not None:
-            self.stopped = True
-            out, self.held = self.held[:cut], ""
-            return out
-        if final:
-            out, self.held = self.held, ""
-            return out
-        self.starts = [_first_partial_match(s, self.held, start) for s, start in zip(self.stops, self.starts)]
-        keep_from = min(self.starts, default=len(self.held))
-        out, self.held = self.held[:keep_from], self.held[keep_from:]
-        self.starts = [start - keep_from for start in self.starts]
-        return out
-
-    def _first_match(self) -> int | None:
-        found = [at for s, start in zip(self.stops, self.starts) if (at := self.held.find(s, start)) >= 0]
-        return min(found, default=None)
-
-
-def _first_partial_match(stop: str, text: str, start: int) -> int:
-    """The first position >= start where the rest of `text` is a proper prefix of `stop`
-    (len(text) if none). Only the last len(stop) - 1 characters can hold one."""
-    at = max(start, len(text) - len(stop) + 1)
-    while (at := text.find(stop[0], at)) >= 0:
-        if stop.startswith(text[at:]):
-            return at
-        at += 1
-    return len(text)
-
-
-def stop_strings(stop: str | Seq[str] | None) -> list[str]:
-    """One str is one stop string (not its characters); empty ones are refused."""
-    stops = [stop] if isinstance(stop, str) else list(stop or ())
-    for s in stops:
-        if not isinstance(s, str) or not s:
-            raise ValueError(f"stop: stop strings must be non-empty strings, got {s!r}")
-    return stops
-
-
 class RequestStream:
     """One submitted request: async-iterate for Deltas. Leaving early (break, cancel, close)
     aborts it; its KV blocks are freed at the engine's next step."""
 
-    def __init__(self, owner: "AsyncEngine", handle: _Handle, prompt_tokens: int, stops: Seq[str]):
+    def __init__(self, owner: "AsyncEngine", handle: _Handle, prompt_tokens: int):
         self._owner, self._handle = owner, handle
         self.prompt_tokens = prompt_tokens
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
         self.stop_token_ids = handle.seq.params.stop_token_ids  # the engine's (EOS added when none were given)
-        self._text = StopMatcher(owner.engine.tokenizer.decode, self.stop_token_ids, stops)
+        self._output = owner.engine.text_output(handle.seq)
+        self._read = 0      # the output's pieces already delivered
 
     def __aiter__(self) -> "RequestStream":
         return self
@@ -188,21 +131,18 @@ class RequestStream:
         if update.error is not None:
             self.finish_reason = "error"
             raise EngineFault(update.error)
-        text, used = [], 0
-        for token in update.tokens:
-            used += 1
-            text.append(self._text.push(token))
-            if self._text.stopped:
-                break
-        self.token_ids += update.tokens[:used]
-        logprobs = update.logprobs[:used]
-        if self._text.stopped:
-            self.finish_reason = "stop"
-            self.abort()
-        elif update.finish_reason is not None:
-            text.append(self._text.finish())
-            self.finish_reason = "stop" if self._text.stopped else update.finish_reason
-        return Delta("".join(text), update.tokens[:used], logprobs, self.finish_reason)
+        self.token_ids += update.tokens
+        try:  # a stop string was matched in the engine's step already: this takes the rest's text
+            self._output.advance(self.token_ids, final=update.finish_reason is not None)
+        except Exception as e:
+            self.finish_reason = "error"
+            self._owner._commands.put(("abort", self._handle))
+            raise EngineFault(f"detokenization failed: {describe_failure(e)}") from e
+        text, self._read = self._output.read(self._read)
+        if update.finish_reason is not None:
+            self.finish_reason = update.finish_reason
+            self.stop_reason = self._output.stop_reason(update.finish_reason, self.token_ids)
+        return Delta(text, update.tokens, update.logprobs, self.finish_reason)
 
     def abort(self) -> None:
         """Idempotent; safe from any thread."""
@@ -252,7 +192,7 @@ class AsyncEngine:
         `await aclose(grace)`."""
         self._closing = True
         deadline = time.monotonic() + grace
-        while self.snapshot["unfinished"] and time.monotonic() < deadline and self._thread_alive():
+        while self.snapshot["unfinished"] and time.monotonic() < deadline and self.thread_alive:
             time.sleep(0.02)
         self._commands.put(("stop", None))
         if self._thread is not None:
@@ -274,7 +214,9 @@ class AsyncEngine:
     async def __aexit__(self, *exc) -> None:
         await self.aclose()
 
-    def _thread_alive(self) -> bool:
+    @property
+    def thread_alive(self) -> bool:
+        """The engine thread runs (while shutting down too, until it stops)."""
         return self._thread is not None and self._thread.is_alive()
 
     # -- requests (event loop side) ---------------------------------------------------------------
@@ -297,11 +239,12 @@ class AsyncEngine:
         free_slots = max(0, self.engine.config.max_batch_size - self.snapshot["running"])
         return max(0, self._pending + self.snapshot["waiting"] - free_slots)
 
-    async def submit(self, request: Any, params: SamplingParams, stop: str | Seq[str] = ()) -> RequestStream:
+    async def submit(self, request: Any, params: SamplingParams, stop: str | list[str] | None = None) -> RequestStream:
         """Queues a request (Encoded, or messages: encoded in the pool first) and waits until the
-        engine thread has taken it. `stop`: one stop string or several. TypeError for params that
-        are not SamplingParams, ValueError for an empty stop string, RequestError if it cannot be
-        served, QueueFull past max_waiting, EngineClosed while shutting down."""
+        engine thread has taken it. `stop`: one stop string or several, as Engine.generate's.
+        TypeError for params that are not SamplingParams, ValueError naming `stop` for stop strings
+        out of bounds, RequestError if it cannot be served, QueueFull past max_waiting,
+        EngineClosed while shutting down."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         stop = stop_strings(stop)
@@ -315,7 +258,7 @@ class AsyncEngine:
         try:
             if not isinstance(request, Encoded):
                 request = await self.encode(request)
-            handle = _Handle(request, params, asyncio.get_running_loop())
+            handle = _Handle(request, params, stop, asyncio.get_running_loop())
             self._commands.put(("add", handle))
         except BaseException:
             with self._lock:
@@ -328,20 +271,21 @@ class AsyncEngine:
             raise
         if isinstance(accepted, BaseException):
             raise accepted
-        return RequestStream(self, handle, accepted, stop)
+        return RequestStream(self, handle, accepted)
 
-    async def stream(self, request: Any, params: SamplingParams, stop: str | Seq[str] = ()) -> AsyncIterator[Delta]:
+    async def stream(self, request: Any, params: SamplingParams,
+                     stop: str | list[str] | None = None) -> AsyncIterator[Delta]:
         async with await self.submit(request, params, stop) as s:
             async for delta in s:
                 yield delta
 
-    async def generate(self, request: Any, params: SamplingParams, stop: str | Seq[str] = ()) -> Result:
+    async def generate(self, request: Any, params: SamplingParams, stop: str | list[str] | None = None) -> Result:
         text, logprobs = [], []
         async with await self.submit(request, params, stop) as s:
             async for delta in s:
                 text.append(delta.text)
                 logprobs += delta.logprobs
-        return Result("".join(text), s.token_ids, s.prompt_tokens, s.finish_reason, logprobs)
+        return Result("".join(text), s.token_ids, s.prompt_tokens, s.finish_reason, logprobs, s.stop_reason)
 
     # -- the engine thread ------------------------------------------------------------------------
 
@@ -386,7 +330,7 @@ class AsyncEngine:
 
     def _add(self, handle: _Handle) -> None:
         try:
-            seq = self.engine.add_request(handle.request, handle.params)
+            seq = self.engine.add_request(handle.request, handle.params, handle.stops)
         except ValueError as e:
             handle.post(RequestError(str(e)))
             return
@@ -413,8 +357,7 @@ class AsyncEngine:
         except Exception as e:  # noqa: BLE001 - Engine.step keeps faults inside; if one escapes, fail its batch
             log.exception("engine step failed")
             for handle in list(self._active.values()):
-                if not handle.seq.finished:
-                    self.engine.scheduler.fail(handle.seq, f"internal error: {type(e).__name__}: {e}")
+                self.engine.fail(handle.seq, f"internal error: {type(e).__name__}: {e}")
 
     def _publish(self) -> None:
         """Every request's news of this step; one wake-up per event loop, not one per request."""
@@ -457,9 +400,7 @@ class AsyncEngine:
 
     def _take_snapshot(self) -> dict[str, int]:
         """What the metrics and the backpressure read, taken on the engine thread between steps.
-        Waiting: our sequences not in the running batch (queued, just added, or preempted)."""
-        usage = self.engine.blocks.usage()
-        running = set(self.engine.scheduler.running)
-        waiting = sum(1 for h in self._active.values() if h.seq not in running and not h.seq.finished)
-        return {"used_blocks": int(usage["used_blocks"]), "total_blocks": int(usage["total_blocks"]),
-                "running": len(running), "waiting": waiting, "unfinished": len(running) + waiting + self._pending}
+        Waiting: sequences added and not in the running batch (queued, just added, or preempted)."""
+        usage = self.engine.usage()
+        return {"used_blocks": usage.used_blocks, "total_blocks": usage.total_blocks, "running": usage.running,
+                "waiting": usage.waiting, "unfinished": usage.running + usage.waiting + self._pending}

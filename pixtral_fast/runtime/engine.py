@@ -16,7 +16,12 @@ of its sequences is run alone, so that a fault that follows one request ends onl
 (finish_reason "error", the exception in .error); the retry rewrites the same cache slots. A
 KeyboardInterrupt / SystemExit puts every running sequence back in the queue (blocks freed; they
 re-prefill later, as after a preemption) and is re-raised; generate() and stream() abort their own
-requests on any exit."""
+requests on any exit.
+
+Output: every request's text comes from its TextOutput (runtime/output.py), one output processor
+for generate(), stream() and the AsyncEngine. A request with stop strings has its text advanced
+inside the step, so that the token completing a stop string finishes the sequence there (finish
+reason "stop", blocks freed); other requests are detokenized by their readers, off the step."""
 from __future__ import annotations
 
 import itertools
@@ -39,21 +44,21 @@ from pixtral_fast.parallel import TensorParallelError
 from pixtral_fast.parallel.plan import check_size
 from pixtral_fast.parallel.driver import ParallelDriver
 from pixtral_fast.runtime.config import EngineConfig
-from pixtral_fast.runtime.detokenize import IncrementalDetokenizer
 from pixtral_fast.runtime.graphs import DecodeRow
 from pixtral_fast.runtime.kv_cache import BlockManager
 from pixtral_fast.runtime.lifecycle import EngineLifecycle
 from pixtral_fast.runtime.model_runner import ModelRunner
+from pixtral_fast.runtime.output import TextOutput, stop_strings
 from pixtral_fast.runtime.prefill import PrefillBatch, prefill
 from pixtral_fast.runtime.profiling import nvtx_range
-from pixtral_fast.runtime.requests import (Completion, EngineStats, RequestError, describe_failure, image_tensors,
-                                           is_batch)
+from pixtral_fast.runtime.requests import (Completion, EngineStats, EngineUsage, RequestError, describe_failure,
+                                           image_tensors, is_batch)
 from pixtral_fast.runtime.sampling import SamplingParams, StepOutput
 from pixtral_fast.runtime.scheduler import Scheduler, Sequence
 from pixtral_fast.tokenizer import Encoded, Tokenizer
 from pixtral_fast.weights import check_tokenizer_vocab
 
-__all__ = ["Engine", "Completion", "EngineStats", "RequestError", "is_batch"]
+__all__ = ["Engine", "Completion", "EngineStats", "EngineUsage", "RequestError", "is_batch"]
 
 log = logging.getLogger("pixtral_fast")
 
@@ -82,7 +87,7 @@ class Engine(EngineLifecycle):
             self._finalizer = weakref.finalize(self, parallel.shutdown)
         shape = self.model_runner.shape
         self.blocks = BlockManager(shape.num_blocks, shape.block_size)
-        self.cache, self.runner = self.model_runner.cache, self.model_runner.decoder
+        self.cache, self.decode_runner = self.model_runner.cache, self.model_runner.decoder
         self.max_model_len = self.model_runner.max_model_len
         self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_prefill_tokens, self.max_model_len)
         log.info("engine: %s", self.describe())
@@ -90,6 +95,8 @@ class Engine(EngineLifecycle):
         self._ids = itertools.count()
         self._lock = threading.RLock()  # see the thread model above
         self._inbox: deque[Sequence] = deque()  # added, not yet queued: append/popleft are thread-safe
+        # Each request's text (runtime/output.py); it lives as long as the request's Sequence does.
+        self._outputs: weakref.WeakKeyDictionary[Sequence, TextOutput] = weakref.WeakKeyDictionary()
         if config.capture_on_start:
             self._call("capture", True, False, progress=config.progress)
 
@@ -115,8 +122,22 @@ class Engine(EngineLifecycle):
         weights = describe_scheme(model) or "dense"
         parallel = "" if self.parallel is None else f"{self.parallel.describe()}, "
         return (f"{parallel}{model.device} {str(model.dtype).removeprefix('torch.')}, kernels={model.backend}, "
-                f"weights={weights}, decode attention={decode}, cuda graphs={self.runner.use_cuda_graphs}, "
+                f"weights={weights}, decode attention={decode}, cuda graphs={self.decode_runner.use_cuda_graphs}, "
                 f"KV cache {shape.num_blocks} blocks x {shape.block_size} tokens, max_model_len={self.max_model_len}")
+
+    @property
+    def vocab_size(self) -> int:
+        """The model's vocabulary size: token ids, top_k and logprobs are bounded by it."""
+        return self.model.args.text.vocab_size
+
+    def usage(self) -> EngineUsage:
+        """What the engine holds now: sequences running and waiting, cache blocks used. Thread-safe."""
+        with self._lock:
+            blocks = self.blocks.usage()
+            added = list(self._inbox)  # one C-level copy: another thread may be appending
+            waiting = len(self.scheduler.waiting) + sum(1 for s in added if not s.finished)
+            return EngineUsage(running=len(self.scheduler.running), waiting=waiting,
+                               used_blocks=int(blocks["used_blocks"]), total_blocks=int(blocks["total_blocks"]))
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -160,20 +181,24 @@ class Engine(EngineLifecycle):
     def _admissible(self, params: SamplingParams) -> SamplingParams:
         """ValueError (naming the parameter) for parameters this model cannot honour; the stop
         tokens default to the tokenizer's end of sequence."""
-        params.check_vocab(self.model.args.text.vocab_size)
+        params.check_vocab(self.vocab_size)
         if not params.stop_token_ids:
             params = replace(params, stop_token_ids=(self.tokenizer.eos_id,))
         return params
 
-    def add_request(self, request: Any, params: SamplingParams) -> Sequence:
+    def add_request(self, request: Any, params: SamplingParams, stop: str | list[str] | None = None) -> Sequence:
         """request: Encoded (token ids + images), a ChatCompletionRequest, or a message list.
-        Thread-safe, and never waits for a step. Parameters this model cannot honour raise
-        ValueError before admission; a request that cannot be tokenized, checked or ever fit comes
-        back already finished, with finish_reason 'error' and the reason in .error."""
+        `stop`: one stop string or several (runtime/output.py bounds them); the text ends before
+        the first one found, finish_reason 'stop'. Its text: text_output(seq). Thread-safe, and
+        never waits for a step. Parameters this model cannot honour raise ValueError before
+        admission; a request that cannot be tokenized, checked or ever fit comes back already
+        finished, with finish_reason 'error' and the reason in .error."""
         self._check_open()
-        params = self._admissible(params)
+        params, stops = self._admissible(params), stop_strings(stop)
         seq = Sequence(id=next(self._ids), prompt=[], images=[], params=params,  # count(): atomic
                        seed=params.seed if params.seed is not None else secrets.randbits(62))
+        # decode on first use: token-level callers with stop ids of their own never load a tokenizer
+        self._outputs[seq] = TextOutput(lambda ids: self.tokenizer.decode(ids), params.stop_token_ids, stops)
         try:
             encoded = request if isinstance(request, Encoded) else self.tokenizer.encode(request)
             images = image_tensors(encoded.images)
@@ -189,6 +214,10 @@ class Engine(EngineLifecycle):
             self._inbox.append(seq)
         return seq
 
+    def text_output(self, seq: Sequence) -> TextOutput:
+        """The text of a request that add_request returned (its stop strings applied)."""
+        return self._outputs[seq]
+
     def abort(self, seq: Sequence) -> None:
         """Ends a request now (finish_reason 'abort') and frees its cache blocks. Thread-safe;
         does nothing to a finished request."""
@@ -196,17 +225,27 @@ class Engine(EngineLifecycle):
             if not seq.finished:
                 self.scheduler.finish(seq, "abort")
 
+    def fail(self, seq: Sequence, message: str) -> None:
+        """Ends a request now with finish_reason 'error' and `message`, and frees its cache
+        blocks. Thread-safe; does nothing to a finished request."""
+        with self._lock:
+            if not seq.finished:
+                self.scheduler.fail(seq, message)
+
     def generate(self, request_or_batch: Any, max_new_tokens: int = 256, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None):
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 stop: str | list[str] | None = None):
         """One request -> Completion (RequestError if it cannot be served); a batch -> list of
-        Completions in order (failed ones carry finish_reason 'error' and the message)."""
+        Completions in order (failed ones carry finish_reason 'error' and the message). `stop`: as
+        the server's (see add_request), for every request of a batch."""
         params = self._admissible(SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                                  top_p=top_p, top_k=top_k, seed=seed))
+        stops = stop_strings(stop)
         batch = is_batch(request_or_batch)
         seqs: list[Sequence] = []
         try:
             for request in request_or_batch if batch else [request_or_batch]:
-                seqs.append(self.add_request(request, params))
+                seqs.append(self.add_request(request, params, stops))
             self._step_until(lambda: all(s.finished for s in seqs))
             out = [self._completion(s) for s in seqs]
         finally:  # an exception or an interrupt must not leave our requests holding blocks
@@ -220,53 +259,54 @@ class Engine(EngineLifecycle):
         return out if batch else out[0]
 
     def stream(self, request: Any, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int | None = None) -> Iterator[str]:
-        """Text increments of one request as its tokens are decoded (RequestError once it fails).
-        Bad parameters raise here; the request starts at the first next(). Closing the iterator
-        early ends the request and frees its cache blocks."""
+               top_k: int = 0, seed: int | None = None, stop: str | list[str] | None = None) -> Iterator[str]:
+        """Text increments of one request as its tokens are decoded (RequestError once it fails),
+        `stop` as in generate(). Bad parameters raise here; the request starts at the first next().
+        Closing the iterator early ends the request and frees its cache blocks."""
         params = self._admissible(SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                                  top_p=top_p, top_k=top_k, seed=seed))
+        stops = stop_strings(stop)
         if is_batch(request):  # a list of conversations is not one conversation: say so, not pydantic
             raise ValueError("stream() takes one request, not a batch; use generate() for batches")
-        return self._stream(request, params)
+        return self._stream(request, params, stops)
 
-    def _stream(self, request: Any, params: SamplingParams) -> Iterator[str]:
-        seq = self.add_request(request, params)
-        detok, sent = IncrementalDetokenizer(self.tokenizer.decode), 0
+    def _stream(self, request: Any, params: SamplingParams, stops: tuple[str, ...]) -> Iterator[str]:
+        seq = self.add_request(request, params, stops)
+        output, read, seen = self.text_output(seq), 0, 0
         try:
             while True:
                 finished = seq.finished  # read before the tokens: a finished sequence's tokens are final
-                new = seq.generated[sent:]
-                sent += len(new)
-                yield from self._text(seq, detok, new, flush=finished and seq.finish_reason != "error")
+                seen = len(seq.generated)
+                self._advance(seq, output, final=finished and seq.finish_reason != "error")
+                text, read = output.read(read)
+                if text:
+                    yield text
                 if finished:
                     if seq.finish_reason == "error":
                         raise RequestError(seq.error)
                     return
-                self._step_until(lambda: seq.finished or len(seq.generated) > sent)
+                self._step_until(lambda: seq.finished or len(seq.generated) > seen)
         finally:
             self.abort(seq)
 
-    def _text(self, seq: Sequence, detok: IncrementalDetokenizer, tokens: list[int], flush: bool) -> list[str]:
+    def _advance(self, seq: Sequence, output: TextOutput, final: bool) -> None:
+        """A reader's advance of the request's text; a detokenization failure ends the request."""
         try:
-            pieces = [detok.push(t) for t in tokens if t not in seq.params.stop_token_ids]
-            pieces.append(detok.flush() if flush else "")
+            output.advance(seq.generated, final)
         except Exception as e:
             message = f"detokenization failed: {describe_failure(e)}"
-            with self._lock:
-                self.scheduler.fail(seq, message)
+            self.fail(seq, message)
             raise RequestError(message) from e
-        return [p for p in pieces if p]
 
     def _completion(self, seq: Sequence) -> Completion:
-        text_ids = [t for t in seq.generated if t not in seq.params.stop_token_ids]
-        reason, error = seq.finish_reason, seq.error
+        output, reason, error = self.text_output(seq), seq.finish_reason, seq.error
         try:
-            text = self.tokenizer.decode(text_ids) if text_ids else ""
+            output.advance(seq.generated, final=True)
+            text = output.read()[0]
         except Exception as e:
             text, reason, error = "", "error", f"detokenization failed: {describe_failure(e)}"
         return Completion(text=text, tokens=list(seq.generated), prompt_tokens=len(seq.prompt),
-                          finish_reason=reason, error=error)
+                          finish_reason=reason, error=error, stop_reason=output.stop_reason(reason, seq.generated))
 
     def _step_until(self, done: Callable[[], bool]) -> None:
         """Steps the shared batch until done() holds; checked under the lock, so that a caller
@@ -384,7 +424,24 @@ class Engine(EngineLifecycle):
             seq.generated.append(token)
             if seq.params.logprobs is not None:
                 seq.logprobs.append(logprobs)
-            if token in seq.params.stop_token_ids:
-                self.scheduler.finish(seq, "stop")
-            elif len(seq.generated) >= seq.params.max_new_tokens or len(seq.tokens) >= self.max_model_len:
-                self.scheduler.finish(seq, "length")
+            reason = self._end_of(seq, token)
+            if reason is not None and not seq.finished:
+                self.scheduler.finish(seq, reason)
+
+    def _end_of(self, seq: Sequence, token: int) -> str | None:
+        """Why the sequence ends with its new token, or None: a stop token or stop string ('stop'),
+        its length. A stop string is matched here, in the step, so that its blocks free at once."""
+        if token in seq.params.stop_token_ids:
+            return "stop"
+        output = self._outputs.get(seq)
+        if output is not None and output.stops:
+            try:
+                output.advance(seq.generated)
+            except Exception as e:
+                self.scheduler.fail(seq, f"detokenization failed: {describe_failure(e)}")
+                return None
+            if output.stopped:
+                return "stop"
+        if len(seq.generated) >= seq.params.max_new_tokens or len(seq.tokens) >= self.max_model_len:
+            return "length"
+        return None

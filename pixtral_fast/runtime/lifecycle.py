@@ -1,7 +1,15 @@
 """The engine's lifecycle (close, the context manager, the end of every request) and the calls
-that ask every tensor-parallel rank at once (prompt logits, weight bytes): a mixin of Engine,
-kept apart so that engine.py holds the request path only."""
+that ask every tensor-parallel rank at once (prompt logits, weight bytes).
+
+A mixin of Engine, on purpose and for Engine only: it is part of the Engine class, kept in a file
+of its own so that engine.py holds the request path, and it shares Engine's private state (the
+lock, the inbox of added requests, the closed flag: declared below). Nothing else may use that
+state; every other module goes through Engine's public methods."""
 from __future__ import annotations
+
+from collections import deque
+from threading import RLock
+from typing import Self
 
 import torch
 
@@ -10,6 +18,10 @@ from pixtral_fast.runtime.requests import image_tensors
 
 
 class EngineLifecycle:
+    _lock: RLock                    # Engine's: guards the scheduler, the cache and the runner
+    _inbox: deque                   # Engine's: requests added, not yet queued
+    _closed: str | None             # why the engine takes no more requests, once it does not
+
     def close(self) -> None:
         """Ends every unfinished request (finish_reason 'abort') and stops the tensor-parallel
         workers; the engine takes no more requests. Idempotent; `with Engine... as engine:` calls it."""
@@ -20,7 +32,7 @@ class EngineLifecycle:
             if self.parallel is not None:
                 self.parallel.shutdown()
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

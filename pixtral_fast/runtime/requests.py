@@ -1,5 +1,5 @@
 """What the engine takes and hands back: how a call's argument is read (one request or a batch),
-completions, the request-level error, and step statistics."""
+completions, the request-level error, step statistics and the usage snapshot."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,6 +23,16 @@ class Completion:
     prompt_tokens: int
     finish_reason: str          # "stop" | "length" | "error" | "abort" (a stream closed early)
     error: str | None = None
+    stop_reason: str | int | None = None  # finish "stop": the stop string matched, or the stop token id
+
+
+@dataclass(frozen=True)
+class EngineUsage:
+    """What the engine holds at one moment (Engine.usage)."""
+    running: int                # sequences in the running batch
+    waiting: int                # added, not running: queued, not yet queued, or preempted
+    used_blocks: int            # KV cache blocks held by sequences
+    total_blocks: int           # KV cache blocks in all (the scratch block excluded)
 
 
 @dataclass

@@ -65,7 +65,7 @@ def engine_problem(async_engine: AsyncEngine) -> str | None:
     """Why the engine cannot serve, or None: it died, or its thread is not running."""
     if (death := engine_death(async_engine)) is not None:
         return death
-    return None if async_engine._thread_alive() else "the engine is not running"
+    return None if async_engine.thread_alive else "the engine is not running"
 
 
 def _snapshot_reader(async_engine: AsyncEngine, key: str):
