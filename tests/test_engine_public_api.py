@@ -1,5 +1,5 @@
 """What the server needs from the engine, as public attributes: the vocabulary size, the usage
-snapshot, failing one request, the decode runner under its own name, whether the AsyncEngine's
+snapshot, failing one request, why it is closed, the decode runner under its own name, whether the AsyncEngine's
 thread runs; and the modules above the engine use these rather than the engine's insides."""
 import ast
 import asyncio
@@ -19,11 +19,15 @@ NUM_BLOCKS = 32
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
+def tiny(tmp_path_factory):
     folder = make_tiny(tmp_path_factory.mktemp("tiny"), seed=0)
     model = pf.load_model(folder, device="cpu", dtype=torch.float32, backend="reference", progress=False)
-    return pf.Engine.from_model(model, Tokenizer.for_checkpoint(folder), num_blocks=NUM_BLOCKS, block_size=16,
-                                progress=False)
+    return model, Tokenizer.for_checkpoint(folder)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    return pf.Engine.from_model(*tiny, num_blocks=NUM_BLOCKS, block_size=16, progress=False)
 
 
 def request(n: int = 20) -> Encoded:
@@ -60,6 +64,15 @@ def test_fail_ends_one_request_with_its_message_and_frees_its_blocks(engine):
     assert seqs[0].error == "the client went away"
     engine.abort(seqs[1])
     assert engine.usage().used_blocks == 0
+
+
+def test_closed_says_why_the_engine_takes_no_more_requests(tiny):
+    engine = pf.Engine.from_model(*tiny, num_blocks=NUM_BLOCKS, progress=False)
+    assert engine.closed is None
+    engine.close()
+    assert engine.closed == "the engine is closed"
+    with pytest.raises(RuntimeError, match="the engine is closed"):
+        engine.add_request(request(), pf.SamplingParams())
 
 
 def test_the_async_engine_says_whether_its_thread_runs(engine):

@@ -81,7 +81,7 @@ def test_a_ctrl_c_inside_a_step_keeps_the_tp_engine(engine, answer, monkeypatch,
     with pytest.raises(KeyboardInterrupt):
         engine.generate(request(), max_new_tokens=NEW_TOKENS)
     monkeypatch.undo()
-    assert engine.parallel.failure is None and engine._closed is None
+    assert engine.parallel.failure is None and engine.closed is None
     assert_clean(engine)  # the step's sequences were requeued, then aborted by generate: no block held
     assert engine.blocks.usage()["free_blocks"] == engine.blocks.usage()["total_blocks"]
     assert worker_children() == pids

@@ -39,6 +39,12 @@ class EngineLifecycle:
         self.close()
 
     @property
+    def closed(self) -> str | None:
+        """Why the engine takes no more requests (closed, or its tensor-parallel ranks fell out
+        of step), or None while it does."""
+        return self._closed
+
+    @property
     def worker_pids(self) -> list[int]:
         """The spawned tensor-parallel workers' process ids (none without tensor parallelism)."""
         return [] if self.parallel is None else self.parallel.worker_pids
