@@ -1,6 +1,6 @@
 """What the server needs from the engine, as public attributes: the vocabulary size, the usage
-snapshot, failing one request, why it is closed, the decode runner under its own name, whether the AsyncEngine's
-thread runs; and the modules above the engine use these rather than the engine's insides."""
+snapshot, failing one request, why it is closed, the decode runner under its own name, whether the
+AsyncEngine's thread runs; and the modules above the engine use these rather than its insides."""
 import ast
 import asyncio
 from pathlib import Path
