@@ -53,7 +53,7 @@ def test_generate_and_stream_equal_the_offline_engine(tiny):
             return together, pieces
 
     together, pieces = asyncio.run(main())
-    assert [(r.text, r.token_ids, r.prompt_tokens, r.finish_reason) for r in together] == \
+    assert [(r.text, r.tokens, r.prompt_tokens, r.finish_reason) for r in together] == \
         [(c.text, c.tokens, c.prompt_tokens, c.finish_reason) for c in expected]
     assert "".join(d.text for d in pieces) == expected[0].text
     assert [t for d in pieces for t in d.token_ids] == expected[0].tokens
@@ -72,7 +72,7 @@ def test_a_stop_string_ends_the_sequence_and_frees_its_blocks(tiny):
 
     result = asyncio.run(main())
     assert result.text == full.text[:full.text.find(stop)] and result.finish_reason == "stop"
-    assert result.token_ids == full.tokens[:len(result.token_ids)] and len(result.token_ids) < 24
+    assert result.tokens == full.tokens[:len(result.tokens)] and len(result.tokens) < 24
 
 
 def test_closing_a_stream_early_aborts_it(tiny):

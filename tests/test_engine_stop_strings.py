@@ -66,14 +66,16 @@ def test_stream_and_a_batch_end_as_generate_does(engine, greedy):
 
 def test_the_async_engine_gives_the_offline_answer(engine, greedy):
     full, stop = greedy
-    offline = engine.generate(PROMPT, max_new_tokens=MAX_NEW, stop=[stop])
+    offline = engine.generate(PROMPT, max_new_tokens=MAX_NEW, stop=[stop], logprobs=2)
+    assert len(offline.logprobs) == len(offline.tokens) and len(offline.logprobs[0].top) == 2
 
     async def main():
         async with AsyncEngine(engine) as ae:
-            return await ae.generate(PROMPT, pf.SamplingParams(max_new_tokens=MAX_NEW), stop=[stop])
+            return await ae.generate(PROMPT, pf.SamplingParams(max_new_tokens=MAX_NEW, logprobs=2), stop=[stop])
 
     result = asyncio.run(main())
-    assert (result.text, result.token_ids, result.finish_reason, result.stop_reason) == \
+    assert result == offline  # one result type: text, tokens, finish and stop reasons, logprobs
+    assert (result.text, result.tokens, result.finish_reason, result.stop_reason) == \
         (offline.text, offline.tokens, offline.finish_reason, offline.stop_reason)
     assert engine.usage().used_blocks == 0
 

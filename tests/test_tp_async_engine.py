@@ -31,7 +31,7 @@ def test_a_dead_worker_fails_the_request_and_stops_the_async_engine(engine):
     async def scenario():
         async with AsyncEngine(engine) as ae:
             first = await ae.generate(MESSAGE, SamplingParams(max_new_tokens=4))
-            assert len(first.token_ids) == 4
+            assert len(first.tokens) == 4
             pid = engine.worker_pids[0]
 
             async def kill():

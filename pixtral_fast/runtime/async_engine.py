@@ -31,7 +31,7 @@ from mistral_common.exceptions import MistralCommonException
 from pixtral_fast.parallel import TensorParallelError
 from pixtral_fast.runtime.engine import Engine, RequestError
 from pixtral_fast.runtime.output import stop_strings
-from pixtral_fast.runtime.requests import describe_failure
+from pixtral_fast.runtime.requests import Completion, describe_failure
 from pixtral_fast.runtime.sampling import SamplingParams
 from pixtral_fast.runtime.scheduler import Sequence
 from pixtral_fast.tokenizer import Encoded
@@ -60,16 +60,6 @@ class Delta:
     token_ids: list[int]
     logprobs: list[Any] = field(default_factory=list)   # TokenLogprobs per token id, when asked
     finish_reason: str | None = None
-
-
-@dataclass
-class Result:
-    text: str
-    token_ids: list[int]          # every token the request consumed (a final stop token included)
-    prompt_tokens: int
-    finish_reason: str
-    logprobs: list[Any] = field(default_factory=list)
-    stop_reason: str | int | None = None  # finish "stop": the stop string matched, or the stop token id
 
 
 @dataclass
@@ -279,13 +269,15 @@ class AsyncEngine:
             async for delta in s:
                 yield delta
 
-    async def generate(self, request: Any, params: SamplingParams, stop: str | list[str] | None = None) -> Result:
+    async def generate(self, request: Any, params: SamplingParams, stop: str | list[str] | None = None) -> Completion:
+        """The whole answer, as Engine.generate gives it."""
         text, logprobs = [], []
         async with await self.submit(request, params, stop) as s:
             async for delta in s:
                 text.append(delta.text)
                 logprobs += delta.logprobs
-        return Result("".join(text), s.token_ids, s.prompt_tokens, s.finish_reason, logprobs, s.stop_reason)
+        return Completion("".join(text), s.token_ids, s.prompt_tokens, s.finish_reason,
+                          stop_reason=s.stop_reason, logprobs=logprobs)
 
     # -- the engine thread ------------------------------------------------------------------------
 

@@ -234,12 +234,12 @@ class Engine(EngineLifecycle):
 
     def generate(self, request_or_batch: Any, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                 stop: str | list[str] | None = None):
+                 stop: str | list[str] | None = None, logprobs: int | None = None):
         """One request -> Completion (RequestError if it cannot be served); a batch -> list of
         Completions in order (failed ones carry finish_reason 'error' and the message). `stop`: as
-        the server's (see add_request), for every request of a batch."""
+        the server's (see add_request), for every request of a batch; `logprobs`: as SamplingParams'."""
         params = self._admissible(SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                                                 top_p=top_p, top_k=top_k, seed=seed))
+                                                 top_p=top_p, top_k=top_k, seed=seed, logprobs=logprobs))
         stops = stop_strings(stop)
         batch = is_batch(request_or_batch)
         seqs: list[Sequence] = []
@@ -306,7 +306,8 @@ class Engine(EngineLifecycle):
         except Exception as e:
             text, reason, error = "", "error", f"detokenization failed: {describe_failure(e)}"
         return Completion(text=text, tokens=list(seq.generated), prompt_tokens=len(seq.prompt),
-                          finish_reason=reason, error=error, stop_reason=output.stop_reason(reason, seq.generated))
+                          finish_reason=reason, error=error, stop_reason=output.stop_reason(reason, seq.generated),
+                          logprobs=list(seq.logprobs))
 
     def _step_until(self, done: Callable[[], bool]) -> None:
         """Steps the shared batch until done() holds; checked under the lock, so that a caller

@@ -2,7 +2,7 @@
 completions, the request-level error, step statistics and the usage snapshot."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,12 +18,14 @@ class RequestError(ValueError):
 
 @dataclass
 class Completion:
-    text: str
+    """One request's result, from Engine.generate and AsyncEngine.generate alike."""
+    text: str                   # stop strings applied: the text before the first one found
     tokens: list[int]           # the new token ids (a final stop token included)
     prompt_tokens: int
     finish_reason: str          # "stop" | "length" | "error" | "abort" (a stream closed early)
     error: str | None = None
     stop_reason: str | int | None = None  # finish "stop": the stop string matched, or the stop token id
+    logprobs: list[Any] = field(default_factory=list)  # TokenLogprobs per new token, when asked for
 
 
 @dataclass(frozen=True)
