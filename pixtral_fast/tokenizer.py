@@ -26,7 +26,7 @@ from mistral_common.tokens.tokenizers.sentencepiece import is_sentencepiece
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer, is_tekken
 from PIL import Image
 
-from pixtral_fast.images import DEFAULT_MAX_IMAGE_PIXELS, MediaLimits, load_image
+from pixtral_fast.images import DEFAULT_MAX_IMAGE_PIXELS, MediaLimits, load_image, shown
 from pixtral_fast.weights import CheckpointError
 
 __all__ = ["Encoded", "ImageSource", "InputError", "Prompt", "Tokenizer", "decode_images", "load_image",
@@ -129,7 +129,13 @@ def _message(m: Any, where: str, limits: MediaLimits, images: list[ImageSource])
         if content is None:
             raise InputError(f"{where}.content", f"{where}: a system message needs content")
         return SystemMessage(content=content)
-    raise InputError(f"{where}.role", f"{where}: role must be user, assistant or system, got {role!r}")
+    raise InputError(f"{where}.role", f"{where}: role must be user, assistant or system, got {shown_value(role)}")
+
+
+def shown_value(value: Any) -> str:
+    """A client's value in an error message: a string quoted and cut (it may be megabytes),
+    anything else by its type only (its repr may be as large, and slow to build)."""
+    return shown(value) if isinstance(value, str) else f"a {type(value).__name__}"
 
 
 def _text(value: Any, where: str) -> str:
@@ -168,7 +174,7 @@ def _part(part: Any, at: str, limits: MediaLimits, images: list[ImageSource]) ->
             raise InputError(param, f"{at}: an image_url part needs image_url.url, a non-empty string")
         return _image(url, param if limits.server else at, images)
     kinds = "text, image_url" if limits.server else "text, image, image_url"
-    raise InputError(at, f"{at}: unknown part type {kind!r} ({kinds})")
+    raise InputError(at, f"{at}: unknown part type {shown_value(kind)} ({kinds})")
 
 
 def _image(source: Any, param: str, images: list[ImageSource]) -> ImageSource:
@@ -252,6 +258,13 @@ class Tokenizer:
             raise ValueError("this tokenizer has no image settings; Pixtral needs a multimodal Tekken file")
         self.max_image_side: int = encoder.image_config.max_image_size
         self.max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
+
+    @functools.cached_property
+    def longest_token_bytes(self) -> int:
+        """The most bytes of text one token stands for: a text of B bytes is at least
+        B / longest_token_bytes tokens, a bound known without tokenizing it."""
+        piece = self.tekken.id_to_byte_piece
+        return max(len(piece(i, "keep")) for i in range(self.tekken.n_words))
 
     @property
     def max_image_pixels(self) -> int:

@@ -13,6 +13,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
 from pixtral_fast.runtime.async_engine import AsyncEngine
@@ -32,18 +33,21 @@ class ServerSettings:
     max_request_bytes: int = 32 << 20
     media: MediaLimits = field(default_factory=MediaLimits)
     shutdown_grace: float = 10.0
+    body_read_timeout: float = 30.0           # seconds for the whole request body to arrive
     max_prompt_tokens: int | None = None      # prompt tokens x n one request may prefill; None: no bound
 
-    def check_prompt_tokens(self, prompt_tokens: int, n: int) -> None:
+    def check_prompt_tokens(self, prompt_tokens: int, n: int, at_least: bool = False) -> None:
         """Refuses, before any prefill, a request whose n choices would prefill more prompt tokens
-        than max_prompt_tokens: one such request would hold the engine for all its prefill steps."""
+        than max_prompt_tokens: one such request would hold the engine for all its prefill steps.
+        at_least: prompt_tokens is a lower bound (from the text's size, before tokenizing)."""
         bound = self.max_prompt_tokens
         if bound is None or prompt_tokens * n <= bound:
             return
+        has = f"at least {prompt_tokens}" if at_least else f"{prompt_tokens}"
         if n == 1 or prompt_tokens > bound:
-            raise APIError(400, f"messages: the prompt has {prompt_tokens} tokens; at most {bound} prompt tokens "
+            raise APIError(400, f"messages: the prompt has {has} tokens; at most {bound} prompt tokens "
                                 "per request are allowed (--max-prompt-tokens)", "messages", "prompt_too_long")
-        raise APIError(400, f"n: {n} choices of a {prompt_tokens}-token prompt prefill {prompt_tokens * n} tokens; "
+        raise APIError(400, f"n: {n} choices of a prompt of {has} tokens prefill {prompt_tokens * n} tokens; "
                             f"at most {bound} prompt tokens per request are allowed (--max-prompt-tokens), "
                             f"so n may be at most {bound // prompt_tokens} here", "n", "prompt_too_long")
 
@@ -100,6 +104,8 @@ class RequestGuard:
             await response.answer(self.state.error_response(shutting_down()))
         except _Stopped:
             await response.answer(self.state.error_response(shutting_down()))
+        except ClientDisconnect:  # the client left mid-body: nobody to answer, nothing went wrong
+            log.info("client disconnected before sending all of %s %s", scope.get("method"), scope.get("path"))
         except Exception as error:
             log.error("internal error on %s %s", scope.get("method"), scope.get("path"), exc_info=error)
             if response.complete:  # the answer is out whole: the connection goes on

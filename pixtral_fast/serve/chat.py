@@ -17,8 +17,9 @@ from collections.abc import AsyncIterator
 
 from mistral_common.exceptions import MistralCommonException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
+from pixtral_fast.images import shown
 from pixtral_fast.runtime.async_engine import Delta, EngineClosed, EngineFault, QueueFull, RequestStream
 from pixtral_fast.runtime.engine import RequestError
 from pixtral_fast.runtime.sampling import SamplingParams
@@ -33,8 +34,17 @@ SAMPLING_PARAM_NAMES = {"max_new_tokens": "max_tokens", "temperature": "temperat
                         "top_k": "top_k", "seed": "seed", "logprobs": "top_logprobs"}
 
 
-async def read_body(request: Request, cap: int) -> bytes:
-    """The body, refused with 413 past `cap` bytes (declared or actually sent)."""
+async def read_body(request: Request, cap: int, timeout: float) -> bytes:
+    """The body, refused with 413 past `cap` bytes (declared or actually sent), and with 408 when
+    it has not all arrived within `timeout` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await _read_capped(request, cap)
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout") from None
+
+
+async def _read_capped(request: Request, cap: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > cap:
         raise APIError(413, f"the request body is {declared} bytes; the limit is {cap} (--max-request-bytes)",
@@ -54,7 +64,13 @@ def sampling_params(req: ChatRequest, prompt_tokens: int, max_model_len: int, vo
     """Choice `index` of the request. Seeded requests give choice i the seed + i, so that the n
     choices differ and each is reproducible alone. A bad value is a 400 naming its parameter
     (also the bounds that depend on the model, such as top_k <= the vocabulary)."""
-    max_new = req.max_completion_tokens or req.max_tokens or max(1, max_model_len - prompt_tokens)
+    room = max_model_len - prompt_tokens
+    asked = req.max_completion_tokens or req.max_tokens
+    if asked is not None and asked > room:
+        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        raise APIError(400, f"{param}: {asked} new tokens do not fit: the context holds {max_model_len} tokens "
+                            f"and the prompt has {prompt_tokens}, which leaves {max(room, 0)}", param)
+    max_new = asked or max(1, room)
     extra = {"logprobs": req.top_logprobs or 0} if req.logprobs else {}
     try:
         params = SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p,
@@ -77,15 +93,18 @@ class ChatHandler:
     async def __call__(self, request: Request):
         s = self.server
         arrival = time.perf_counter()
-        body = await read_body(request, s.settings.max_request_bytes)
-        req = wire.parse_request(wire.parse_json(body))
+        body = await read_body(request, s.settings.max_request_bytes, s.settings.body_read_timeout)
+        # parsing is proportional to the body (megabytes): off the event loop
+        req = await asyncio.to_thread(_parse, body, s.settings.media.max_images_per_prompt)
         if req.model is not None and req.model != s.settings.model_name:
-            raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
+            raise APIError(404, f"the model {shown(req.model)} does not exist; this server serves "
                                 f"{s.settings.model_name!r}", "model", "model_not_found")
         stops = req.stop_strings()
+        engine = s.engine.engine
+        sampling_params(req, 1, engine.max_model_len, engine.model.args.text.vocab_size, 0)  # before encoding
+        await self._check_prompt_bytes(req)
         encoded = await self._encode(req)
         s.settings.check_prompt_tokens(len(encoded.tokens), req.n)
-        engine = s.engine.engine
         params = [sampling_params(req, len(encoded.tokens), engine.max_model_len, engine.model.args.text.vocab_size, i)
                   for i in range(req.n)]
         streams = await self._submit(encoded, params, stops)
@@ -95,9 +114,19 @@ class ChatHandler:
             return _SSEResponse(self._sse(req, streams, timers), streams, timers)
         return await self._complete(request, req, streams, timers)
 
+    async def _check_prompt_bytes(self, req: ChatRequest) -> None:
+        """Refuses, before tokenizing it, a prompt whose text alone is surely over
+        --max-prompt-tokens: B bytes of text are at least B / (longest token's bytes) tokens."""
+        s = self.server
+        if s.settings.max_prompt_tokens is None:
+            return
+        tokenizer = s.engine.engine.tokenizer
+        at_least = await asyncio.to_thread(lambda: _text_bytes(req.messages) // tokenizer.longest_token_bytes)
+        s.settings.check_prompt_tokens(at_least, req.n, at_least=True)
+
     async def _encode(self, req: ChatRequest):
         s = self.server
-        prompt = parse_messages(req.messages, s.settings.media)
+        prompt = await asyncio.to_thread(parse_messages, req.messages, s.settings.media)
         await fetch_remote(prompt.images, s.settings.media, s.http)
         tokenizer = s.engine.engine.tokenizer
 
@@ -177,13 +206,18 @@ class ChatHandler:
                     st.abort()
         if any(st.finish_reason == "abort" for st in streams):
             raise _cut_short()
+        # n choices with top logprobs are megabytes of JSON: built off the event loop
+        body = await asyncio.to_thread(self._completion_json, req, streams, results)
+        return Response(body, media_type="application/json")
+
+    def _completion_json(self, req: ChatRequest, streams: list[RequestStream], results: list) -> bytes:
         stop_ids = streams[0].stop_token_ids
         choices = [wire.completion_choice(i, text, st.finish_reason,
                                           self._logprobs(lps, stop_ids) if req.logprobs else None)
                    for i, ((text, lps), st) in enumerate(zip(results, streams))]
         used = wire.usage(streams[0].prompt_tokens, sum(len(st.token_ids) for st in streams))
-        return JSONResponse(wire.completion_body(wire.new_id(), wire.now(), self.server.settings.model_name,
-                                                 choices, used))
+        body = wire.completion_body(wire.new_id(), wire.now(), self.server.settings.model_name, choices, used)
+        return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
     async def _sse(self, req: ChatRequest, streams: list[RequestStream], timers) -> AsyncIterator[bytes]:
         rid, created, model = wire.new_id(), wire.now(), self.server.settings.model_name
@@ -221,6 +255,23 @@ class ChatHandler:
             used = wire.usage(streams[0].prompt_tokens, sum(len(st.token_ids) for st in streams))
             yield event([], used)
         yield b"data: [DONE]\n\n"
+
+
+def _parse(body: bytes, max_images: int | None) -> ChatRequest:
+    return wire.parse_request(wire.parse_json(body), max_images)
+
+
+def _text_bytes(messages: list) -> int:
+    """UTF-8 bytes of the messages' text (string contents and text parts)."""
+    total = 0
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        parts = [content] if isinstance(content, str) else content if isinstance(content, list) else []
+        for part in parts:
+            text = part.get("text") if isinstance(part, dict) else part
+            if isinstance(text, str):
+                total += len(text.encode("utf-8", errors="surrogatepass"))
+    return total
 
 
 def _cut_short() -> APIError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import uuid
 from typing import Annotated, Any
@@ -18,13 +19,19 @@ MAX_STOP_CHARS = 256  # characters per stop string: their matching stays trivial
 MAX_INT_DIGITS = 20   # an integer in a body: enough for any int64 or uint64
 INT64_MIN, UINT64_MAX = -2**63, 2**64 - 1
 MIN_LOGPROB = -9999.0  # -inf (an impossible token) is not valid JSON; OpenAI's clients see a floor
+MAX_MESSAGES = 1024   # messages per request
+MAX_PARTS = 1024      # content parts per request, all messages together
+LOCATE_LONG_INT_BYTES = 256 << 10  # up to this body size, a too long integer's field is named
+_LONG_DIGIT_RUN = re.compile(rb"-?[0-9]{%d,}" % (MAX_INT_DIGITS + 1))
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+IMAGE_PART_TYPES = ("image_url", "image")
 
 
 class APIError(Exception):
     """An error answered as {"error": {"message", "type", "param", "code"}} with this status."""
 
     TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-             405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error",
+             405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error", 503: "server_error",
              500: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -84,6 +91,16 @@ class ChatRequest(WireModel):
     logit_bias: Any = None
     frequency_penalty: FiniteFloat | None = None
     presence_penalty: FiniteFloat | None = None
+    # extensions and newer OpenAI fields that would change the answer: refused unless neutral
+    min_tokens: Any = None
+    repetition_penalty: Any = None
+    ignore_eos: Any = None
+    stop_token_ids: Any = None
+    best_of: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -106,10 +123,25 @@ class ChatRequest(WireModel):
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(self, name) not in (None, 0.0):
                 raise APIError(400, f"{name} is not supported by this server (only 0)", name)
+        for name, neutral in NEUTRAL_VALUES.items():
+            if getattr(self, name) not in neutral:
+                raise APIError(400, f"{name} is not supported by this server", name)
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            raise APIError(400, f"max_tokens ({self.max_tokens}) and max_completion_tokens "
+                                f"({self.max_completion_tokens}) differ; give one of them", "max_completion_tokens")
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs: needs logprobs: true", "top_logprobs")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options: only allowed with stream: true", "stream_options")
+
+
+# Each field the server does not implement, with the values that ask for nothing (accepted).
+NEUTRAL_VALUES: dict[str, tuple] = {
+    "min_tokens": (None, 0), "repetition_penalty": (None, 1, 1.0), "ignore_eos": (None, False),
+    "stop_token_ids": (None, []), "best_of": (None, 1), "modalities": (None, ["text"]),
+    "audio": (None,), "prediction": (None,), "web_search_options": (None,),
+}
 
 
 class _LongInt:
@@ -121,8 +153,41 @@ class _LongInt:
 
 def parse_json(body: bytes) -> Any:
     """The body's JSON; a 400 for invalid JSON, too deep nesting or an integer literal of more
-    than MAX_INT_DIGITS digits, naming its field (Python refuses to convert thousands of digits
-    with a ValueError, and no field takes an integer that large)."""
+    than MAX_INT_DIGITS digits (Python refuses to convert thousands of digits with a ValueError,
+    and no field takes an integer that large). Cheap: C-speed scans find a long digit run outside
+    strings first; only a small body with one is parsed again to name the integer's field."""
+    run = _long_int_literal(body)
+    if run is None:
+        return _loads(body)
+    if len(body) > LOCATE_LONG_INT_BYTES:
+        raise _long_int_error(len(run.lstrip(b"-")), None)
+    return _parse_naming_long_int(body)
+
+
+def _loads(body: bytes, **hooks) -> Any:
+    try:
+        return json.loads(body, **hooks)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise APIError(400, "the request body is too deeply nested JSON") from None
+
+
+def _long_int_literal(body: bytes) -> bytes | None:
+    """The first run of more than MAX_INT_DIGITS digits outside JSON strings, if any."""
+    if _LONG_DIGIT_RUN.search(body) is None:   # the common case: one scan
+        return None
+    found = _LONG_DIGIT_RUN.search(_JSON_STRING.sub(b'""', body))
+    return None if found is None else found.group()
+
+
+def _long_int_error(digits: int, param: str | None) -> APIError:
+    where = f"{param}: " if param else ""
+    return APIError(400, f"{where}an integer of {digits} digits; integers in a request have at most "
+                         f"{MAX_INT_DIGITS} digits (64 bits)", param)
+
+
+def _parse_naming_long_int(body: bytes) -> Any:
     long_ints: list[_LongInt] = []
 
     def parse_int(literal: str) -> int | _LongInt:
@@ -131,19 +196,12 @@ def parse_json(body: bytes) -> Any:
         long_ints.append(_LongInt(literal))
         return long_ints[-1]
 
-    try:
-        payload = json.loads(body, parse_int=parse_int)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON ({e})") from None
-    except RecursionError:
-        raise APIError(400, "the request body is too deeply nested JSON") from None
+    payload = _loads(body, parse_int=parse_int)
     found = _first_long_int(payload) if long_ints else None
-    if found is not None:  # (none: a repeated key replaced it)
-        path, value = found
-        param = _param_path(path)
-        raise APIError(400, f"{param}: an integer of {value.digits} digits; integers in a request have at most "
-                            f"{MAX_INT_DIGITS} digits (64 bits)", param)
-    return payload
+    if found is None:  # a repeated key replaced it
+        return payload
+    path, value = found
+    raise _long_int_error(value.digits, _param_path(path))
 
 
 def _first_long_int(payload: Any) -> tuple[tuple, _LongInt] | None:
@@ -166,15 +224,35 @@ def _param_path(path: tuple) -> str | None:
     return text or None
 
 
-def parse_request(payload: Any) -> ChatRequest:
+def parse_request(payload: Any, max_images: int | None = None) -> ChatRequest:
+    """The request, its sizes checked before any per-message work (at most MAX_MESSAGES messages,
+    MAX_PARTS content parts and `max_images` image parts)."""
     if not isinstance(payload, dict):
         raise APIError(400, "the request body must be a JSON object")
+    check_message_counts(payload.get("messages"), max_images)
     try:
         request = ChatRequest.model_validate(payload)
     except ValidationError as e:
         raise validation_error(e.errors()) from None
     request.check_supported()
     return request
+
+
+def check_message_counts(messages: Any, max_images: int | None) -> None:
+    """Counts only (len() and one look at each part's type): refuses a request too large to parse."""
+    if not isinstance(messages, list):
+        return  # the model's validation names what is wrong
+    if len(messages) > MAX_MESSAGES:
+        raise APIError(400, f"messages: {len(messages)} messages; at most {MAX_MESSAGES} per request", "messages")
+    parts = [m.get("content") for m in messages if isinstance(m, dict)]
+    parts = [c for c in parts if isinstance(c, list)]
+    total = sum(len(c) for c in parts)
+    if total > MAX_PARTS:
+        raise APIError(400, f"messages: {total} content parts; at most {MAX_PARTS} per request", "messages")
+    images = sum(1 for c in parts for p in c if isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES)
+    if max_images is not None and images > max_images:
+        raise APIError(400, f"messages: {images} images in the prompt; at most {max_images} are allowed "
+                            "(--max-images-per-prompt)", "messages")
 
 
 def validation_error(errors: list[dict]) -> APIError:
