@@ -59,6 +59,28 @@ def ties_word_embeddings(raw: dict[str, Any]) -> bool:
     return (mistral3 if top is None else top is True) or (not mistral3 and text_tied)
 
 
+# The rope_type each tower runs (transformers >= 5 writes it in rope_parameters): the text model's
+# plain RoPE, the vision tower's 2D RoPE, which transformers' Pixtral calls "axial".
+_ROPE_TYPES = {"text_config": ("default",), "vision_config": ("default", "axial")}
+
+
+def _refuse_rope_scaling(path: Path, where: str, section: dict[str, Any]) -> None:
+    """RoPE as Pixtral runs it: unscaled, at rope_theta. A scaled RoPE (yarn, linear, llama3 ...)
+    changes every position's angle; running it unscaled would answer wrongly without a sign."""
+    scaling = section.get("rope_scaling")
+    if scaling is not None:
+        raise ConfigError(f"{path}: {where}.rope_scaling={_show(scaling)} is not supported (refusing to guess: "
+                          "only unscaled RoPE is run; null or absent is accepted)")
+    params = section.get("rope_parameters")
+    if not isinstance(params, dict):
+        return  # absent; any other value is refused where rope_theta is read
+    kind = next((params[k] for k in ("rope_type", "type") if params.get(k) is not None), "default")
+    allowed = _ROPE_TYPES[where]
+    if not isinstance(kind, str) or kind not in allowed:
+        raise ConfigError(f"{path}: {where}.rope_parameters.rope_type={_show(kind)} is not supported (refusing to "
+                          f"guess: only unscaled RoPE is run: {' or '.join(map(repr, allowed))})")
+
+
 def hf_values(path: Path, raw: dict[str, Any]) -> tuple[dict, dict, Callable[[str], Names]]:
     """Our TextArgs / VisionArgs values from an HF config, and the HF name of each field."""
     sections = {}
@@ -84,6 +106,11 @@ def hf_values(path: Path, raw: dict[str, Any]) -> tuple[dict, dict, Callable[[st
     refuse_unless("text_config.hidden_act", tc.get("hidden_act", "silu"), "silu", "a SiLU-gated FFN")
     refuse_unless("projector_hidden_act", raw.get("projector_hidden_act", "gelu"), "gelu", "an erf-GELU adapter")
     refuse_unless("vision_feature_layer", raw.get("vision_feature_layer", -1), -1, "features of the last layer")
+    refuse_unless("vision_feature_select_strategy", raw.get("vision_feature_select_strategy", "full"), "full",
+                  "every patch feature is kept; 'default' would drop the first")
+    refuse_unless("text_config.model_type", tc.get("model_type", "mistral"), "mistral", "a Mistral text model")
+    for where, section in (("text_config", tc), ("vision_config", vc)):
+        _refuse_rope_scaling(path, where, section)
     # Mistral-Small-3.x: Mistral3ForConditionalGeneration = the Llava layout plus RMSNorm and patch merger
     # in the projector (always both), adapter bias off by default.
     mistral3 = raw.get("model_type") == "mistral3"
