@@ -115,7 +115,7 @@ def _check_pixels(img: Image.Image, owned: bool, where: str, limits: MediaLimits
 
 def _open_str(image: str | Path, where: str, limits: MediaLimits) -> Image.Image:
     text = str(image)
-    if text.startswith("data:"):
+    if text[:5].lower() == "data:":  # URL schemes are case-insensitive (RFC 3986): DATA: too
         return _open_bytes(data_url_bytes(text, where, limits), where, "the data URL", limits)
     if isinstance(image, str) and (limits.server or _URL_SCHEME.match(text) or text[:5].lower() == "file:"):
         return _open_url(text, where, limits)
@@ -150,12 +150,14 @@ def parse_url(url: str, where: str) -> SplitResult:
 def data_url_bytes(url: str, where: str, limits: MediaLimits) -> bytes:
     """The payload of a data:image/<type>;base64,<payload> URL, its size checked before decoding."""
     header, comma, payload = url.partition(",")
-    if not comma or not header.lower().startswith("data:image/") or not header.endswith(";base64"):
+    if not comma or not header.lower().startswith("data:image/") or not header.lower().endswith(";base64"):
         raise ValueError(f"{where}: a data URL must look like data:image/<type>;base64,<payload> "
                          "(only base64 data URLs are supported)")
     cap = limits.max_image_bytes
     if cap is not None and len(payload) * 3 // 4 > cap:
         raise ValueError(f"{where}: the image is over {cap} bytes ({limits.setting('max_image_bytes')})")
+    if not payload.strip():
+        raise ValueError(f"{where}: the data URL's payload is empty (data:image/<type>;base64,<payload>)")
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -255,14 +257,73 @@ def _read_capped_file(path: Path, name: str, where: str, limits: MediaLimits) ->
 
 _open_lock = threading.Lock()
 
+# The raster formats an image is opened as (PIL format names). Image.open would otherwise try
+# every plugin PIL has, among them EPS, which runs Ghostscript on the file's PostScript, and
+# readers of scientific and legacy formats no client needs. mistral_common and vLLM accept
+# anything PIL opens; the formats here are those phones, browsers and image libraries write,
+# plus DDS and the Netpbm family (PPM/PGM/PBM, 16-bit too). JPEG covers MPO (a camera's JPEG with
+# a second frame); AVIF is read where this Pillow has its plugin.
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "AVIF", "BMP", "DIB", "TIFF", "PPM", "ICO", "TGA", "DDS")
+
+
+class UnsupportedFormat(ValueError):
+    """The bytes are an image PIL knows, in a format we do not open."""
+
 
 def _quiet_open(source) -> Image.Image:
-    """Image.open without PIL's DecompressionBombWarning (printed to stderr for 89..179 MP): our
-    own max_pixels cap is checked right after, from the same header. The lock: warning filters
-    are process-wide, and catch_warnings must not interleave between tokenizing threads."""
+    """Image.open, of IMAGE_FORMATS only, without PIL's DecompressionBombWarning (printed to
+    stderr for 89..179 MP): our own max_pixels cap is checked right after, from the same header.
+    The lock: warning filters are process-wide, and catch_warnings must not interleave between
+    tokenizing threads."""
     with _open_lock, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return Image.open(source)
+        try:
+            return Image.open(source, formats=_registered_formats())
+        except Image.UnidentifiedImageError:
+            other = _other_format(source)
+            if other:
+                raise UnsupportedFormat(f"the image is in the {other} format, which is not read "
+                                        f"(supported: {', '.join(IMAGE_FORMATS)})") from None
+            raise
+
+
+@functools.cache
+def _registered_formats() -> tuple[str, ...]:
+    """IMAGE_FORMATS that this Pillow has a plugin for (Image.open fails on a name it lacks)."""
+    Image.init()
+    return tuple(name for name in IMAGE_FORMATS if name in Image.OPEN)
+
+
+def _other_format(source) -> str | None:
+    """The PIL format `source` is in, among the formats that are not opened, found by the plugins'
+    own header checks (`_accept`): nothing of the file is parsed or run."""
+    if hasattr(source, "seek"):
+        source.seek(0)
+        head = source.read(64)
+    else:
+        with open(source, "rb") as f:
+            head = f.read(64)
+    Image.init()
+    for name, (_, accept) in Image.OPEN.items():
+        if name not in IMAGE_FORMATS and accept is not None and _accepts(accept, head):
+            return name
+    return None
+
+
+def _accepts(accept, head: bytes) -> bool:
+    try:
+        return bool(accept(head))
+    except Exception:  # a plugin's check on 64 foreign bytes: not ours to fail on
+        return False
+
+
+def _unreadable(data: bytes) -> str:
+    """What the bytes were, for a client who sent something that is not an image: their size and
+    first bytes, not PIL's message (which names an in-memory object)."""
+    if not data:
+        return "it is empty (0 bytes)"
+    return (f"{', '.join(IMAGE_FORMATS)} expected; got {len(data)} bytes starting with "
+            f"{data[:16]!r}")
 
 
 def _not_a_file(path: Path, mode: int | None) -> str:
@@ -286,6 +347,8 @@ def _open_path(path: Path, where: str, limits: MediaLimits) -> Image.Image:
         return _quiet_open(path)
     except Image.DecompressionBombError as e:
         raise _bomb(where, e, limits) from None
+    except UnsupportedFormat as e:
+        raise ValueError(f"{where}: {path}: {e}") from None
     except MemoryError:
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, NotImplementedError (a DDS variant) ...
@@ -297,12 +360,16 @@ def _open_bytes(data: bytes, where: str, what: str, limits: MediaLimits) -> Imag
         return _quiet_open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise _bomb(where, e, limits) from None
+    except UnsupportedFormat as e:
+        raise ValueError(f"{where}: {e}") from None
     except MemoryError:
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, NotImplementedError (a DDS variant) ...
         # the server's wording names PIL's finding alone; the library's names what held the bytes
         verb = "is not" if limits.server else "does not hold"
-        raise ValueError(f"{where}: {what} {verb} a readable image ({type(e).__name__}: {e})") from None
+        # PIL's "cannot identify image file <_io.BytesIO object at 0x...>" says nothing to a client
+        why = _unreadable(data) if isinstance(e, Image.UnidentifiedImageError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"{where}: {what} {verb} a readable image ({why})") from None
 
 
 def _bomb(where: str, e: Exception, limits: MediaLimits) -> ValueError:

@@ -86,17 +86,20 @@ def _http_url(url: str, redirected: bool = False) -> httpx.URL:
                          else f"{where} is not an http(s) URL")
         parsed.port  # noqa: B018 - reading it checks it (urllib raises for 99999 or 'x')
         fetched = httpx.URL(url)
+        host = fetched.host  # httpx decodes an IDNA host (xn--...) only here: IDNAError, a ValueError
     except (ValueError, httpx.InvalidURL) as e:
         if isinstance(e, BadURL):
             raise
         raise BadURL(f"{where} is not a valid URL ({e})") from None
-    if not fetched.host:
+    if not host:
         raise BadURL(f"{where} names no host")
     return fetched
 
 
 def _redirect_target(response: httpx.Response) -> httpx.URL:
     location = response.headers["location"]
+    if not location.strip():  # httpx would take it as the same URL again, a loop
+        raise BadURL(f"the image URL answered HTTP {response.status_code} with an empty Location header")
     try:
         joined = str(response.url.join(location))
     except (ValueError, httpx.InvalidURL) as e:
@@ -135,8 +138,8 @@ async def _fetch_one(s: ImageSource, limits: MediaLimits, client: httpx.AsyncCli
         raise _bad(s.param, str(e)) from None
     except httpx.TimeoutException:
         raise
-    except (httpx.HTTPError, httpx.InvalidURL) as e:
-        raise _bad(s.param, f"could not fetch the image ({type(e).__name__}: {e})") from None
+    except (httpx.HTTPError, httpx.InvalidURL, UnicodeError) as e:  # UnicodeError: a host IDNA refuses
+        raise _bad(s.param, f"could not fetch the image {shown(s.source)} ({type(e).__name__}: {e})") from None
     raise _bad(s.param, f"the image URL redirected more than {MAX_REDIRECTS} times")
 
 
