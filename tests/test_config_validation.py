@@ -9,11 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import pixtral_fast as pf
 from pixtral_fast.config import ConfigError, TextArgs, VisionArgs
+from pixtral_fast.config_hf import _SENTENCEPIECE_V7_MARKERS, _SENTENCEPIECE_V7_VOCAB
 from pixtral_fast.tiny import TINY_ARGS, hf_config
 
 PARAMS = Path(__file__).parent / "data" / "params.json"
@@ -310,12 +311,15 @@ def valid_args(draw):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(valid_args())
+@example(dataclasses.replace(TINY_ARGS, text=dataclasses.replace(TINY_ARGS.text, vocab_size=_SENTENCEPIECE_V7_VOCAB)))
 def test_params_json_round_trip_of_any_valid_model(tmp_path, args):
     path = write(tmp_path, "params.json", args.to_params_json())
     assert pf.ModelArgs.from_params_json(path) == args
     if args.vision is not None:  # HF's config has no fields for the break/end ids nor the vision eps
+        # they come from the vocabulary the model was built for: Tekken's, or SentencePiece v7's
+        marks = _SENTENCEPIECE_V7_MARKERS if args.text.vocab_size == _SENTENCEPIECE_V7_VOCAB else (12, 13)
         hf_args = dataclasses.replace(
             args, text=dataclasses.replace(args.text, max_seq_len=min(args.text.max_seq_len, 131072)),
-            vision=dataclasses.replace(args.vision, image_token_id=10, image_break_token_id=12,
-                                       image_end_token_id=13, norm_eps=1e-5))
+            vision=dataclasses.replace(args.vision, image_token_id=10, image_break_token_id=marks[0],
+                                       image_end_token_id=marks[1], norm_eps=1e-5))
         assert pf.ModelArgs.from_hf_config(write(tmp_path, "config.json", hf_config(hf_args))) == hf_args
