@@ -66,10 +66,10 @@ def sampling_params(req: ChatRequest, prompt_tokens: int, max_model_len: int, vo
     (also the bounds that depend on the model, such as top_k <= the vocabulary)."""
     room = max_model_len - prompt_tokens
     asked = req.max_completion_tokens or req.max_tokens
-    if asked is not None and asked > room:
+    if asked is not None and 0 < room < asked:  # (no room at all: the engine refuses the prompt, naming messages)
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         raise APIError(400, f"{param}: {asked} new tokens do not fit: the context holds {max_model_len} tokens "
-                            f"and the prompt has {prompt_tokens}, which leaves {max(room, 0)}", param)
+                            f"and the prompt has {prompt_tokens}, which leaves {room}", param)
     max_new = asked or max(1, room)
     extra = {"logprobs": req.top_logprobs or 0} if req.logprobs else {}
     try:

@@ -31,8 +31,8 @@ class APIError(Exception):
     """An error answered as {"error": {"message", "type", "param", "code"}} with this status."""
 
     TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-             405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error", 503: "server_error",
-             500: "server_error"}
+             405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+             503: "server_error", 500: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None):
