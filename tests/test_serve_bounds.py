@@ -108,6 +108,12 @@ def test_a_long_integer_at_the_end_of_a_large_body_is_refused_quickly():
     assert refused.value.status == 400 and "30 digits" in refused.value.message
 
 
+def test_long_digit_runs_of_floats_in_a_large_body_are_no_integers():
+    padding = b'"' + b"a" * (wire.LOCATE_LONG_INT_BYTES + 1) + b'"'
+    for number in (b"1.1234567890123456789012345", b"1e-1234567890123456789012", b"12345678901234567890123.5"):
+        assert wire.parse_json(b'{"pad": ' + padding + b', "x": ' + number + b"}")["x"] == json.loads(number)
+
+
 def test_a_long_integer_in_a_small_body_is_named_and_digits_in_strings_are_text():
     with pytest.raises(APIError) as refused:
         wire.parse_json(b'{"messages": [], "seed": 1234567890123456789012345}')

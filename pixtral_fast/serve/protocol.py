@@ -22,7 +22,9 @@ MIN_LOGPROB = -9999.0  # -inf (an impossible token) is not valid JSON; OpenAI's 
 MAX_MESSAGES = 1024   # messages per request
 MAX_PARTS = 1024      # content parts per request, all messages together
 LOCATE_LONG_INT_BYTES = 256 << 10  # up to this body size, a too long integer's field is named
-_LONG_DIGIT_RUN = re.compile(rb"-?[0-9]{%d,}" % (MAX_INT_DIGITS + 1))
+_LONG_DIGIT_RUN = re.compile(rb"[0-9]{%d,}" % (MAX_INT_DIGITS + 1))
+# an integer literal's digits: not a float's integer part, fraction or exponent
+_LONG_INT_DIGITS = re.compile(rb"(?<![0-9.eE+])(?<![eE]-)[0-9]{%d,}(?![0-9.eE])" % (MAX_INT_DIGITS + 1))
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 IMAGE_PART_TYPES = ("image_url", "image")
 
@@ -160,7 +162,7 @@ def parse_json(body: bytes) -> Any:
     if run is None:
         return _loads(body)
     if len(body) > LOCATE_LONG_INT_BYTES:
-        raise _long_int_error(len(run.lstrip(b"-")), None)
+        raise _long_int_error(len(run), None)
     return _parse_naming_long_int(body)
 
 
@@ -177,7 +179,7 @@ def _long_int_literal(body: bytes) -> bytes | None:
     """The first run of more than MAX_INT_DIGITS digits outside JSON strings, if any."""
     if _LONG_DIGIT_RUN.search(body) is None:   # the common case: one scan
         return None
-    found = _LONG_DIGIT_RUN.search(_JSON_STRING.sub(b'""', body))
+    found = _LONG_INT_DIGITS.search(_JSON_STRING.sub(b'""', body))
     return None if found is None else found.group()
 
 
