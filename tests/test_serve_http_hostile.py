@@ -268,6 +268,10 @@ def test_max_prompt_tokens_defaults_to_the_engines_prefill_budget():
     assert build_settings(parser.parse_args(["--tiny"]), "m", 16384).max_prompt_tokens == 16384
     chosen = parser.parse_args(["--tiny", "--max-prompt-tokens", "40000"])
     assert build_settings(chosen, "m", 16384).max_prompt_tokens == 40000
+    assert build_settings(parser.parse_args(["--tiny"]), "m", 16384).body_read_timeout == 30.0
+    assert build_settings(parser.parse_args(["--tiny", "--body-read-timeout", "2.5"]), "m", 1).body_read_timeout == 2.5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--tiny", "--body-read-timeout", "0"])
 
 
 # -- 3. SIGTERM during a slow image fetch is the documented JSON 503 -------------------------------

@@ -41,7 +41,7 @@ async def read_body(request: Request, cap: int, timeout: float) -> bytes:
         async with asyncio.timeout(timeout):
             return await _read_capped(request, cap)
     except TimeoutError:
-        raise APIError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout") from None
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s (--body-read-timeout)", code="request_timeout") from None
 
 
 async def _read_capped(request: Request, cap: int) -> bytes:

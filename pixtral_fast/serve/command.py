@@ -131,6 +131,8 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
                         "prefill budget of one step)")
     s.add_argument("--max-waiting", type=positive_int, default=256,
                    help="sequences waiting beyond the free batch slots before new requests get 503 + Retry-After")
+    s.add_argument("--body-read-timeout", type=seconds(positive=True), default=30.0,
+                   help="seconds for a whole request body to arrive (else 408)")
     s.add_argument("--shutdown-grace", type=seconds(positive=False), default=10.0,
                    help="on SIGTERM/SIGINT, seconds in-flight requests get to finish before they are aborted")
     s.add_argument("--disable-uvicorn-access-log", action="store_true")
@@ -210,7 +212,8 @@ def build_settings(a, default_name: str, prefill_budget: int | None = None):
                         fetch_timeout=a.media_fetch_timeout)
     return ServerSettings(model_name=a.served_model_name or default_name, api_key=a.api_key,
                           max_request_bytes=a.max_request_bytes, media=media, shutdown_grace=a.shutdown_grace,
-                          max_prompt_tokens=a.max_prompt_tokens or prefill_budget)
+                          max_prompt_tokens=a.max_prompt_tokens or prefill_budget,
+                          body_read_timeout=a.body_read_timeout)
 
 
 def _torchrun_follower() -> bool:
