@@ -298,3 +298,13 @@ def test_a_vocabulary_smaller_than_its_tokenizer_is_refused_before_any_weight_lo
                 pf.Engine.from_model(model, tok)
         else:
             pf.Engine.from_pretrained(folder, device="cpu", dtype=torch.float32, backend="reference").close()
+
+
+def test_a_max_model_len_past_the_models_context_is_refused_not_clamped(model):
+    context = model.args.text.max_seq_len
+    with pytest.raises(ValueError, match=rf"max_model_len={context + 1} is more than the model's context "
+                                         rf"\({context} tokens"):
+        pf.Engine.from_model(model, max_model_len=context + 1, num_blocks=8)
+    engine = pf.Engine.from_model(model, max_model_len=context, num_blocks=8)
+    assert engine.max_model_len == context
+    engine.close()

@@ -44,7 +44,11 @@ class ModelRunner:
                              f"sequence holding at least one): lower max_batch_size or give the cache more memory")
         self.cache = PagedKVCache(shape, model.device)
         text = model.args.text
-        self.max_model_len = min(config.max_model_len or text.max_seq_len, text.max_seq_len)
+        if config.max_model_len is not None and config.max_model_len > text.max_seq_len:
+            # past the context the model was trained for its positions mean nothing: not clamped silently
+            raise ValueError(f"max_model_len={config.max_model_len} is more than the model's context "
+                             f"({text.max_seq_len} tokens, max_seq_len / max_position_embeddings)")
+        self.max_model_len = config.max_model_len or text.max_seq_len
         max_blocks = -(-self.max_model_len // shape.block_size)
         self.decoder = DecodeRunner(model, self.cache, config.max_batch_size, max_blocks, config.graph_buckets,
                                     config.use_cuda_graphs)
