@@ -277,3 +277,20 @@ def test_parameters_we_do_not_implement_are_refused_by_name(tiny):
     for name, error in refused.items():
         assert error["param"] == name and name in error["message"]
     assert accepted.status_code == 200, accepted.text
+
+
+def test_a_compressed_body_is_a_415_and_a_trailing_slash_a_json_404(tiny):
+    import gzip
+
+    async def scenario(client, _app):
+        body = json.dumps(hello()).encode()
+        packed = await client.post("/v1/chat/completions", content=gzip.compress(body),
+                                   headers={"content-type": "application/json", "content-encoding": "gzip"})
+        slash = await client.post("/v1/chat/completions/", json=hello())
+        plain = await client.post("/v1/chat/completions", content=body,
+                                  headers={"content-type": "application/json", "content-encoding": "identity"})
+        return packed, slash, plain
+    packed, slash, plain = serve(tiny, scenario)
+    assert packed.status_code == 415 and "Content-Encoding 'gzip'" in packed.json()["error"]["message"]
+    assert slash.status_code == 404 and slash.json()["error"]["code"] == "not_found"
+    assert plain.status_code == 200

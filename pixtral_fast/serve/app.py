@@ -174,7 +174,9 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             await state.http.aclose()
             await state.stop_engine(grace=0.0)  # uvicorn already gave in-flight requests their grace
 
-    app = FastAPI(title="pixtral-fast", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # redirect_slashes=False: /v1/chat/completions/ is a JSON 404, not a bare 307 a client may not follow
+    app = FastAPI(title="pixtral-fast", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)
     app.state.server = state
     app.add_middleware(RequestGuard, state=state)
 

@@ -41,10 +41,15 @@ async def read_body(request: Request, cap: int, timeout: float) -> bytes:
         async with asyncio.timeout(timeout):
             return await _read_capped(request, cap)
     except TimeoutError:
-        raise APIError(408, f"the request body did not arrive within {timeout:g} s (--body-read-timeout)", code="request_timeout") from None
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s (--body-read-timeout)",
+                       code="request_timeout") from None
 
 
 async def _read_capped(request: Request, cap: int) -> bytes:
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):  # else its bytes would be read as JSON and refused as such
+        raise APIError(415, f"the request body's Content-Encoding {shown(encoding)} is not read; "
+                            "send the JSON uncompressed", code="unsupported_media_type")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > cap:
         raise APIError(413, f"the request body is {declared} bytes; the limit is {cap} (--max-request-bytes)",
