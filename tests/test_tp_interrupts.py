@@ -10,6 +10,7 @@ One TP=2 engine for the whole module (each start costs seconds); the test that s
 from __future__ import annotations
 
 import _thread
+import signal
 
 import pytest
 import torch.distributed as dist
@@ -25,6 +26,15 @@ import pixtral_fast as pf
 MAX_BATCH, MAX_MODEL_LEN = 4, 256
 NEW_TOKENS = 6
 OLD_DEFAULT_BYTES = 512 << 20  # what every rank took before, whatever the engine's limits
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ctrl_c_raises():
+    """Python's own SIGINT handler, as in an interactive session: pytest-xdist's workers ignore
+    SIGINT (Ctrl-C goes to the controller), and an ignored SIGINT never reaches the engine."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="module")
