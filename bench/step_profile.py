@@ -36,7 +36,7 @@ def launch_counts(device: torch.device, dtype: torch.dtype, schemes=SCHEMES, bat
                  else random_quantized_model(TINY_ARGS, device, dtype, scheme, 32, "fast"))
         engine = pf.Engine.from_model(model, None, max_batch_size=max(batches), num_blocks=64, use_cuda_graphs=False)
         for batch in batches:
-            c = decode_step_launches(engine.runner, batch)
+            c = decode_step_launches(engine.decode_runner, batch)
             out[f"{scheme or 'bf16'}_b{batch}"] = {k: c[k] for k in ("per_layer", "outside_layers",
                                                                       "per_layer_by_kernel")}
         engine.close()
@@ -49,7 +49,7 @@ def profile_step(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> d
 
     model = random_model(args, device, dtype).set_backend("fast")
     engine = pf.Engine.from_model(model, None, max_batch_size=1, memory_bytes=1 << 30, use_cuda_graphs=False)
-    runner, key = engine.runner, (1, True, False)
+    runner, key = engine.decode_runner, (1, True, False)
     runner.fill_scratch(1)
     for _ in range(3):  # JIT compiles and caches before the measured step
         runner.run_body(key)

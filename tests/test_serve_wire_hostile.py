@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from pixtral_fast.serve.protocol import MAX_STOP_CHARS
+from pixtral_fast.runtime.output import MAX_STOP_CHARS
 from pixtral_fast.tiny import make_tiny
 from tests.support.serve_server import CPU_ARGS, ServerProcess, user_message
 

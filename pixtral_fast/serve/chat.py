@@ -106,11 +106,11 @@ class ChatHandler:
                                 f"{s.settings.model_name!r}", "model", "model_not_found")
         stops = req.stop_strings()
         engine = s.engine.engine
-        sampling_params(req, 1, engine.max_model_len, engine.model.args.text.vocab_size, 0)  # before encoding
+        sampling_params(req, 1, engine.max_model_len, engine.vocab_size, 0)  # before encoding
         await self._check_prompt_bytes(req)
         encoded = await self._encode(req)
         s.settings.check_prompt_tokens(len(encoded.tokens), req.n)
-        params = [sampling_params(req, len(encoded.tokens), engine.max_model_len, engine.model.args.text.vocab_size, i)
+        params = [sampling_params(req, len(encoded.tokens), engine.max_model_len, engine.vocab_size, i)
                   for i in range(req.n)]
         streams = await self._submit(encoded, params, stops)
         s.metrics.prompt_tokens.inc(sum(st.prompt_tokens for st in streams))

@@ -12,10 +12,10 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pixtral_fast.runtime.output import stop_strings as checked_stop_strings
+
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 MAX_N = 16            # choices per request
-MAX_STOP = 16         # stop strings per request
-MAX_STOP_CHARS = 256  # characters per stop string: their matching stays trivially cheap
 MAX_INT_DIGITS = 20   # an integer in a body: enough for any int64 or uint64
 INT64_MIN, UINT64_MAX = -2**63, 2**64 - 1
 MIN_LOGPROB = -9999.0  # -inf (an impossible token) is not valid JSON; OpenAI's clients see a floor
@@ -105,16 +105,11 @@ class ChatRequest(WireModel):
     web_search_options: Any = None
 
     def stop_strings(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > MAX_STOP:
-            raise APIError(400, f"stop: at most {MAX_STOP} stop strings, got {len(stops)}", "stop")
-        if any(not s for s in stops):
-            raise APIError(400, "stop: stop strings must be non-empty", "stop")
-        too_long = [len(s) for s in stops if len(s) > MAX_STOP_CHARS]
-        if too_long:
-            raise APIError(400, f"stop: a stop string may have at most {MAX_STOP_CHARS} characters, "
-                                f"got one of {too_long[0]}", "stop")
-        return stops
+        """The engine's own bounds (runtime/output.py), answered as a 400 naming `stop`."""
+        try:
+            return list(checked_stop_strings(self.stop))
+        except ValueError as e:
+            raise APIError(400, str(e), "stop") from None
 
     def check_supported(self) -> None:
         for name in ("tools", "tool_choice", "functions", "function_call", "logit_bias"):
