@@ -51,6 +51,9 @@ LAYER_OF = {
     f"{PACKAGE}.weights": "loading",
     f"{PACKAGE}.tokenizer": "tokenizer/images",
     f"{PACKAGE}.images": "tokenizer/images",
+    f"{PACKAGE}.image_sources": "tokenizer/images",
+    f"{PACKAGE}.image_formats": "tokenizer/images",
+    f"{PACKAGE}.image_convert": "tokenizer/images",
     f"{PACKAGE}.hf_tokenizer": "tokenizer/images",  # an exported folder's tokenizer files
     f"{PACKAGE}.model": "model",
     f"{PACKAGE}.tiny": "model",              # tiny checkpoints: builds a model and saves it
