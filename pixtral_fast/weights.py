@@ -114,11 +114,6 @@ def read_records(files: Iterable[Path]) -> dict[str, TensorRecord]:
     return found
 
 
-def read_shapes(files: Iterable[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
-    """name -> (shape, file) from safetensors headers (read_records' checks included)."""
-    return {name: (r.shape, r.file) for name, r in read_records(files).items()}
-
-
 def listed(items: list[str], limit: int = 20) -> str:
     """The first `limit` items, comma-separated, and how many more: an error stays readable."""
     return ", ".join(items[:limit] + ([f"... and {len(items) - limit} more"] if len(items) > limit else []))
