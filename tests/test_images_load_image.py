@@ -1,6 +1,6 @@
-"""Image inputs the red-team review of issue 8 found answered badly: a directory or a device named
-"no such image file", a base64 payload without its data: prefix echoed whole, and PIL's
-DecompressionBombWarning printed for images under our own pixel cap."""
+"""images.load_image's refusals and warnings: a directory or a device is named as what it is (not
+"no such image file"), a base64 payload without its data: prefix is cut short with a hint, and no
+PIL DecompressionBombWarning is printed for images under our own pixel cap."""
 import base64
 import io
 import warnings

@@ -1,5 +1,5 @@
-"""CLI cases the red-team review of issue 8 found: stdout not open at all (`>&-`), an --image URL,
-make-tiny on a file, and PIL's DecompressionBombWarning from the --image header check."""
+"""The command line's arguments and streams: stdout not open at all (`>&-`), an --image URL,
+make-tiny on a file, and no PIL DecompressionBombWarning from the --image header check."""
 import os
 import signal
 import subprocess
