@@ -81,7 +81,7 @@ def test_closing_a_stream_early_aborts_it(tiny):
             async with await ae.submit(requests()[1], greedy(10_000)) as stream:
                 got = [await stream.__anext__() for _ in range(3)]
             await asyncio.to_thread(wait_idle, ae)
-            return got, stream.finish_reason, ae.engine.blocks.usage()["used_blocks"]
+            return got, stream.finish_reason, ae.engine.usage().used_blocks
 
     got, reason, used = asyncio.run(main())
     assert len(got) == 3 and reason == "abort" and used == 0
@@ -99,7 +99,7 @@ def test_a_full_waiting_queue_refuses_and_shutdown_aborts_in_flight(tiny):
         tails = [[d.finish_reason async for d in s] for s in (running, waiting)]
         with pytest.raises(EngineClosed):
             await ae.submit(requests()[1], greedy(4))
-        return tails, ae.engine.blocks.usage()["used_blocks"]
+        return tails, ae.engine.usage().used_blocks
 
     tails, used = asyncio.run(main())
     assert [t[-1] for t in tails] == ["abort", "abort"] and used == 0

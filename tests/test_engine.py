@@ -44,7 +44,7 @@ def test_greedy_equals_full_recompute(model, images):
     assert got.tokens == expected
     assert len(got.tokens) == 45 and got.finish_reason == "length"
     assert got.prompt_tokens == len(enc.tokens)
-    assert eng.blocks.usage()["used_blocks"] == 0
+    assert eng.usage().used_blocks == 0
 
 
 def three_requests():
@@ -73,7 +73,7 @@ def test_batched_and_staggered_equal_alone(model):
     while eng.has_unfinished():
         eng.step()
     assert [first.generated, second.generated, third.generated] == alone
-    assert eng.blocks.usage()["used_blocks"] == 0 and not eng.blocks.tables
+    assert eng.usage().used_blocks == 0 and not eng.blocks.tables
 
 
 def test_small_cache_waits_and_preempts_but_stays_exact(model):
@@ -84,7 +84,7 @@ def test_small_cache_waits_and_preempts_but_stays_exact(model):
     got = eng.generate(three_requests(), max_new_tokens=30)
     assert [c.tokens for c in got] == alone
     assert eng.scheduler.preemptions > 0
-    assert eng.blocks.usage()["used_blocks"] == 0
+    assert eng.usage().used_blocks == 0
 
 
 def test_request_that_never_fits_fails_alone(model):
@@ -106,7 +106,7 @@ def test_growth_to_the_whole_cache_ends_with_length(model):
         eng.step()
     # 32 tokens cached, and the 33rd (sampled from them) has nowhere to go: kept, then it ends
     assert seq.finish_reason == "length" and seq.error is None
-    assert len(seq.tokens) == 33 and eng.blocks.usage()["used_blocks"] == 0
+    assert len(seq.tokens) == 33 and eng.usage().used_blocks == 0
 
 
 def test_prompts_longer_than_the_prefill_budget_still_run(model):
@@ -140,7 +140,7 @@ def test_bad_requests_fail_with_a_message(model, tmp_path):
     assert [c.finish_reason for c in out] == ["length", "error", "length"]
     assert out[1].error.startswith("request 1: ") and "no such image file" in out[1].error
     assert out[0].tokens == out[2].tokens
-    assert not eng.has_unfinished() and eng.blocks.usage()["used_blocks"] == 0
+    assert not eng.has_unfinished() and eng.usage().used_blocks == 0
 
 
 def test_one_conversation_or_a_batch():
@@ -175,6 +175,6 @@ def test_closing_a_stream_ends_its_request(model):
     eng = engine(model)
     stream = eng.stream(chat("Say something long."), max_new_tokens=200)
     next(stream)
-    assert eng.blocks.usage()["used_blocks"] > 0
+    assert eng.usage().used_blocks > 0
     stream.close()
-    assert not eng.has_unfinished() and eng.blocks.usage()["used_blocks"] == 0
+    assert not eng.has_unfinished() and eng.usage().used_blocks == 0

@@ -152,7 +152,7 @@ def test_interrupt_during_decode_requeues_the_others_and_frees_its_own(model, to
     fault = Fault(lambda: KeyboardInterrupt(), at=2, persistent=False)
     with fault.on(eng.decode_runner, "step"), pytest.raises(KeyboardInterrupt):
         eng.generate(requests[1], max_new_tokens=MAX_NEW)
-    assert eng.blocks.usage()["used_blocks"] == 0 and not eng.scheduler.running
+    assert (eng.usage().used_blocks, eng.usage().running) == (0, 0)
     assert list(eng.scheduler.waiting) == [other] and not other.finished and len(other.generated) == 2
     while not other.finished:
         eng.step()

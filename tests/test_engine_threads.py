@@ -59,7 +59,7 @@ def test_threads_get_the_answers_they_get_alone(model, tok, num_blocks):
             for t in threads:
                 t.start()
             deadline = time.monotonic() + 60
-            while len(eng._inbox) < 7 and time.monotonic() < deadline:  # 7 requests in all
+            while eng.usage().waiting < 7 and time.monotonic() < deadline:  # 7 requests in all
                 time.sleep(0.01)
         for t in threads:
             t.join(timeout=300)

@@ -59,7 +59,7 @@ def test_an_engine_fault_is_a_500_and_the_next_request_is_served(tiny, where):
     error = bad.json()["error"]
     assert "injected fault" in error["message"] and error["type"] == "server_error"
     assert good.status_code == 200 and good.json()["choices"][0]["message"]["content"] == expected
-    assert engine.blocks.usage()["used_blocks"] == 0
+    assert engine.usage().used_blocks == 0
 
 
 def test_a_fault_inside_a_stream_ends_it_with_an_error_event(tiny):
