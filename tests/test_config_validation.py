@@ -14,11 +14,12 @@ from hypothesis import strategies as st
 
 import pixtral_fast as pf
 from pixtral_fast.config import ConfigError, TextArgs, VisionArgs
-from pixtral_fast.config_hf import _SENTENCEPIECE_V7_MARKERS, _SENTENCEPIECE_V7_VOCAB
 from pixtral_fast.tiny import TINY_ARGS, hf_config
 
 PARAMS = Path(__file__).parent / "data" / "params.json"
 REAL_PARAMS = Path("/work/shared/pixtral-12b-2409/params.json")
+# Mistral's SentencePiece v7 vocabulary (Pixtral-Large) holds [IMG_BREAK]/[IMG_END] at 14/15
+SENTENCEPIECE_V7_VOCAB, SENTENCEPIECE_V7_MARKERS = 32768, (14, 15)
 
 NOT_A_NUMBER = st.sampled_from([None, "64", "abc", [], {}, [64], {"value": 64}])
 NOT_AN_INT = NOT_A_NUMBER | st.sampled_from([True, False, 1.5, 64.0, -0.5, float("nan"), float("inf")])
@@ -311,13 +312,13 @@ def valid_args(draw):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(valid_args())
-@example(dataclasses.replace(TINY_ARGS, text=dataclasses.replace(TINY_ARGS.text, vocab_size=_SENTENCEPIECE_V7_VOCAB)))
+@example(dataclasses.replace(TINY_ARGS, text=dataclasses.replace(TINY_ARGS.text, vocab_size=SENTENCEPIECE_V7_VOCAB)))
 def test_params_json_round_trip_of_any_valid_model(tmp_path, args):
     path = write(tmp_path, "params.json", args.to_params_json())
     assert pf.ModelArgs.from_params_json(path) == args
     if args.vision is not None:  # HF's config has no fields for the break/end ids nor the vision eps
         # they come from the vocabulary the model was built for: Tekken's, or SentencePiece v7's
-        marks = _SENTENCEPIECE_V7_MARKERS if args.text.vocab_size == _SENTENCEPIECE_V7_VOCAB else (12, 13)
+        marks = SENTENCEPIECE_V7_MARKERS if args.text.vocab_size == SENTENCEPIECE_V7_VOCAB else (12, 13)
         hf_args = dataclasses.replace(
             args, text=dataclasses.replace(args.text, max_seq_len=min(args.text.max_seq_len, 131072)),
             vision=dataclasses.replace(args.vision, image_token_id=10, image_break_token_id=marks[0],
