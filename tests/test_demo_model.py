@@ -19,7 +19,7 @@ from pixtral_fast.config import IMG_BREAK_ID
 from pixtral_fast.model import vision
 from pixtral_fast.model.load import load_model
 from pixtral_fast.model.text import AttentionMetadata
-from pixtral_fast.quant.quantize import quantize_checkpoint
+from pixtral_fast.quantize_checkpoint import quantize_checkpoint
 from pixtral_fast.runtime.engine import Engine
 from pixtral_fast.tokenizer import Tokenizer
 from pixtral_fast.train_demo import SHIPPED_DIR

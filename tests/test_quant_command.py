@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from pixtral_fast.model.load import load_quantized_model
-from pixtral_fast.quant.quantize import quantize_checkpoint
+from pixtral_fast.quantize_checkpoint import quantize_checkpoint
 from pixtral_fast.weights import CheckpointError
 from tests.support.ct_quant import save_ct_quantized
 from tests.support.hf_peer import hf_logits, image_tokens, save_tiny_hf, tiny_hf_model

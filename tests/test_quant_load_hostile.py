@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 import pixtral_fast as pf
 from pixtral_fast.config import ConfigError
 from pixtral_fast.quant import QuantConfig, QuantConfigError
-from pixtral_fast.quant.quantize import quantize_checkpoint
+from pixtral_fast.quantize_checkpoint import quantize_checkpoint
 from pixtral_fast.tiny import make_tiny
 from pixtral_fast.weights import CONSOLIDATED, CheckpointError
 from tests.test_cli_errors import RUN, assert_one_error_line, entry, run_main

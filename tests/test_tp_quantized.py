@@ -10,13 +10,14 @@ import pytest
 import torch
 
 import pixtral_fast as pf
-from pixtral_fast.parallel import ShardPlan, driver
+from pixtral_fast.parallel import ShardPlan
 from pixtral_fast.parallel.comm import Collectives
 from pixtral_fast.quant.formats import unrepack_w4a16_k128
 from pixtral_fast.quant.linear import QuantLinear
 from pixtral_fast.quant.loading import layer_cut
-from pixtral_fast.quant.quantize import quantize_checkpoint
 from pixtral_fast.quant.reference import dequantize_fp8, dequantize_w4a16
+from pixtral_fast.quantize_checkpoint import quantize_checkpoint
+from pixtral_fast.runtime import tp_executor
 from pixtral_fast.tiny import TINY_ARGS, make_tiny
 from pixtral_fast.weights import CheckpointError
 from tests.support.tp import CPU_FP32, greedy_batch, request_with_images, tp_engine
@@ -53,7 +54,7 @@ def prompt_logits(eng: pf.Engine, tokenizer) -> torch.Tensor:
 
 def test_logits_equal_one_process(engines):
     scheme, one, two = engines
-    assert two.parallel.size == 2 and f"weights={scheme}" in two.describe()
+    assert two.executor.size == 2 and f"weights={scheme}" in two.describe()
     want = prompt_logits(one, one.tokenizer)
     assert_close(prompt_logits(two, one.tokenizer), want, torch.float32)
 
@@ -93,7 +94,7 @@ def test_group_that_splits_a_rank_share_is_refused(tiny, tmp_path_factory, monke
     refusal = (r"down_proj \(W4A16, group_size 64\) cannot be split by tensor_parallel_size 4: each rank takes 32 "
                r"of its 128 input columns")
     spawned = []
-    monkeypatch.setattr(driver.subprocess, "Popen", lambda argv, *a, **k: spawned.append(argv))
+    monkeypatch.setattr(tp_executor.subprocess, "Popen", lambda argv, *a, **k: spawned.append(argv))
     with pytest.raises(CheckpointError, match=refusal):
         pf.Engine.from_pretrained(folder, tensor_parallel_size=4, **CPU_FP32)
     assert spawned == []  # found from the headers, before any worker starts

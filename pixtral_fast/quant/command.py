@@ -18,7 +18,7 @@ def group_size_arg(text: str) -> int:
 
 
 def _quantize(a) -> None:
-    from pixtral_fast.quant.quantize import quantize_checkpoint
+    from pixtral_fast.quantize_checkpoint import quantize_checkpoint
 
     print(quantize_checkpoint(a.src, a.dst, a.scheme, group_size=a.group_size, include_vision=a.include_vision))
 

@@ -12,6 +12,10 @@ with include_vision); embeddings, lm_head, norms and the projector stay dense.
 Memory: the source is memory-mapped and read one tensor at a time; each dense weight is
 quantized and dropped before the next is read, and output shards are flushed every
 `shard_bytes`, so no more than one dense weight plus one output shard is held.
+
+It reads and writes whole checkpoints (a consolidated SRC is exported to HF first, its tokenizer
+files copied), so it sits beside hf_export.py, above the model; the formats and quantizers it
+applies are pixtral_fast/quant/'s.
 """
 from __future__ import annotations
 
