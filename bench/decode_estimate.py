@@ -30,7 +30,7 @@ def bytes_by_kernel(scheme: str) -> dict[str, int]:
     from pixtral_fast.config import ModelArgs
     from pixtral_fast.model.pixtral import build_model
     from pixtral_fast.quant.linear import QuantLinear
-    from pixtral_fast.quant.model import build_quantized_meta_model
+    from pixtral_fast.model.quantized import build_quantized_meta_model
 
     args = ModelArgs.from_params_json(PARAMS)
     model = (build_model(args, device="meta", dtype=torch.bfloat16) if scheme == "bf16"

@@ -49,7 +49,12 @@ from pixtral_fast.config_sections import (
 __all__ = ["IMG_BREAK_ID", "IMG_END_ID", "IMG_ID", "MAX_CONFIG_BYTES", "MAX_DIM", "MAX_FFN_DIM", "MAX_HEAD_DIM",
            "MAX_HEADS", "MAX_IMAGE_SIZE", "MAX_LAYERS", "MAX_SEQ_LEN", "MAX_VOCAB", "MM_PROJECTORS", "PATCH_MERGE",
            "TEXT_FIELDS", "VISION_FIELDS", "ConfigError", "Field", "Names", "TextArgs", "VisionArgs", "check_value",
-           "ModelArgs", "read_json"]
+           "ModelArgs", "read_json", "CheckpointError"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config, or that cannot be read. Defined here, below
+    every loader and the quantized layers, which all raise it (pixtral_fast.weights re-exports it)."""
 
 
 def _check_model(text: TextArgs, vision: VisionArgs | None, text_name: Names, name: Names) -> None:

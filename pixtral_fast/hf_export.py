@@ -85,13 +85,13 @@ def output_is_embedding(state: dict[str, torch.Tensor]) -> bool:
 def to_hf_state(state: dict[str, torch.Tensor], args: ModelArgs, tied: bool = False) -> dict[str, torch.Tensor]:
     """HF keys, with wq/wk rows permuted back to HF's rotate-half order; `tied`: no lm_head (what
     transformers saves for a tied model)."""
-    from pixtral_fast.weights import _rope_heads, apply_hf_rope_permutation
+    from pixtral_fast.weights import apply_hf_rope_permutation, rope_heads
 
     out = {}
     for name, t in state.items():
         if tied and name == "output.weight":
             continue
-        heads = _rope_heads(name, args)
+        heads = rope_heads(name, args)
         out[consolidated_to_hf_name(name)] = t if heads is None else apply_hf_rope_permutation(t, heads)
     return out
 

@@ -1,8 +1,9 @@
 """Checkpoint I/O: Mistral's consolidated.safetensors and HF Llava/Pixtral folders.
 
-Every key, shape and dtype is checked against the model built from the config before a byte of
-tensor data is read; one CheckpointError lists everything that is missing, unexpected, mis-shaped
-or not floating point.
+Every key, shape and dtype is checked against the tensor table of the config (config_tensors)
+before a byte of tensor data is read; one CheckpointError lists everything that is missing,
+unexpected, mis-shaped or not floating point. The header reader, the HF name map and the tensor
+reader here serve the packed (compressed-tensors) loader too: quant/loading.py.
 Each file's header is read once (safetensors checks it, then its JSON gives every tensor's byte
 range); the file is memory-mapped and each tensor (or a tensor-parallel rank's cut of it) is a
 view of its bytes, converted to the target dtype and placed on the target device one at a time,
@@ -11,7 +12,6 @@ safetensors.torch.load_file reads it.
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import mmap
@@ -26,28 +26,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from pixtral_fast.config import ModelArgs, read_json
+from pixtral_fast.config import CheckpointError, ModelArgs, read_json
 from pixtral_fast.config_hf import ties_word_embeddings
+from pixtral_fast.config_tensors import tensor_shapes
 from pixtral_fast.parallel.plan import ShardPlan
 
 CONSOLIDATED = "consolidated.safetensors"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not match its config, or that cannot be read."""
-
-
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    return dict(_model_shapes(args))
-
-
-@functools.lru_cache(maxsize=8)
-def _model_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Building the model on the meta device costs more than reading a small checkpoint's
-    headers and mapping its bytes; ModelArgs is frozen, so one build per config serves every load."""
-    from pixtral_fast.model.pixtral import build_model
-
-    return {k: tuple(v.shape) for k, v in build_model(args, device="meta").state_dict().items()}
+    """{consolidated name: shape} of every tensor a checkpoint of `args` holds (config_tensors)."""
+    return tensor_shapes(args)
 
 
 def open_safetensors(f: Path):
@@ -66,7 +55,11 @@ def unreadable(f: Path, e: Exception) -> CheckpointError:
 
 # safetensors dtype names of floating-point tensors the loader converts exactly to bf16/fp16/fp32.
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
-_TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+# Every safetensors dtype a checkpoint of ours holds: the dense weights' floats, and what
+# compressed-tensors stores (I32 packed int4 words, F8_E4M3 bytes, I64 weight_shape).
+TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 @dataclass(frozen=True)
@@ -77,6 +70,11 @@ class TensorRecord:
     shape: tuple[int, ...]
     begin: int
     end: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """The torch dtype of its bytes; None for a dtype no checkpoint of ours holds."""
+        return TORCH_DTYPES.get(self.dtype)
 
 
 def read_header(f: Path) -> dict[str, TensorRecord]:
@@ -98,20 +96,24 @@ def read_header(f: Path) -> dict[str, TensorRecord]:
 
 
 def read_records(files: Iterable[Path]) -> dict[str, TensorRecord]:
-    """The headers of every file in one table. Every weight of the model is floating point:
-    integer, bool or fp8 tensors (a quantized or corrupt file) are refused here, all named in one
-    CheckpointError, instead of being cast into nonsense."""
+    """The headers of every file in one table, of any dtype: what each tensor may be is the
+    consumer's check (check_floating for dense weights; the packed loader's for its layers)."""
     found: dict[str, TensorRecord] = {}
     for f in files:
         for name, record in read_header(f).items():
             if name in found:
                 raise CheckpointError(f"{name} appears in both {found[name].file} and {f}")
             found[name] = record
-    wrong_dtype = [f"{name} ({r.dtype})" for name, r in found.items() if r.dtype not in FLOAT_DTYPES]
+    return found
+
+
+def check_floating(records: dict[str, TensorRecord]) -> None:
+    """Every dense weight is floating point: integer, bool or fp8 tensors (a quantized or corrupt
+    file) are refused, all named in one CheckpointError, instead of being cast into nonsense."""
+    wrong_dtype = [f"{name} ({r.dtype})" for name, r in records.items() if r.dtype not in FLOAT_DTYPES]
     if wrong_dtype:
         raise CheckpointError(f"{len(wrong_dtype)} tensor(s) of a non-floating dtype where floating-point weights "
                               f"belong (expected one of {', '.join(FLOAT_DTYPES)}): " + listed(wrong_dtype))
-    return found
 
 
 def listed(items: list[str], limit: int = 20) -> str:
@@ -143,7 +145,7 @@ def check_tokenizer_vocab(vocab_size: int, tokenizer_words: int, source: str = "
 
 # -- HF Llava/Pixtral -------------------------------------------------------------------------------
 
-_HF_PREFIXES = [  # transformers >= 4.52 saves the first forms; older releases the second
+HF_PREFIXES = [  # transformers >= 4.52 saves the first forms; older releases the second
     ("model.language_model.", "language_model.model."),
     ("model.vision_tower.", "vision_tower."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
@@ -169,8 +171,18 @@ _HF_RULES = [(re.compile(p), r) for p, r in [
 ]]
 
 
+def hf_spellings(hf_module: str) -> list[str]:
+    """An HF module name in both spellings (transformers >= 4.52 and older): `hf_module` first."""
+    names = [hf_module]
+    for new, old in HF_PREFIXES:
+        for a, b in ((new, old), (old, new)):
+            if (hf_module + ".").startswith(a):
+                names.append((b + (hf_module + ".")[len(a):])[:-1])
+    return names
+
+
 def hf_to_consolidated_name(name: str) -> str:
-    for new, old in _HF_PREFIXES:
+    for new, old in HF_PREFIXES:
         if name.startswith(new):
             name = old + name[len(new):]
             break
@@ -206,7 +218,9 @@ def apply_hf_rope_permutation(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _rope_heads(name: str, args: ModelArgs) -> int | None:
+def rope_heads(name: str, args: ModelArgs) -> int | None:
+    """How many heads the HF rotate-half permutation of the weight `name` (consolidated) runs
+    over: wq/wk of the decoder and the ViT; None for every other tensor."""
     if name.endswith(("attention.wq.weight", "attention.wk.weight")):
         kv = name.endswith("wk.weight")
         if name.startswith("vision_encoder."):
@@ -247,6 +261,7 @@ def load_state_dict(folder: str | Path, args: ModelArgs, device, dtype: torch.dt
     folder = Path(folder)
     hf = not (folder / CONSOLIDATED).is_file()
     records = read_records(hf_files(folder) if hf else [folder / CONSOLIDATED])
+    check_floating(records)
     source = by_consolidated_name(records, folder) if hf else {k: k for k in records}
     tied = hf and "output.weight" not in source and "tok_embeddings.weight" in source and hf_tied_output(folder)
     if tied:
@@ -290,7 +305,10 @@ def read_tensor(mapped: mmap.mmap, record: TensorRecord, cut: tuple[int, int, in
     """The tensor of `record`, or the (dim, start, length) cut of it, as a view of the mapped file:
     a row cut maps only its own byte range; a column cut (wo, w2) is a strided view whose copy
     (placed) reads only this rank's columns."""
-    dtype = _TORCH_DTYPES[record.dtype]
+    dtype = record.torch_dtype
+    if dtype is None:
+        raise CheckpointError(f"{record.file}: a tensor of dtype {record.dtype}, which no checkpoint of this model "
+                              f"holds (one of {', '.join(TORCH_DTYPES)})")
     begin, end, shape = record.begin, record.end, record.shape
     if cut is not None and cut[0] == 0:
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
@@ -310,7 +328,7 @@ def placed(t: torch.Tensor, name: str, args: ModelArgs, hf: bool, cut: tuple[int
            device, dtype: torch.dtype) -> torch.Tensor:
     """A tensor as read -> as the model holds it: HF's q/k rows un-permuted, a vocabulary share
     padded, converted, on `device`, contiguous."""
-    heads = _rope_heads(name, args) if hf else None
+    heads = rope_heads(name, args) if hf else None
     if heads is not None:  # HF's permutation is within each head: un-permute the heads read
         t = undo_hf_rope_permutation(t, heads if cut is None else cut[2] // args.text.head_dim)
     if cut is not None and cut[3] > cut[2]:  # a vocabulary share padded to the equal size

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import pixtral_fast as pf
-from pixtral_fast.quant.model import quantize_model
+from pixtral_fast.model.quantized import quantize_model
 from pixtral_fast.runtime.sampling import SamplingParams
 from pixtral_fast.runtime.scheduler import Sequence
 from tests.support.engines import assert_clean, load_tiny, new_engine, tiny_dir, tok  # noqa: F401  (fixtures)

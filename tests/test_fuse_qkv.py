@@ -7,7 +7,7 @@ import torch
 import pixtral_fast as pf
 from pixtral_fast.benchmark import random_model
 from pixtral_fast.model.common import AttentionProjections
-from pixtral_fast.quant.model import quantize_model
+from pixtral_fast.model.quantized import quantize_model
 from pixtral_fast.tiny import TINY_ARGS, write_tokenizer
 from pixtral_fast.weights import save_consolidated
 from tests.tolerances import MODEL_FP32_ATOL

@@ -10,7 +10,7 @@ import torch
 import pixtral_fast as pf
 from pixtral_fast import ops
 from pixtral_fast.benchmark import random_model
-from pixtral_fast.quant.model import quantize_model
+from pixtral_fast.model.quantized import quantize_model
 from pixtral_fast.runtime.launches import LaunchCounter, decode_step_launches, prefill_launches
 from pixtral_fast.tiny import TINY_ARGS
 from tests.support import tables

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from pixtral_fast import benchmark, hardware
+from pixtral_fast.model.quantized import quantize_model
 from pixtral_fast.quant import describe_scheme
 from pixtral_fast.quant.linear import QuantLinear
-from pixtral_fast.quant.model import quantize_model
 from pixtral_fast.tiny import TINY_ARGS
 
 # Tiny decoder: dim 64, 4 heads x 64, 2 KV heads, hidden 128, 2 layers.
@@ -148,7 +148,7 @@ def test_describe_scheme_lists_each_kind_of_layer():
     """A checkpoint may mix schemes: per-channel W4A16 for attention, per-tensor FP8 with dynamic
     per-token inputs for the FFN (on the meta device: only the structure matters)."""
     from pixtral_fast.quant.config import ACT_FP8_DYNAMIC_TOKEN, FLOAT_QUANTIZED, WeightScheme
-    from pixtral_fast.quant.loading import swap_quantized_modules
+    from pixtral_fast.quant.linear import swap_quantized_modules
 
     model = benchmark.build_model(TINY_ARGS)
     w4 = WeightScheme("w4a16", "channel", None)

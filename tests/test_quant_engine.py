@@ -8,7 +8,7 @@ from PIL import Image
 
 import pixtral_fast as pf
 from pixtral_fast.quant.linear import QuantLinear
-from pixtral_fast.quant.model import quantize_model
+from pixtral_fast.model.quantized import quantize_model
 from pixtral_fast.tiny import make_tiny
 from tests.support.recompute import greedy_by_recompute
 

@@ -101,6 +101,17 @@ def test_two_spellings_of_one_dense_weight_are_refused(quantized, tmp_path, sche
         _load(folder)
 
 
+@pytest.mark.parametrize("scheme", ["w4a16", "fp8"])
+def test_a_non_floating_dense_weight_is_refused_as_the_dense_loader_refuses_it(quantized, tmp_path, scheme):
+    """A dense tensor of a quantized checkpoint (the final norm) stored as integers is named, not
+    cast into a weight: the one header reader's records go through the dense loader's check."""
+    norm = "language_model.model.norm.weight"
+    weights = load_file(quantized[scheme] / "model.safetensors")[norm]
+    folder = _with_tensors(quantized[scheme], tmp_path / "q", **{norm: weights.to(torch.int32)})
+    with pytest.raises(CheckpointError, match=rf"1 tensor\(s\) of a non-floating dtype .*: {norm} \(I32\)"):
+        _load(folder)
+
+
 # -- quantization_config: each field of its kind ----------------------------------------------------
 
 WEIGHTS = "config_groups.group_0.weights"

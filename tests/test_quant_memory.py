@@ -8,7 +8,7 @@ from pixtral_fast.config import ModelArgs
 from pixtral_fast.model.pixtral import build_model
 from pixtral_fast.quant.linear import QuantFeedForward, QuantLinear
 from pixtral_fast.quant.memory import decode_step_bytes, held_bytes
-from pixtral_fast.quant.model import build_quantized_meta_model
+from pixtral_fast.model.quantized import build_quantized_meta_model
 
 GB = 1e9
 

@@ -1,4 +1,5 @@
 """Checkpoint loading: every way a checkpoint can be wrong fails with an error naming the problem."""
+import dataclasses
 import json
 
 import pytest
@@ -7,9 +8,10 @@ from safetensors.torch import load_file, save_file
 
 import pixtral_fast as pf
 from pixtral_fast.config import ConfigError
-from pixtral_fast.tiny import TINY_ARGS, make_tiny, random_state_dict
-from pixtral_fast.weights import (CONSOLIDATED, CheckpointError, apply_hf_rope_permutation,
+from pixtral_fast.tiny import TINY_ARGS, VARIANTS, make_tiny, random_state_dict
+from pixtral_fast.weights import (CONSOLIDATED, CheckpointError, apply_hf_rope_permutation, expected_shapes,
                                   hf_to_consolidated_name, undo_hf_rope_permutation)
+from tests.support.family_keys import FIXTURES
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +123,20 @@ def test_hf_rope_permutation_round_trip_and_layout():
 ])
 def test_hf_names(hf, ours):
     assert hf_to_consolidated_name(hf) == ours
+
+
+def _text_only(args):
+    return pf.ModelArgs(text=args.text, vision=None)
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param(args, id=name) for name, args in [
+        *VARIANTS.items(), ("text-only", _text_only(TINY_ARGS)),
+        ("no-adapter-bias", pf.ModelArgs(text=TINY_ARGS.text,
+                                         vision=dataclasses.replace(TINY_ARGS.vision, adapter_bias=False))),
+        *((f"fixture-{d.name}", pf.ModelArgs.from_params_json(d)) for d in sorted(FIXTURES.iterdir()))]])
+def test_the_config_tensor_table_is_the_model_state_dict(args):
+    """The loaders check a checkpoint against config_tensors' table (no model built); the model's
+    own state dict, on the meta device, must be that table exactly: names and shapes."""
+    model = pf.build_model(args, device="meta")
+    assert expected_shapes(args) == {k: tuple(v.shape) for k, v in model.state_dict().items()}

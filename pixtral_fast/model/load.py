@@ -122,8 +122,8 @@ def load_quantized_model(path: str | Path, device=None, dtype: torch.dtype = tor
     """pf.load_model for a compressed-tensors HF folder: the model built here (this rank's share
     with `comm`), its packed weights read by pixtral_fast/quant/loading.py."""
     from pixtral_fast.quant.config import QuantConfig
-    from pixtral_fast.quant.loading import (bind_quant_layers, read_quantized_state, repack_quant_layers,
-                                            swap_quantized_modules)
+    from pixtral_fast.quant.linear import bind_quant_layers, repack_quant_layers, swap_quantized_modules
+    from pixtral_fast.quant.loading import read_quantized_state
 
     device, dtype = resolve_device(device), check_dtype(dtype)
     qconfig = QuantConfig.from_folder(path)

@@ -1,5 +1,6 @@
 """nn.Modules that hold a linear layer's weights in their quantized form and run them through the
-quantized ops: what replaces nn.Linear in a model loaded from a compressed-tensors checkpoint.
+quantized ops: what replaces nn.Linear in a model loaded from a compressed-tensors checkpoint
+(swap_quantized_modules, for the packed loader and for quantize_model alike).
 
 State-dict names follow compressed-tensors, under the layer's own name, so a checkpoint's tensors
 load as they are: W4A16 `weight_packed` int32 [N, ceil(K/8)] + `weight_scale` [N, K/group];
@@ -28,6 +29,7 @@ import weakref
 import torch
 from torch import nn
 
+from pixtral_fast.config import CheckpointError
 from pixtral_fast.quant.config import ACT_FP8_DYNAMIC_TOKEN, WeightScheme
 from pixtral_fast.quant.formats import (FP8_DTYPE, K128_BLOCK, k128_layout_ok, packed_words, repack_w4a16_k128,
                                         unrepack_w4a16_k128)
@@ -100,7 +102,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         owner = self._owner() if self._owner is not None else None
         if owner is None:
-            raise RuntimeError("QuantLinear is not bound to a model: call pixtral_fast.quant.loading.bind_quant_layers")
+            raise RuntimeError("QuantLinear is not bound to a model: call pixtral_fast.quant.linear.bind_quant_layers")
         return self.linear(x, owner.kernels)
 
 
@@ -116,3 +118,43 @@ class QuantFeedForward(nn.Module):
         up = self.w3.linear(x, kernels)
         hidden = kernels.silu_mul(gate, up)  # fp32 product, rounded once, one launch
         return self.w2.linear(hidden, kernels)
+
+
+# -- a model's linears swapped for these (the packed loader's model and quantize_model's) -------------
+
+def swap_quantized_modules(model: nn.Module, schemes: dict[str, WeightScheme], scale_dtype) -> None:
+    """Replaces the nn.Linear of every quantized module (consolidated name) with a QuantLinear (on
+    the meta device: load_state_dict(assign=True) fills it), and a feed-forward whose three
+    projections are quantized with a QuantFeedForward. scale_dtype: one dtype, or a callable of
+    the module name giving it."""
+    ffns: dict[str, dict[str, QuantLinear]] = {}
+    for cons, scheme in schemes.items():
+        parent_name, attr = cons.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        dense = getattr(parent, attr)
+        if getattr(dense, "bias", None) is not None:
+            raise CheckpointError(f"{cons}: quantized layers with a bias are not supported (keep it dense: ignore)")
+        dtype = scale_dtype(cons) if callable(scale_dtype) else scale_dtype
+        layer = QuantLinear(dense.in_features, dense.out_features, scheme, dtype, device="meta")
+        if parent_name.endswith("feed_forward"):
+            ffns.setdefault(parent_name, {})[attr] = layer
+        else:
+            setattr(parent, attr, layer)
+    for name, layers in ffns.items():
+        if set(layers) != {"w1", "w2", "w3"}:
+            raise CheckpointError(f"{name}: w1, w2 and w3 must be quantized together (found {sorted(layers)})")
+        owner_name, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(owner_name), attr, QuantFeedForward(layers["w1"], layers["w2"], layers["w3"]))
+
+
+def bind_quant_layers(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.bind(model)
+
+
+def repack_quant_layers(model: nn.Module) -> None:
+    """Every W4A16 layer the fast kernel takes, into its k128 layout (QuantLinear.repack_)."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.repack_()

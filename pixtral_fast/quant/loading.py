@@ -1,35 +1,34 @@
 """Loading an HF folder in the compressed-tensors format (config.json with quantization_config)
 into a Pixtral whose quantized linears stay packed: each file tensor is read once, moved to the
 device as it is stored (int32 packed words, e4m3 bytes, scales in their stored dtype), and the
-module is swapped for a QuantLinear before load_state_dict. Nothing is dequantized.
+module is swapped for a QuantLinear (quant/linear.py) before load_state_dict. Nothing is
+dequantized. The headers, the HF names and the bytes are read as the dense loader reads them
+(pixtral_fast.weights: read_records, hf_spellings, read_tensor on the mapped file).
 
 Which layers are quantized is read from the file (a module with `weight_packed`, or an e4m3
 `weight`), and must agree with the config's targets/ignore (scheme_for); the config gives the
 group size and the activation scheme. HF's rotate-half row order of wq/wk is undone on the packed
 rows and their scales alike (quantization is per row, so rows permute with their scales).
 
-A tensor-parallel rank reads only its share of each tensor (a safetensors slice): the rows of a
+A tensor-parallel rank reads only its share of each tensor (a view of the mapped file): the rows of a
 column-parallel layer's packed words, e4m3 bytes and per-row scales; the input columns of a
 row-parallel one (wo, w2), where a W4A16 cut must fall on a pack boundary (8 int4 per int32)
 and on a scale-group boundary, or the checkpoint is refused naming the layer.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from tqdm import tqdm
 
 from pixtral_fast.parallel.plan import ShardPlan, VocabRows
 from pixtral_fast.quant.config import QuantConfig, WeightScheme
 from pixtral_fast.quant.formats import FP8_DTYPE, INT4_PER_WORD, packed_words
-from pixtral_fast.quant.linear import QuantFeedForward, QuantLinear
-from pixtral_fast.weights import (_HF_PREFIXES, CheckpointError, _rope_heads, by_consolidated_name, check_keys,
-                                  expected_shapes, hf_files, hf_to_consolidated_name, listed, open_safetensors,
-                                  placed, undo_hf_rope_permutation, unreadable)
+from pixtral_fast.weights import (CheckpointError, TensorRecord, by_consolidated_name, check_floating, check_keys,
+                                  expected_shapes, hf_files, hf_spellings, hf_to_consolidated_name, listed, map_file,
+                                  placed, read_records, read_tensor, rope_heads, undo_hf_rope_permutation)
 
 Cut = tuple[int, int, int, int]  # (dim, start, length, padded length), as ShardPlan.slice_for gives it
 
@@ -39,20 +38,10 @@ _REFUSED_SUFFIXES = {"weight_zero_point": "an asymmetric zero point", "weight_g_
                      "input_scale": "static activation scales", "weight_global_scale": "a global scale"}
 
 
-def _module_names(hf_module: str) -> list[str]:
-    """The module's name in both HF spellings (transformers >= 4.52 and older): configs use either."""
-    names = [hf_module]
-    for new, old in _HF_PREFIXES:
-        for a, b in ((new, old), (old, new)):
-            if (hf_module + ".").startswith(a):
-                names.append((b + (hf_module + ".")[len(a):])[:-1])
-    return names
-
-
 def _scheme(qconfig: QuantConfig, hf_module: str, classes: tuple[str, ...]) -> WeightScheme | None:
     """Ignored under either spelling means ignored (compressed-tensors writes the spelling of the
     model it quantized; the file may hold the other)."""
-    names = _module_names(hf_module)
+    names = hf_spellings(hf_module)
     if any(qconfig.ignored(name, classes) for name in names):
         return None
     for name in names:
@@ -79,26 +68,25 @@ def read_quantized_state(folder: str | Path, args, qconfig: QuantConfig, model, 
     model: the dense model (on the meta device) whose module types the class targets match.
     shard: a tensor-parallel rank's plan: only its share of each split tensor is read."""
     folder = Path(folder)
-    files = hf_files(folder)
-    tensors = _read_headers(files)
-    quantized = _quantized_layers(folder, tensors, qconfig, model)
+    records = read_records(hf_files(folder))
+    quantized = _quantized_layers(folder, records, qconfig, model)
 
     expected = expected_shapes(args)
     q_modules = {m for m, _ in quantized.values()}
-    dense = by_consolidated_name((k for k in tensors if k.rpartition(".")[0] not in q_modules), folder)
-    check_keys({c: tensors[k][2] for c, k in dense.items()},
+    dense = by_consolidated_name((k for k in records if k.rpartition(".")[0] not in q_modules), folder)
+    check_floating({k: records[k] for k in dense.values()})
+    check_keys({c: records[k].shape for c, k in dense.items()},
                {c: s for c, s in expected.items() if c.rsplit(".", 1)[0] not in quantized}, str(folder))
 
     state: dict[str, torch.Tensor] = {}
-    with contextlib.ExitStack() as stack, tqdm(total=len(dense) + len(quantized), desc="loading weights",
-                                               unit="tensor", disable=not progress) as bar:
-        opened = {f: stack.enter_context(open_safetensors(f)) for f in files}
-        _read(folder, args, tensors, opened, dense, quantized, expected, device, dtype, state, bar,
+    mapped = {f: map_file(f) for f in {r.file for r in records.values()}}
+    with tqdm(total=len(dense) + len(quantized), desc="loading weights", unit="tensor", disable=not progress) as bar:
+        _read(folder, args, records, mapped, dense, quantized, expected, device, dtype, state, bar,
               shard if shard is not None and shard.is_parallel else None)
     return state, {cons: scheme for cons, (_, scheme) in quantized.items()}
 
 
-def _quantized_layers(folder: Path, tensors: dict, qconfig: QuantConfig, model) -> dict[str, tuple[str, WeightScheme]]:
+def _quantized_layers(folder: Path, tensors: dict[str, TensorRecord], qconfig: QuantConfig, model) -> dict[str, tuple[str, WeightScheme]]:
     """{consolidated module: (HF module, scheme)} of the layers the file holds quantized, checked
     against the config's targets and ignore list and against what each format stores."""
     for key in tensors:
@@ -106,15 +94,16 @@ def _quantized_layers(folder: Path, tensors: dict, qconfig: QuantConfig, model) 
         if suffix in _REFUSED_SUFFIXES:
             raise CheckpointError(f"{folder}: tensor {key} holds {_REFUSED_SUFFIXES[suffix]}: not supported")
     quantized: dict[str, tuple[str, WeightScheme]] = {}  # consolidated module -> (hf module, scheme)
-    for key, (_, dt, _) in tensors.items():
+    for key, record in tensors.items():
         module, _, suffix = key.rpartition(".")
-        kind = "w4a16" if suffix == "weight_packed" else "fp8" if (suffix == "weight" and dt == FP8_DTYPE) else None
+        fp8 = suffix == "weight" and record.torch_dtype == FP8_DTYPE
+        kind = "w4a16" if suffix == "weight_packed" else "fp8" if fp8 else None
         cons = hf_to_consolidated_name(module + ".weight")[: -len(".weight")]
         scheme = _scheme(qconfig, module, _classes(model, cons))
         if kind is None:
-            if suffix == "weight" and scheme is not None and len(tensors[key][2]) == 2:
+            if suffix == "weight" and scheme is not None and len(record.shape) == 2:
                 raise CheckpointError(f"{folder}: quantization_config targets {module} ({scheme.kind}) but the "
-                                      f"file holds a dense {dt} weight for it")
+                                      f"file holds a dense {record.torch_dtype} weight for it")
             continue
         if scheme is None or scheme.kind != kind:
             raise CheckpointError(f"{folder}: {key} is {kind} but quantization_config gives {module} "
@@ -129,7 +118,7 @@ def check_split(folder: str | Path, args, qconfig: QuantConfig, model, size: int
     """CheckpointError where some rank of a `size`-way split cannot take its share of a quantized
     layer (quantized_cuts), from the headers alone: found before any rank starts loading."""
     folder = Path(folder)
-    quantized = _quantized_layers(folder, _read_headers(hf_files(folder)), qconfig, model)
+    quantized = _quantized_layers(folder, read_records(hf_files(folder)), qconfig, model)
     expected = expected_shapes(args)
     for rank in range(size):
         plan = ShardPlan(size, rank)
@@ -139,23 +128,7 @@ def check_split(folder: str | Path, args, qconfig: QuantConfig, model, size: int
                                expected[cons + ".weight"][1], plan)
 
 
-def _read_headers(files: list[Path]) -> dict[str, tuple[Path, torch.dtype | None, tuple[int, ...]]]:
-    """name -> (file, dtype, shape) from the safetensors headers, without reading tensor data."""
-    tensors: dict[str, tuple[Path, torch.dtype | None, tuple[int, ...]]] = {}
-    for f in files:
-        with open_safetensors(f) as st:
-            for key in st.keys():
-                try:
-                    sl = st.get_slice(key)
-                except SafetensorError as e:  # e.g. a dtype this torch does not have
-                    raise unreadable(f, e) from None
-                if key in tensors:
-                    raise CheckpointError(f"{key} appears in both {tensors[key][0]} and {f}")
-                tensors[key] = (f, _SAFETENSORS_DTYPES.get(sl.get_dtype()), tuple(sl.get_shape()))
-    return tensors
-
-
-def _check_quantized_keys(folder: Path, tensors: dict, quantized: dict[str, tuple[str, WeightScheme]]) -> None:
+def _check_quantized_keys(folder: Path, tensors: dict[str, TensorRecord], quantized: dict[str, tuple[str, WeightScheme]]) -> None:
     """Every tensor under a quantized layer is one its format stores, as the dense loader takes no
     tensor the model does not have: a bias (the quantized kernels add none) or anything else there
     is refused by name, never dropped."""
@@ -175,44 +148,35 @@ def _check_quantized_keys(folder: Path, tensors: dict, quantized: dict[str, tupl
                               f"{listed(unexpected)}")
 
 
-def _read(folder, args, tensors, opened, dense, quantized, expected, device, dtype, state, bar, shard) -> None:
+def _read(folder, args, records, mapped, dense, quantized, expected, device, dtype, state, bar, shard) -> None:
     for cons, key in dense.items():
         cut = None if shard is None else shard.slice_for(cons, args.text)
-        state[cons] = placed(_read_cut(opened[tensors[key][0]], key, cut), cons, args, True, cut, device, dtype)
+        record = records[key]
+        state[cons] = placed(read_tensor(mapped[record.file], record, cut), cons, args, True, cut, device, dtype)
         bar.update()
     for cons, (module, scheme) in quantized.items():
         n, k = expected.get(cons + ".weight", (None, None))
         if n is None:
             raise CheckpointError(f"{folder}: {module} is not a weight of this model ({cons})")
-        stored = {s: tensors[f"{module}.{s}"] for s in _KIND_SUFFIXES[scheme.kind] if f"{module}.{s}" in tensors}
-        shape_value = (opened[stored["weight_shape"][0]].get_tensor(f"{module}.weight_shape")
+        stored = {s: records[f"{module}.{s}"] for s in _KIND_SUFFIXES[scheme.kind] if f"{module}.{s}" in records}
+        shape_value = (read_tensor(mapped[stored["weight_shape"].file], stored["weight_shape"], None)
                        if "weight_shape" in stored else None)
-        _check_quantized(folder, module, scheme, {s: (dt, shape) for s, (_, dt, shape) in stored.items()},
+        _check_quantized(folder, module, scheme, {s: (r.torch_dtype, r.shape) for s, r in stored.items()},
                          shape_value, n, k)
         cut = layer_cut(folder, module, cons, args, shard)
         cuts = quantized_cuts(folder, module, scheme, cut, k, shard)
-        heads = _rope_heads(cons + ".weight", args)
+        heads = rope_heads(cons + ".weight", args)
         rows = n if cut is None or cut[0] != 0 else cut[2]
         if heads and cut is not None and cut[0] == 0:  # HF's permutation is within each head
             heads = cut[2] // args.text.head_dim
-        for s, (f, _, _) in stored.items():
+        for s, record in stored.items():
             if s == "weight_shape":
                 continue
-            t = _read_cut(opened[f], f"{module}.{s}", cuts[s])
+            t = read_tensor(mapped[record.file], record, cuts[s])
             if heads and t.dim() == 2 and t.shape[0] == rows:  # rows of wq/wk: packed, e4m3 or per-row scales
                 t = undo_hf_rope_permutation(t, heads)
             state[f"{cons}.{s}"] = t.contiguous().to(device)
         bar.update()
-
-
-def _read_cut(opened, key: str, cut: Cut | None) -> torch.Tensor:
-    """The tensor `key`, or only the rows (dim 0) or columns (dim 1) of `cut`: safetensors reads
-    just that slice of the file."""
-    if cut is None:
-        return opened.get_tensor(key)
-    _, start, length = cut[:3]
-    part = opened.get_slice(key)
-    return part[start:start + length] if cut[0] == 0 else part[:, start:start + length]
 
 
 def layer_cut(folder, module: str, cons: str, args, shard: ShardPlan | None) -> Cut | None:
@@ -259,11 +223,6 @@ def quantized_cuts(folder, module: str, scheme: WeightScheme, cut: Cut | None, k
     return whole | {"weight_packed": packed, "weight_scale": scale}
 
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "F8_E4M3": FP8_DTYPE, "I64": torch.int64, "I32": torch.int32, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
-
-
 def _check_quantized(folder, module: str, scheme: WeightScheme, stored: dict, shape_value: torch.Tensor | None,
                      n: int, k: int) -> None:
     """The stored tensors of one quantized layer, from the file's headers ({suffix: (dtype, shape)}),
@@ -291,41 +250,3 @@ def _check_quantized(folder, module: str, scheme: WeightScheme, stored: dict, sh
         want = (n, 1) if scheme.strategy == "channel" else (1,)
         if tuple(scale_shape) != want and not (scheme.strategy == "tensor" and math.prod(scale_shape) == 1):
             bad(f"weight_scale {tuple(scale_shape)} != {list(want)} ({scheme.strategy} strategy)")
-
-
-def swap_quantized_modules(model, schemes: dict[str, WeightScheme], scale_dtype) -> None:
-    """Replaces the nn.Linear of every quantized module (consolidated name) with a QuantLinear (on
-    the meta device: load_state_dict(assign=True) fills it), and a feed-forward whose three
-    projections are quantized with a QuantFeedForward. scale_dtype: one dtype, or a callable of
-    the module name giving it."""
-    ffns: dict[str, dict[str, QuantLinear]] = {}
-    for cons, scheme in schemes.items():
-        parent_name, attr = cons.rsplit(".", 1)
-        parent = model.get_submodule(parent_name)
-        dense = getattr(parent, attr)
-        if getattr(dense, "bias", None) is not None:
-            raise CheckpointError(f"{cons}: quantized layers with a bias are not supported (keep it dense: ignore)")
-        dtype = scale_dtype(cons) if callable(scale_dtype) else scale_dtype
-        layer = QuantLinear(dense.in_features, dense.out_features, scheme, dtype, device="meta")
-        if parent_name.endswith("feed_forward"):
-            ffns.setdefault(parent_name, {})[attr] = layer
-        else:
-            setattr(parent, attr, layer)
-    for name, layers in ffns.items():
-        if set(layers) != {"w1", "w2", "w3"}:
-            raise CheckpointError(f"{name}: w1, w2 and w3 must be quantized together (found {sorted(layers)})")
-        owner_name, attr = name.rsplit(".", 1)
-        setattr(model.get_submodule(owner_name), attr, QuantFeedForward(layers["w1"], layers["w2"], layers["w3"]))
-
-
-def bind_quant_layers(model) -> None:
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.bind(model)
-
-
-def repack_quant_layers(model) -> None:
-    """Every W4A16 layer the fast kernel takes, into its k128 layout (QuantLinear.repack_)."""
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.repack_()

@@ -1,5 +1,5 @@
 """What a quantized model holds and what one decode step reads, counted on the meta device from
-the real module structure (QuantLinear buffers; pixtral_fast.quant.model.build_quantized_meta_model),
+the real module structure (QuantLinear buffers; pixtral_fast.model.quantized.build_quantized_meta_model),
 without any weights: for planning, and for the
 issue's budget (Pixtral-12B, W4A16 group 128: <= 9.5 GB held; FP8: <= 14.6 GB)."""
 from __future__ import annotations

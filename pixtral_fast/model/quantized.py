@@ -1,16 +1,18 @@
-"""Quantized variants of a built Pixtral: which linears `quantize` covers, the full-size model on
-the meta device (planning, memory accounting), and quantizing a loaded dense model in memory
-(round-to-nearest, the same arithmetic as `quantize`: tests and benchmarks with random weights)."""
+"""Quantized variants of a Pixtral: which linears `quantize` covers, the full-size model on the
+meta device (planning, memory accounting), and quantizing a loaded dense model in memory
+(round-to-nearest, the same arithmetic as `quantize`: tests and benchmarks with random weights).
+These build or change a model, so they sit in the model layer; the packed layers and the module
+swap they use sit below it, in pixtral_fast/quant/linear.py."""
 from __future__ import annotations
 
 import re
 
 import torch
 
+from pixtral_fast.model.pixtral import build_model
 from pixtral_fast.quant.config import FLOAT_QUANTIZED, PACK_QUANTIZED, WeightScheme
 from pixtral_fast.quant.formats import quantize_fp8, quantize_w4a16
-from pixtral_fast.quant.linear import QuantLinear
-from pixtral_fast.quant.loading import bind_quant_layers, repack_quant_layers, swap_quantized_modules
+from pixtral_fast.quant.linear import QuantLinear, bind_quant_layers, repack_quant_layers, swap_quantized_modules
 
 _DECODER = re.compile(r"^layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])$")
 _VISION = re.compile(r"^vision_encoder\.transformer\.layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])$")
@@ -33,8 +35,6 @@ def quantizable_linears(model, include_vision: bool = False) -> list[str]:
 def build_quantized_meta_model(args, scheme: str, group_size: int = 128, include_vision: bool = False,
                                dtype: torch.dtype = torch.bfloat16):
     """The model as loaded from a `quantize` output, on the meta device (scales in `dtype`)."""
-    from pixtral_fast.model.pixtral import build_model
-
     model = build_model(args, device="meta", dtype=dtype)
     ws = weight_scheme(scheme, group_size)
     swap_quantized_modules(model, {name: ws for name in quantizable_linears(model, include_vision)}, dtype)
