@@ -13,7 +13,11 @@ import pixtral_fast as pf
 from pixtral_fast.config import ConfigError
 from pixtral_fast.config_hf import ties_word_embeddings
 from pixtral_fast.hf_export import convert_consolidated_to_hf
+from pixtral_fast.model import load as model_load
+from pixtral_fast.parallel.comm import Collectives
 from pixtral_fast.parallel.plan import ShardPlan
+from pixtral_fast.quant.config import QuantConfig
+from pixtral_fast.quantize_checkpoint import quantize_checkpoint
 from pixtral_fast.tiny import TINY_ARGS, make_tiny
 from pixtral_fast.weights import CONSOLIDATED, CheckpointError, convert_hf_to_consolidated, load_state_dict
 
@@ -172,3 +176,23 @@ def test_convert_and_export_keep_the_tie(folders, tied, tmp_path):
 
     assert LM_HEAD in load_file(str(folders[1] / "model.safetensors"))
     assert json.loads((folders[1] / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+@pytest.mark.parametrize("fmt", ["consolidated", "fp8"])
+def test_a_rank_load_runs_each_check_once(folders, tmp_path, monkeypatch, fmt):
+    """pf.load_model reads the config, looks for a quantization_config and checks the split once,
+    for dense and packed checkpoints alike (the packed path used to redo all three)."""
+    folder = folders[0] if fmt == "consolidated" else quantize_checkpoint(folders[0], tmp_path / "q", fmt,
+                                                                          progress=False)
+    calls = []
+
+    def counted(name, fn):
+        return lambda *a, **k: calls.append(name) or fn(*a, **k)
+
+    monkeypatch.setattr(model_load, "read_args", counted("read_args", model_load.read_args))
+    monkeypatch.setattr(QuantConfig, "from_folder", staticmethod(counted("quantization_config",
+                                                                         QuantConfig.from_folder)))
+    monkeypatch.setattr(ShardPlan, "check", counted("split", ShardPlan.check))
+    pf.load_model(folder, device="cpu", dtype=torch.float32, progress=False, comm=Collectives(ShardPlan(2, 0)))
+    expected = ["read_args", "split"] + ([] if fmt == "consolidated" else ["quantization_config"])
+    assert sorted(calls) == sorted(expected)

@@ -75,28 +75,37 @@ def check_dtype(dtype) -> torch.dtype:
     return dtype
 
 
-def is_quantized(path: str | Path) -> bool:
-    """An HF folder whose config.json carries a compressed-tensors quantization_config."""
+def quant_config(path: str | Path):
+    """The compressed-tensors QuantConfig of an HF folder whose config.json carries one; None for
+    a dense checkpoint (a consolidated one never is quantized)."""
     from pixtral_fast.quant.config import QuantConfig
 
     folder = Path(path)
-    return not (folder / "params.json").is_file() and QuantConfig.from_folder(folder) is not None
+    return None if (folder / "params.json").is_file() else QuantConfig.from_folder(folder)
+
+
+def is_quantized(path: str | Path) -> bool:
+    """An HF folder whose config.json carries a compressed-tensors quantization_config."""
+    return quant_config(path) is not None
 
 
 def load_model(path: str | Path, device=None, dtype: torch.dtype = torch.bfloat16, backend: str = "auto",
                progress: bool = True, comm: Collectives | None = None) -> Pixtral:
-    """`comm`: load only this tensor-parallel rank's share (see pixtral_fast/parallel/plan.py)."""
+    """`comm`: load only this tensor-parallel rank's share (see pixtral_fast/parallel/plan.py).
+    Each argument, the config and the split are checked once, dense and packed alike."""
     path = checkpoint_path(path)
     device, dtype = resolve_device(device), check_dtype(dtype)
     args = read_args(path)
-    parallel = comm is not None and comm.size > 1
-    if parallel:
-        comm.plan.check(args.text)
-    if is_quantized(path):  # compressed-tensors: the weights stay packed (pixtral_fast/quant/)
-        return load_quantized_model(path, device, dtype, backend, progress, comm)
-    state = load_state_dict(path, args, device, dtype, progress=progress, shard=comm.plan if parallel else None)
+    # The rank's model on the meta device (no memory), before any tensor is read: building it
+    # checks that the decoder splits (ShardPlan.local_text_args).
     model = build_model(args, device="meta", dtype=dtype, comm=comm)
-    model.load_state_dict(state, assign=True, strict=True)
+    shard = comm.plan if comm is not None and comm.size > 1 else None
+    qconfig = quant_config(path)
+    if qconfig is not None:  # compressed-tensors: the weights stay packed (pixtral_fast/quant/)
+        _load_packed(model, path, args, qconfig, device, dtype, progress, shard)
+    else:
+        state = load_state_dict(path, args, device, dtype, progress=progress, shard=shard)
+        model.load_state_dict(state, assign=True, strict=True)
     model.set_backend(backend).eval().requires_grad_(False)  # inference only: no autograd graphs
     log.info("loaded %s on %s (%s), backend=%s", path, device, dtype, model.backend)
     return model
@@ -107,42 +116,39 @@ def check_tensor_parallel_split(path: str | Path, size: int) -> None:
     decoder divides (ShardPlan.check: ValueError), and a quantized checkpoint's packed layers cut
     on pack and group boundaries (CheckpointError naming the layer)."""
     from pixtral_fast.parallel.plan import ShardPlan
-    from pixtral_fast.quant.config import QuantConfig
     from pixtral_fast.quant.loading import check_split
 
     path = checkpoint_path(path)
     args = read_args(path)
     ShardPlan(size).check(args.text)
-    if size > 1 and is_quantized(path):
-        check_split(path, args, QuantConfig.from_folder(path), build_model(args, device="meta"), size)
+    qconfig = quant_config(path) if size > 1 else None
+    if qconfig is not None:
+        check_split(path, args, qconfig, build_model(args, device="meta"), size)
 
 
 def load_quantized_model(path: str | Path, device=None, dtype: torch.dtype = torch.bfloat16, backend: str = "auto",
                          progress: bool = True, comm: Collectives | None = None) -> Pixtral:
-    """pf.load_model for a compressed-tensors HF folder: the model built here (this rank's share
-    with `comm`), its packed weights read by pixtral_fast/quant/loading.py."""
-    from pixtral_fast.quant.config import QuantConfig
+    """pf.load_model for a compressed-tensors HF folder only: any other checkpoint is a
+    CheckpointError."""
+    if not is_quantized(checkpoint_path(path)):
+        raise CheckpointError(f"{path}: config.json has no quantization_config")
+    return load_model(path, device, dtype, backend, progress, comm)
+
+
+def _load_packed(model: Pixtral, path: Path, args: ModelArgs, qconfig, device: torch.device, dtype: torch.dtype,
+                 progress: bool, shard) -> None:
+    """Fills `model` (built on the meta device, this rank's share with `shard`) with its packed
+    weights, read by pixtral_fast/quant/loading.py into QuantLinear layers bound to the model."""
     from pixtral_fast.quant.linear import bind_quant_layers, repack_quant_layers, swap_quantized_modules
     from pixtral_fast.quant.loading import read_quantized_state
 
-    device, dtype = resolve_device(device), check_dtype(dtype)
-    qconfig = QuantConfig.from_folder(path)
-    if qconfig is None:
-        raise CheckpointError(f"{path}: config.json has no quantization_config")
-    args = read_args(path)
-    shard = comm.plan if comm is not None and comm.size > 1 else None
-    if shard is not None:
-        shard.check(args.text)
     # compressed-tensors' class targets match the whole model's modules (a rank's output head is no
     # nn.Linear): every rank and TP=1 pick the same layers
-    whole = build_model(args, device="meta", dtype=dtype)
+    whole = model if shard is None else build_model(args, device="meta", dtype=dtype)
     state, schemes = read_quantized_state(path, args, qconfig, whole, device, dtype, progress=progress, shard=shard)
-    model = whole if shard is None else build_model(args, device="meta", dtype=dtype, comm=comm)
     scale_dtypes = {cons: state[f"{cons}.weight_scale"].dtype for cons in schemes}
     swap_quantized_modules(model, schemes, scale_dtypes.__getitem__)
     model.load_state_dict(state, assign=True, strict=True)
     del state
     repack_quant_layers(model)
-    model.set_backend(backend).eval().requires_grad_(False)
     bind_quant_layers(model)
-    return model
