@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from pixtral_fast.quant.formats import quantize_fp8, quantize_w4a16
-from pixtral_fast.weights import CheckpointError, hf_files, open_safetensors
+from pixtral_fast.weights import CheckpointError, hf_files, map_file, read_records, read_tensor
 
 SCHEMES = ("w4a16", "fp8")
 _DECODER_LINEAR = re.compile(r"^(model\.language_model|language_model\.model)\.layers\.\d+\."
@@ -123,30 +123,26 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str, group_siz
 
 def _write_shards(files, dst: Path, scheme: str, group_size: int, include_vision: bool, progress: bool,
                   shard_bytes: int) -> None:
-    total = 0
-    for f in files:
-        with open_safetensors(f) as st:
-            total += len(list(st.keys()))
+    records = read_records(files)  # the loaders' header reader: each header read once, every dtype
+    mapped = {f: map_file(f) for f in files}
     shards: list[tuple[Path, list[str]]] = []
     current: dict[str, torch.Tensor] = {}
     size = 0
     pending = dst / ".pending"
     pending.mkdir(exist_ok=True)
-    with tqdm(total=total, desc=f"quantizing ({scheme})", unit="tensor", disable=not progress) as bar:
-        for f in files:
-            with open_safetensors(f) as st:
-                for key in st.keys():
-                    t = st.get_tensor(key)
-                    quantize = _DECODER_LINEAR.match(key) or (include_vision and _VISION_LINEAR.match(key))
-                    out = _quantized(key, t, scheme, group_size) if quantize else {key: t}
-                    del t  # the dense weight goes now: only its quantized form stays
-                    for k, v in out.items():
-                        current[k] = v.contiguous()
-                        size += v.numel() * v.element_size()
-                    if size >= shard_bytes:
-                        shards.append(_flush(current, pending, len(shards)))
-                        current, size = {}, 0
-                    bar.update()
+    with tqdm(total=len(records), desc=f"quantizing ({scheme})", unit="tensor", disable=not progress) as bar:
+        for key, record in records.items():
+            t = read_tensor(mapped[record.file], record, None)  # a view of the mapped file
+            quantize = _DECODER_LINEAR.match(key) or (include_vision and _VISION_LINEAR.match(key))
+            out = _quantized(key, t, scheme, group_size) if quantize else {key: t}
+            del t  # the dense weight goes now: only its quantized form stays
+            for k, v in out.items():
+                current[k] = v.contiguous()
+                size += v.numel() * v.element_size()
+            if size >= shard_bytes:
+                shards.append(_flush(current, pending, len(shards)))
+                current, size = {}, 0
+            bar.update()
     if current or not shards:
         shards.append(_flush(current, pending, len(shards)))
     _finish(shards, pending, dst)
