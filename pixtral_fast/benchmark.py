@@ -9,7 +9,7 @@ packed; the roofline then counts the bytes the quantized model reads (packed wei
 Tensor parallelism (tensor_parallel_size N > 1): random weights exist in one process only, and
 worker ranks load their shard from a checkpoint file, so `run(params, ...)` at N > 1 builds no
 model: it reports the per-rank memory plan and the N-GPU decode roofline
-(pixtral_fast/parallel/memory.py), counted on the meta device. Decode speed at N > 1 needs a real
+(pixtral_fast/runtime/tp_memory.py), counted on the meta device. Decode speed at N > 1 needs a real
 checkpoint: `run_checkpoint(folder, tensor_parallel_size=N)` (`bench --model DIR`) loads it
 through Engine.from_pretrained and times it against that roofline."""
 from __future__ import annotations
@@ -277,7 +277,7 @@ def measure(engine: Engine, report: dict, prompt: Encoded, batches, context: int
 
 def parallel_plan_report(args: ModelArgs, size: int, batches, image_size: int, context, dtype, scheme, out) -> dict:
     """`bench --params P --random-weights --tensor-parallel-size N`: the plan, on the meta device."""
-    from pixtral_fast.parallel.memory import tensor_parallel_report
+    from pixtral_fast.runtime.tp_memory import tensor_parallel_report
 
     if scheme is not None:
         raise ValueError(f"scheme={scheme!r} with tensor_parallel_size={size}: quantized weights are not split "
@@ -304,9 +304,9 @@ def run_checkpoint(path, batches=(1, 8, 32), image_size=1024, decode_steps=32, c
                    cuda_graphs: bool = True, tensor_parallel_size: int = 1) -> dict:
     """`bench --model DIR [--tensor-parallel-size N]`: the checkpoint's real weights through
     Engine.from_pretrained, timed like run(); the roofline is the N-GPU one of
-    pixtral_fast/parallel/memory.py (rank 0's bytes, plus the collectives when N > 1)."""
+    pixtral_fast/runtime/tp_memory.py (rank 0's bytes, plus the collectives when N > 1)."""
     from pixtral_fast.model.load import checkpoint_path, read_args
-    from pixtral_fast.parallel.memory import decode_roofline, rank_plan, tensor_parallel_report
+    from pixtral_fast.runtime.tp_memory import decode_roofline, rank_plan, tensor_parallel_report
 
     size = check_parallel_size(tensor_parallel_size)
     args, dtype = read_args(checkpoint_path(path)), check_dtype(dtype)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pixtral_fast.config import VisionArgs
-from pixtral_fast.tokenizer import TEKKEN_NAMES
+from pixtral_fast.tokenizer import TEKKEN_NAMES, tekken_file
 
 INSTALL_HINT = "pip install 'transformers>=5'"
 # mistral_common's normalisation (tokens/tokenizers/image.py DATASET_MEAN/STD): CLIP's constants.
@@ -41,8 +41,6 @@ def _transformers() -> Any:
 def tekken_source(src: str | Path) -> Path | None:
     """The Tekken file the engine would tokenize `src` with (pixtral_fast.tokenizer.Tokenizer.
     for_checkpoint's order); None for a SentencePiece checkpoint, which is not converted."""
-    from pixtral_fast.tiny import tekken_file
-
     src = Path(src)
     for name in TEKKEN_NAMES:
         if (src / name).is_file():

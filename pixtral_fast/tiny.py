@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from pixtral_fast.config import ModelArgs, TextArgs, VisionArgs
+from pixtral_fast.tokenizer import tekken_file
 from pixtral_fast.weights import save_consolidated
 
 TINY_ARGS = ModelArgs(
@@ -41,10 +42,6 @@ TINY_LARGE_ARGS = ModelArgs(
                       image_break_token_id=14, image_end_token_id=15),  # v7m1's [IMG_BREAK], [IMG_END]
 )
 VARIANTS = {"pixtral-12b": TINY_ARGS, "mistral-small-3.1": TINY_SMALL_31_ARGS, "pixtral-large": TINY_LARGE_ARGS}
-
-
-def tekken_file() -> Path:
-    return Path(str(resources.files("mistral_common") / "data" / "tekken_240911.json"))
 
 
 def random_state_dict(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:

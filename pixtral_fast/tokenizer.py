@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -241,6 +242,11 @@ def user_error(e: Exception) -> ValueError:
         details = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or e.title}: {err['msg']}" for err in e.errors())
         return ValueError(f"the request is malformed ({e.title}): {details}")
     return ValueError(f"the request cannot be tokenized: {e} ({type(e).__name__})")
+
+
+def tekken_file() -> Path:
+    """Pixtral-12B-2409's Tekken file as mistral_common ships it (the default tokenizer's file)."""
+    return Path(str(resources.files("mistral_common") / "data" / "tekken_240911.json"))
 
 
 @functools.cache

@@ -36,7 +36,7 @@ def request(n: int = 20) -> Encoded:
 
 def test_vocab_size_and_the_decode_runner(engine):
     assert engine.vocab_size == engine.model.args.text.vocab_size
-    assert engine.decode_runner is engine.model_runner.decoder
+    assert engine.decode_runner is engine.executor.decode_runner
     assert not hasattr(engine, "runner")  # one name for the one DecodeRunner
 
 
@@ -104,4 +104,4 @@ def private_or_inner_uses(path: Path, names: set[str]) -> list[str]:
 
 @pytest.mark.parametrize("module", ["runtime/async_engine.py", "serve/metrics.py", "serve/chat.py"])
 def test_modules_above_the_engine_use_its_public_attributes_only(module):
-    assert private_or_inner_uses(PACKAGE / module, {"scheduler", "blocks", "cache", "model_runner", "model"}) == []
+    assert private_or_inner_uses(PACKAGE / module, {"scheduler", "blocks", "cache", "executor", "model"}) == []

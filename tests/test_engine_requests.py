@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import pixtral_fast as pf
-import pixtral_fast.runtime.engine as engine_module
 from pixtral_fast.model.text import AttentionMetadata
 from tests.support.engines import assert_clean, load_tiny, model, new_engine, tiny_dir, tok  # noqa: F401  (fixtures)
 from tests.test_engine import chat, picture
@@ -175,14 +174,17 @@ def test_a_generated_image_token_survives_preemption(tiny_dir, tok):
     assert img in expected[1][:3], "set-up: request 1 must generate an [IMG] early"
 
     reprefilled = []
-    original = engine_module.prefill
-
-    def watching_prefill(model_, cache, blocks, seqs, *args):
-        reprefilled.extend(s.id for s in seqs if img in s.generated)
-        return original(model_, cache, blocks, seqs, *args)
-
     eng = pf.Engine.from_model(model, tok, num_blocks=5, block_size=16, progress=False)  # 4 usable blocks
-    with patch.object(engine_module, "prefill", watching_prefill):
+    original = eng.executor.prefill
+
+    def watching_prefill(batch, *args, **kwargs):
+        ends = [sum(batch.lengths[: k + 1]) for k in range(len(batch.lengths))]
+        for packed, steps in zip(batch.logit_rows, batch.steps):  # each sequence's tokens end with what it generated
+            generated = batch.tokens[ends[packed] - steps: ends[packed]] if steps else []
+            reprefilled.extend([packed] if img in generated else [])
+        return original(batch, *args, **kwargs)
+
+    with patch.object(eng.executor, "prefill", watching_prefill):
         out = eng.generate(requests, max_new_tokens=20)
     assert reprefilled, "set-up: the request that generated [IMG] was never preempted and re-prefilled"
     assert [c.tokens for c in out] == expected

@@ -6,7 +6,6 @@ from unittest.mock import patch
 
 import pytest
 
-import pixtral_fast.runtime.engine as engine_module
 from tests.support.engines import assert_clean, model, new_engine, tiny_dir, tok  # noqa: F401  (fixtures)
 from tests.test_engine import chat, picture
 
@@ -39,11 +38,11 @@ def test_threads_get_the_answers_they_get_alone(model, tok, num_blocks):
     alone = [run(new_engine(model, tok), job) for job in work]
     eng = new_engine(model, tok, num_blocks=num_blocks, max_batch_size=8)
     prefill_sizes = []
-    original_prefill = engine_module.prefill
+    original_prefill = eng.executor.prefill
 
-    def counting_prefill(model_, cache, blocks, seqs, *args):
-        prefill_sizes.append(len(seqs))
-        return original_prefill(model_, cache, blocks, seqs, *args)
+    def counting_prefill(batch, *args, **kwargs):
+        prefill_sizes.append(len(batch.params))  # one entry per sequence, copies of a prompt included
+        return original_prefill(batch, *args, **kwargs)
 
     results, failures = [None] * len(work), []
 
@@ -54,7 +53,7 @@ def test_threads_get_the_answers_they_get_alone(model, tok, num_blocks):
             failures.append((i, e))
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(work))]
-    with patch.object(engine_module, "prefill", counting_prefill):
+    with patch.object(eng.executor, "prefill", counting_prefill):
         with eng._lock:  # no step runs until every caller has added its requests: they must batch
             for t in threads:
                 t.start()

@@ -138,7 +138,7 @@ def test_pytest_is_never_told_to_add_the_root():
 
 
 def test_tensor_parallel_workers_start_without_their_folder_on_sys_path():
-    from pixtral_fast.parallel.driver import SAFE_PATH
+    from pixtral_fast.runtime.tp_executor import SAFE_PATH
 
     assert SAFE_PATH == (("-P",) if sys.version_info >= (3, 11) else ())
 

@@ -116,7 +116,7 @@ def test_logits_equal_one_process(parallel, reference, checkpoints):
     case, eng = parallel.case, parallel.engine
     ref = reference(case.variant)
     text = ref.model.args.text
-    assert len(eng.worker_pids) == case.size - 1 and eng.parallel.size == case.size
+    assert len(eng.worker_pids) == case.size - 1 and eng.executor.size == case.size
     if case.size > text.n_kv_heads:
         assert eng.model.local_text.n_kv_heads == 1  # one whole (replicated) KV head per rank
     want = request_logits(ref, ref)

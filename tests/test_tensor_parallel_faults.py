@@ -22,7 +22,8 @@ import torch
 import pixtral_fast as pf
 from pixtral_fast.hf_export import convert_consolidated_to_hf
 from pixtral_fast.model.load import is_quantized
-from pixtral_fast.parallel import TensorParallelError, driver
+from pixtral_fast.parallel import TensorParallelError
+from pixtral_fast.runtime import tp_executor
 from pixtral_fast.tiny import TINY_ARGS, make_tiny
 from tests.support.engines import assert_clean
 from tests.support.tp import (CPU_FP32, chat, greedy_batch, is_running, picture, request_with_images, tp_engine,
@@ -54,7 +55,7 @@ def forbid_spawning(monkeypatch) -> list:
         started.append(argv)
         raise WorkerSpawned(f"a worker was spawned: {argv}")
 
-    monkeypatch.setattr(driver.subprocess, "Popen", refuse)
+    monkeypatch.setattr(tp_executor.subprocess, "Popen", refuse)
     return started
 
 
@@ -77,7 +78,7 @@ def test_context_manager_and_close_leave_no_worker(tiny):
         eng.generate(chat("again?"), max_new_tokens=2)
     eng.close()
     eng.close()  # idempotent
-    assert eng.parallel.closed and eng.worker_pids == pids
+    assert eng.executor.closed and eng.worker_pids == pids
 
 
 # -- a worker that dies -------------------------------------------------------------------------------

@@ -52,4 +52,4 @@ def test_a_dead_worker_fails_the_request_and_stops_the_async_engine(engine):
                 await ae.generate(MESSAGE, SamplingParams(max_new_tokens=4))
 
     asyncio.run(scenario())
-    assert engine.blocks.usage()["used_blocks"] == 0
+    assert engine.usage().used_blocks == 0

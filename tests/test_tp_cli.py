@@ -90,7 +90,7 @@ def test_server_at_tp2_answers_as_tp1_and_sigterm_leaves_no_worker(tiny_dir, tmp
         server.wait_ready()
         assert "tensor parallel 2 (gloo)" in server.log()
         workers = children(server.proc.pid)
-        assert len(workers) == 1 and "-m pixtral_fast.parallel --rank 1 --size 2" in next(iter(workers.values()))
+        assert len(workers) == 1 and "-m pixtral_fast.runtime.tp_worker_main --rank 1 --size 2" in next(iter(workers.values()))
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
         url = data_url(picture(*IMAGE))  # image_file's pixels, as a PNG data URL
         answer = client.chat.completions.create(model="tiny", messages=user_message(PROMPT, url),

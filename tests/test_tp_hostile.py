@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 
 import pixtral_fast as pf
-import pixtral_fast.model.load as load_module
-from pixtral_fast.parallel import ShardPlan, TensorParallelError, comm, driver
+import pixtral_fast.runtime.tp_worker as tp_worker
+from pixtral_fast.parallel import ShardPlan, TensorParallelError, comm
+from pixtral_fast.runtime import tp_executor
 from pixtral_fast.runtime.sampling import SamplingParams
 from pixtral_fast.tiny import TINY_ARGS, make_tiny
 from pixtral_fast.tokenizer import Encoded
@@ -109,7 +110,7 @@ def test_a_batch_of_hostile_requests_fails_request_by_request_as_at_tp1(pool):
         two.generate(chat("hi"), max_new_tokens=2, top_k=10**6)
     with pytest.raises(ValueError, match="stop_token_ids must lie in"):
         two.add_request(chat("hi"), SamplingParams(stop_token_ids=[131072]))
-    assert two.parallel.failure is None and not two.parallel.closed
+    assert two.executor.failure is None and not two.executor.closed
     assert two.generate(chat("still fine?"), max_new_tokens=4).tokens == one.generate(chat("still fine?"),
                                                                                      max_new_tokens=4).tokens
     assert_clean(two)
@@ -216,7 +217,7 @@ def test_an_interrupt_outside_a_rank_call_keeps_the_tp_engine(pool, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         two.generate(chat("Interrupt me", picture(32, 32, 5)), max_new_tokens=10)
     monkeypatch.undo()
-    assert two.parallel.failure is None and two._closed is None and worker_children() == two.worker_pids
+    assert two.executor.failure is None and two.closed is None and worker_children() == two.worker_pids
     assert_clean(two)
     request = chat("Interrupt me", picture(32, 32, 5))
     assert two.generate(request, max_new_tokens=10).tokens == one.generate(request, max_new_tokens=10).tokens
@@ -240,19 +241,19 @@ def test_an_image_of_a_user_tensor_subclass_is_served_as_at_tp1(pool):
         assert outcome(two.generate(batch, max_new_tokens=3)) == want
         assert_clean(two)
     finally:
-        if two.parallel.failure is not None:  # the bug stopped it: the next test starts its own
+        if two.executor.failure is not None:  # the bug stopped it: the next test starts its own
             pool.release()
 
 
 def test_an_interrupt_during_close_leaves_nothing_behind(pool, monkeypatch):
     eng = pool.two()  # the shared engine's end
     pool._two = None
-    parallel, pids = eng.parallel, eng.worker_pids
+    parallel, pids = eng.executor, eng.worker_pids
     try:
         def interrupt(processes, grace_s):
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(driver, "_stop_processes", interrupt)
+        monkeypatch.setattr(tp_executor, "_stop_processes", interrupt)
         with pytest.raises(KeyboardInterrupt):
             eng.close()
         monkeypatch.undo()
@@ -261,9 +262,9 @@ def test_an_interrupt_during_close_leaves_nothing_behind(pool, monkeypatch):
         assert not comm._in_use and not parallel.scratch.exists()
     finally:
         if comm._in_use:  # what shutdown() should have done, so that later tests can start engines
-            driver._stop_processes(parallel.processes, 0.0)
+            tp_executor._stop_processes(parallel.processes, 0.0)
             parallel.comm.destroy()
-            driver._release(parallel.scratch, parallel.lifeline)
+            tp_executor._release(parallel.scratch, parallel.lifeline)
 
 
 # -- faults that stop an engine (each its own) --------------------------------------------------------
@@ -293,7 +294,7 @@ def test_an_interrupt_inside_a_rank_call_stops_the_engine_clearly(pool, tiny, mo
     pool.release()
     eng = tp_engine(tiny, 2)
     try:
-        pids, decode, calls = eng.worker_pids, eng.model_runner.decode, []
+        pids, decode, calls = eng.worker_pids, eng.executor.runner.decode, []
 
         def interrupted(rows):
             calls.append(1)
@@ -301,7 +302,7 @@ def test_an_interrupt_inside_a_rank_call_stops_the_engine_clearly(pool, tiny, mo
                 raise KeyboardInterrupt
             return decode(rows)
 
-        monkeypatch.setattr(eng.model_runner, "decode", interrupted)
+        monkeypatch.setattr(eng.executor.runner, "decode", interrupted)
         started = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
             eng.generate([chat("one"), chat("two", picture(32, 32, 6))], max_new_tokens=8)
@@ -316,7 +317,7 @@ def test_a_fault_on_rank_0_only_stops_the_engine_clearly(pool, tiny, monkeypatch
     eng = tp_engine(tiny, 2)
     try:
         pids = eng.worker_pids
-        monkeypatch.setattr(eng.model_runner, "prefill", fail_with_boom)
+        monkeypatch.setattr(eng.executor.runner, "prefill", fail_with_boom)
         started = time.monotonic()
         with pytest.raises(TensorParallelError, match="rank 0 failed: RuntimeError: boom during the prefill step"):
             eng.generate([chat("one", picture(32, 32, 7)), chat("two")], max_new_tokens=4)
@@ -331,7 +332,7 @@ def test_a_fault_in_prompt_logits_stops_the_engine_for_requests_too(pool, tiny, 
     eng = tp_engine(tiny, 2)
     try:
         pids = eng.worker_pids
-        monkeypatch.setattr(eng.model_runner, "prompt_logits", fail_with_boom)
+        monkeypatch.setattr(eng.executor.runner, "prompt_logits", fail_with_boom)
         with pytest.raises(TensorParallelError, match="rank 0 failed: RuntimeError: boom during the prompt_logits"):
             eng.prompt_logits([1, 2, 3])
         assert_stopped(eng, pids, "rank 0 failed: RuntimeError: boom")
@@ -349,7 +350,7 @@ def test_an_interrupt_while_loading_does_not_hang(pool, tiny, monkeypatch):
         interrupted["at"] = time.monotonic()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(load_module, "load_model", interrupt)  # rank 0's load only: workers are other processes
+    monkeypatch.setattr(tp_worker, "load_model", interrupt)  # rank 0's load only: workers are other processes
     with pytest.raises(KeyboardInterrupt):
         tp_engine(tiny, 2)
     assert time.monotonic() - interrupted["at"] < 4.0

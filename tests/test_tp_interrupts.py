@@ -60,7 +60,7 @@ def interrupt_inside(engine, monkeypatch, phase: str, after_reduces: int = 1) ->
     """A SIGINT (as Ctrl-C sends) the next time the driver's rank runs `phase` ('prefill' or
     'decode'), right after its `after_reduces`-th all-reduce: the workers are then inside the same
     step, waiting for the driver at the next collective."""
-    runner = engine.model_runner
+    runner = engine.executor.runner
     run, all_reduce = getattr(runner, phase), dist.all_reduce  # what every layer's reduce calls on this rank
     state = {"in_phase": False, "reduces": 0, "fired": False}
 
@@ -91,7 +91,7 @@ def test_a_ctrl_c_inside_a_step_keeps_the_tp_engine(engine, answer, monkeypatch,
     with pytest.raises(KeyboardInterrupt):
         engine.generate(request(), max_new_tokens=NEW_TOKENS)
     monkeypatch.undo()
-    assert engine.parallel.failure is None and engine.closed is None
+    assert engine.executor.failure is None and engine.closed is None
     assert_clean(engine)  # the step's sequences were requeued, then aborted by generate: no block held
     assert engine.blocks.usage()["free_blocks"] == engine.blocks.usage()["total_blocks"]
     assert worker_children() == pids
@@ -100,7 +100,7 @@ def test_a_ctrl_c_inside_a_step_keeps_the_tp_engine(engine, answer, monkeypatch,
 
 
 def test_the_cpu_cache_default_fits_the_limits_and_the_host_share(engine):
-    shape = engine.model_runner.shape
+    shape = engine.executor.runner.shape
     want = default_cpu_cache_bytes(shape.bytes_per_block, shape.block_size, MAX_BATCH, MAX_MODEL_LEN, tp_size=2)
     assert shape.num_blocks == want // shape.bytes_per_block
     # the limits ask for less than any cap here: MAX_BATCH sequences of MAX_MODEL_LEN and the scratch block
@@ -111,7 +111,7 @@ def test_the_cpu_cache_default_fits_the_limits_and_the_host_share(engine):
 def test_a_second_ctrl_c_inside_the_step_stops_the_engine(engine, answer, monkeypatch):
     """The documented way out of a step one does not want to wait for (this ends the module's engine)."""
     pids = engine.worker_pids
-    runner, all_reduce, sent = engine.model_runner, dist.all_reduce, []
+    runner, all_reduce, sent = engine.executor.runner, dist.all_reduce, []
 
     def all_reduce_then_interrupt(*args, **kwargs):
         out = all_reduce(*args, **kwargs)
@@ -124,8 +124,8 @@ def test_a_second_ctrl_c_inside_the_step_stops_the_engine(engine, answer, monkey
     with pytest.raises(KeyboardInterrupt):
         engine.generate(request(), max_new_tokens=NEW_TOKENS)
     monkeypatch.undo()
-    assert len(sent) == 2 and runner is engine.model_runner
-    assert engine.parallel.failure == "tensor-parallel engine stopped: KeyboardInterrupt during the prefill step"
+    assert len(sent) == 2 and runner is engine.executor.runner
+    assert engine.executor.failure == "tensor-parallel engine stopped: KeyboardInterrupt during the prefill step"
     assert_clean(engine)
     with pytest.raises(TensorParallelError, match="KeyboardInterrupt during the prefill step"):
         engine.generate(request(), max_new_tokens=NEW_TOKENS)

@@ -1,4 +1,4 @@
-"""The tensor-parallel memory plan and roofline (pixtral_fast/parallel/memory.py) against numbers
+"""The tensor-parallel memory plan and roofline (pixtral_fast/runtime/tp_memory.py) against numbers
 computed here by hand from the config: per-rank bytes of the tiny model (with KV-head replication
 and a vocabulary that does not split evenly), the sum over ranks, KV bytes per token, the tokens
 that fit, the roofline formula; Pixtral-Large at TP=8 on H200s; and `pixtral-fast bench` with
@@ -17,7 +17,7 @@ from pixtral_fast import benchmark
 from pixtral_fast.cli import main
 from pixtral_fast.config import ModelArgs
 from pixtral_fast.model.pixtral import build_model
-from pixtral_fast.parallel import memory
+from pixtral_fast.runtime import tp_memory as memory
 from pixtral_fast.tiny import TINY_ARGS, make_tiny
 
 LARGE = Path(__file__).parent / "fixtures" / "pixtral-large-2411" / "params.json"

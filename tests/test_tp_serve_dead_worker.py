@@ -2,7 +2,7 @@
 ends with an error event naming the dead rank, /metrics stops reporting the sequences and blocks
 the engine held before (running 0, used blocks 0) and says the engine is unhealthy
 (pixtral_fast_engine_healthy 0), and later requests get a 503 naming the dead rank. A worker that
-dies while the engine is idle is seen at once (ParallelDriver.health), not at the next step."""
+dies while the engine is idle is seen at once (TensorParallelExecutor.health), not at the next step."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from pixtral_fast.parallel.driver import ParallelDriver
+from pixtral_fast.runtime.tp_executor import TensorParallelExecutor
 from pixtral_fast.tiny import make_tiny
 from tests.support.serve_server import CPU_ARGS, ServerProcess, metric, user_message
 from tests.test_tp_cli import children, running
@@ -43,7 +43,7 @@ def gauges(url: str) -> dict[str, float]:
 
 def test_a_dead_worker_stops_the_gauges_and_says_which_rank(server):
     url = server.url
-    (worker,) = [pid for pid, argv in children(server.proc.pid).items() if "pixtral_fast.parallel" in argv]
+    (worker,) = [pid for pid, argv in children(server.proc.pid).items() if "pixtral_fast.runtime.tp_worker_main" in argv]
     body = {"model": "tiny", "messages": user_message("Tell me a long story."), "max_tokens": MAX_TOKENS,
             "temperature": 0, "stream": True}
     events, killed_at = [], None
@@ -82,7 +82,7 @@ def test_a_dead_worker_stops_the_gauges_and_says_which_rank(server):
 def test_a_worker_that_dies_while_the_engine_is_idle_is_seen_at_once():
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        driver = ParallelDriver(SimpleNamespace(size=2), [worker])  # no group: health reads the processes only
+        driver = TensorParallelExecutor(SimpleNamespace(size=2), [worker])  # no group: health reads the processes only
         assert driver.health() is None
         worker.kill()
         worker.wait()

@@ -19,7 +19,7 @@ INJECT = textwrap.dedent("""
     import os, sys
     where = os.environ.get("PF_TEST_FAIL_WORKER")
     if where and "--rank" in sys.argv:
-        import pixtral_fast.parallel.worker as worker
+        import pixtral_fast.runtime.tp_worker as worker
         import pixtral_fast.parallel.comm as comm
 
         def fail(*args, **kwargs):

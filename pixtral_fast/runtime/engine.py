@@ -40,16 +40,15 @@ import torch
 from pixtral_fast import _cuda_decode, ops
 from pixtral_fast.model.pixtral import Pixtral
 from pixtral_fast.quant import describe_scheme
-from pixtral_fast.parallel import TensorParallelError
 from pixtral_fast.parallel.plan import check_size
-from pixtral_fast.parallel.driver import ParallelDriver
 from pixtral_fast.runtime.config import EngineConfig
+from pixtral_fast.runtime.executor import Executor, LocalExecutor
 from pixtral_fast.runtime.graphs import DecodeRow
 from pixtral_fast.runtime.kv_cache import BlockManager
+from pixtral_fast.runtime.launch import start_executor
 from pixtral_fast.runtime.lifecycle import EngineLifecycle
-from pixtral_fast.runtime.model_runner import ModelRunner
 from pixtral_fast.runtime.output import TextOutput, stop_strings
-from pixtral_fast.runtime.prefill import PrefillBatch, prefill
+from pixtral_fast.runtime.prefill import PrefillBatch
 from pixtral_fast.runtime.profiling import nvtx_range
 from pixtral_fast.runtime.requests import (Completion, EngineStats, EngineUsage, RequestError, describe_failure,
                                            image_tensors, is_batch)
@@ -65,10 +64,12 @@ log = logging.getLogger("pixtral_fast")
 
 class Engine(EngineLifecycle):
     def __init__(self, model: Pixtral, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None,
-                 parallel: ParallelDriver | None = None):
-        """`parallel`: the driver of a tensor-parallel group whose rank 0 `model` is (see
-        from_pretrained); the engine then owns its workers and close() stops them."""
-        self.model, self.parallel = model, parallel
+                 executor: Executor | None = None):
+        """`executor`: what runs the steps (runtime/executor.py): by default this process, on
+        `model`; from_pretrained may give a tensor-parallel one whose rank 0 `model` is. The
+        engine owns it: close() stops it."""
+        self.model = model
+        self.executor = executor = executor if executor is not None else LocalExecutor(model)
         self._closed: str | None = None
         try:
             if tokenizer is not None:
@@ -77,18 +78,16 @@ class Engine(EngineLifecycle):
                 tokenizer.check_matches(model.args.vision)
             self._tokenizer = tokenizer
             self.config = config = config or EngineConfig()
-            self.model_runner = (ModelRunner(model, config) if parallel is None else
-                                 parallel.start_runner(model, config))
+            executor.setup(config)
         except BaseException:
-            if parallel is not None:
-                parallel.shutdown()
+            executor.close()
             raise
-        if parallel is not None:  # stops the workers at interpreter exit if close() was never called
-            self._finalizer = weakref.finalize(self, parallel.shutdown)
-        shape = self.model_runner.shape
+        # stops what the executor started (worker processes) at interpreter exit if close() was never called
+        self._finalizer = weakref.finalize(self, executor.close)
+        shape = executor.shape
         self.blocks = BlockManager(shape.num_blocks, shape.block_size)
-        self.cache, self.decode_runner = self.model_runner.cache, self.model_runner.decoder
-        self.max_model_len = self.model_runner.max_model_len
+        self.cache, self.decode_runner = executor.cache, executor.decode_runner
+        self.max_model_len = executor.max_model_len
         self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_prefill_tokens, self.max_model_len)
         log.info("engine: %s", self.describe())
         self.stats = EngineStats()
@@ -100,15 +99,13 @@ class Engine(EngineLifecycle):
         if config.capture_on_start:
             self._call("capture", True, False, progress=config.progress)
 
-    def _call(self, name: str, *args, **local):
-        """model_runner.name(*args): on every rank, in step, under tensor parallelism."""
-        if self.parallel is None:
-            return getattr(self.model_runner, name)(*args, **local)
+    def _call(self, name: str, *args, **kwargs):
+        """executor.name(*args); a failure that stopped the executor ends every request."""
         try:
-            return self.parallel.call(self.model_runner, name, *args, **local)
+            return getattr(self.executor, name)(*args, **kwargs)
         except BaseException:
-            if self.parallel.failure is not None:  # the ranks fell out of step: no request can run
-                self._stopped(self.parallel.failure)
+            if self.executor.failure is not None:  # e.g. its ranks fell out of step: no request can run
+                self._stopped(self.executor.failure)
             raise
 
     def describe(self) -> str:
@@ -120,8 +117,8 @@ class Engine(EngineLifecycle):
         if decode == "triton" and model.device.type == "cuda":
             decode += f" (CUDA extension unavailable: {_cuda_decode.status()})"
         weights = describe_scheme(model) or "dense"
-        parallel = "" if self.parallel is None else f"{self.parallel.describe()}, "
-        return (f"{parallel}{model.device} {str(model.dtype).removeprefix('torch.')}, kernels={model.backend}, "
+        placement = "".join(f"{part}, " for part in [self.executor.describe()] if part)
+        return (f"{placement}{model.device} {str(model.dtype).removeprefix('torch.')}, kernels={model.backend}, "
                 f"weights={weights}, decode attention={decode}, cuda graphs={self.decode_runner.use_cuda_graphs}, "
                 f"KV cache {shape.num_blocks} blocks x {shape.block_size} tokens, max_model_len={self.max_model_len}")
 
@@ -156,8 +153,7 @@ class Engine(EngineLifecycle):
         spawned (rank r on cuda:r, NCCL; or all on the CPU, gloo), each loading only its share of
         the checkpoint; under torchrun (WORLD_SIZE set) the ranks join its group instead, and on
         ranks > 0 this call serves the driver's steps and then exits the process."""
-        from pixtral_fast.model.load import checkpoint_path, load_model, read_args
-        from pixtral_fast.parallel import driver
+        from pixtral_fast.model.load import checkpoint_path, read_args
 
         config = EngineConfig(**limits)
         size = check_size(tensor_parallel_size)
@@ -166,11 +162,8 @@ class Engine(EngineLifecycle):
         check_tokenizer_vocab(args.text.vocab_size, tokenizer.tekken.n_words, str(path))
         if args.vision is not None:
             tokenizer.check_matches(args.vision)
-        if size == 1:
-            model = load_model(path, device=device, dtype=dtype, backend=backend, progress=config.progress)
-            return cls(model, tokenizer, config)
-        model, parallel = driver.start(path, tensor_parallel_size, device, dtype, backend, config.progress)
-        return cls(model, tokenizer, config, parallel=parallel)
+        executor = start_executor(path, size, device, dtype, backend, config.progress)
+        return cls(executor.model, tokenizer, config, executor=executor)
 
     @classmethod
     def from_model(cls, model: Pixtral, tokenizer: Tokenizer | None = None, **limits) -> "Engine":
@@ -328,25 +321,26 @@ class Engine(EngineLifecycle):
     def step(self) -> None:
         """One prefill of the newly admitted sequences and one decode step of all running ones.
         Thread-safe. No ordinary exception escapes (see the module docstring); a KeyboardInterrupt
-        or SystemExit requeues the running sequences, blocks freed, and is re-raised. Under tensor
-        parallelism a failure inside a rank call stops the engine (TensorParallelError): every
-        request ends with that error and later calls raise it."""
+        or SystemExit requeues the running sequences, blocks freed, and is re-raised. A failure that
+        stops the executor (tensor-parallel ranks out of step: TensorParallelError) stops the
+        engine: every request ends with that error and later calls raise it."""
         with self._lock:
             self._check_open()
             try:
                 self._step()
-            except TensorParallelError as e:  # the ranks are out of step: the engine has stopped
-                self._stopped(str(e))
-                raise
-            except Exception as e:  # outside the model calls: a bug; it ends this step's sequences, not the engine
+            except Exception as e:
+                if self.executor.failure is not None:  # it cannot run another step: the engine has stopped
+                    self._stopped(self.executor.failure)
+                    raise
+                # outside the model calls: a bug; it ends this step's sequences, not the engine
                 log.exception("engine step failed")
                 victims = list(self.scheduler.running) or list(self.scheduler.waiting)[:1]  # progress, always
                 for seq in victims:
                     self.scheduler.fail(seq, f"internal error in the engine step: {describe_failure(e)}")
             except BaseException:
                 self.scheduler.requeue(list(self.scheduler.running))
-                if self.parallel is not None and self.parallel.failure:  # interrupted inside a call: out of step
-                    self._stopped(self.parallel.failure)
+                if self.executor.failure is not None:  # interrupted inside a call: its ranks are out of step
+                    self._stopped(self.executor.failure)
                 raise
 
     def _step(self) -> None:
@@ -378,8 +372,6 @@ class Engine(EngineLifecycle):
             st.decode_tokens += len(running)
 
     def _prefill(self, seqs: list[Sequence], nvtx: bool) -> StepOutput:
-        if self.parallel is None:
-            return prefill(self.model, self.cache, self.blocks, seqs, self.stats, nvtx)
         vision = self.model.args.vision
         batch = PrefillBatch.from_sequences(seqs, self.blocks, None if vision is None else vision.image_token_id)
         return self._call("prefill", batch, stats=self.stats, nvtx=nvtx)
@@ -390,9 +382,9 @@ class Engine(EngineLifecycle):
         with the exception as its error."""
         try:
             out = compute(seqs)
-        except TensorParallelError:
-            raise  # not this batch's fault, and no retry can run: the engine has stopped
         except Exception as e:
+            if self.executor.failure is not None:
+                raise  # not this batch's fault, and no retry can run: the executor has stopped
             if len(seqs) == 1:
                 log.warning("%s failed for request %d: %s", phase, seqs[0].id, describe_failure(e))
                 self.scheduler.fail(seqs[0], f"{phase} failed: {describe_failure(e)}")

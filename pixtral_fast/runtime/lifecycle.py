@@ -1,5 +1,5 @@
-"""The engine's lifecycle (close, the context manager, the end of every request) and the calls
-that ask every tensor-parallel rank at once (prompt logits, weight bytes).
+"""The engine's lifecycle (close, the context manager, the end of every request, its health) and
+the calls that ask every rank of its executor at once (prompt logits, weight bytes).
 
 A mixin of Engine, on purpose and for Engine only: it is part of the Engine class, kept in a file
 of its own so that engine.py holds the request path, and it shares Engine's private state (the
@@ -13,7 +13,7 @@ from typing import Self
 
 import torch
 
-from pixtral_fast.parallel import TensorParallelError
+from pixtral_fast.runtime.executor import Executor
 from pixtral_fast.runtime.requests import image_tensors
 
 
@@ -21,16 +21,17 @@ class EngineLifecycle:
     _lock: RLock                    # Engine's: guards the scheduler, the cache and the runner
     _inbox: deque                   # Engine's: requests added, not yet queued
     _closed: str | None             # why the engine takes no more requests, once it does not
+    executor: Executor              # Engine's: runs the steps
 
     def close(self) -> None:
-        """Ends every unfinished request (finish_reason 'abort') and stops the tensor-parallel
-        workers; the engine takes no more requests. Idempotent; `with Engine... as engine:` calls it."""
+        """Ends every unfinished request (finish_reason 'abort') and stops the executor (its
+        tensor-parallel workers); the engine takes no more requests. Idempotent; `with Engine...
+        as engine:` calls it."""
         with self._lock:
             if self._closed is None:
                 self._end_all("abort", None)
                 self._closed = "the engine is closed"
-            if self.parallel is not None:
-                self.parallel.shutdown()
+            self.executor.close()
 
     def __enter__(self) -> Self:
         return self
@@ -44,10 +45,18 @@ class EngineLifecycle:
         of step), or None while it does."""
         return self._closed
 
+    def health(self) -> str | None:
+        """Why the engine cannot run a step, or None: its executor stopped (tensor-parallel ranks
+        out of step), or a worker died since the last step (seen now, without running one). An
+        engine closed on purpose is not unhealthy: see `closed`."""
+        if self._closed is not None and self.executor.failure is None:
+            return None
+        return self.executor.health()
+
     @property
     def worker_pids(self) -> list[int]:
         """The spawned tensor-parallel workers' process ids (none without tensor parallelism)."""
-        return [] if self.parallel is None else self.parallel.worker_pids
+        return self.executor.worker_pids
 
     def prompt_logits(self, tokens, images=()) -> torch.Tensor:
         """Float32 [seq, vocab] logits of one causal sequence (no cache, like model(tokens, images)),
@@ -66,13 +75,11 @@ class EngineLifecycle:
         """Each rank's weight bytes by part (decoder layers, embedding and output, the rest)."""
         with self._lock:
             self._check_open()
-            out = self._call("weight_bytes")
-        return [out] if self.parallel is None else out
+            return self._call("weight_bytes")
 
     def _check_open(self) -> None:
         if self._closed is not None:
-            raise (TensorParallelError if self.parallel is not None and self.parallel.failure else RuntimeError)(
-                self._closed)
+            raise (self.executor.stopped_error if self.executor.failure else RuntimeError)(self._closed)
 
     def _end_all(self, reason: str, error: str | None) -> None:
         """Every request not yet finished ends now, its blocks freed."""
@@ -85,6 +92,6 @@ class EngineLifecycle:
                 self.scheduler.fail(seq, error)
 
     def _stopped(self, message: str) -> None:
-        """The tensor-parallel ranks fell out of step: no request can run any more."""
+        """The executor stopped (its ranks fell out of step): no request can run any more."""
         self._closed = message
         self._end_all("error", message)

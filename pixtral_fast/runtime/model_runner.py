@@ -1,6 +1,7 @@
-"""One rank's model, paged KV cache and decode runner, and the steps an engine asks of them. The
-engine drives one directly; under tensor parallelism every rank holds one, and the driver has the
-workers run each call in step with its own (pixtral_fast/parallel/driver.py)."""
+"""One rank's model, paged KV cache and decode runner, and the steps an engine asks of them. A
+LocalExecutor (runtime/executor.py) drives one; under tensor parallelism every rank holds one, and
+the TensorParallelExecutor (runtime/tp_executor.py) has the workers run each call in step with its
+own."""
 from __future__ import annotations
 
 from dataclasses import replace

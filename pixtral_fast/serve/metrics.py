@@ -55,10 +55,7 @@ def engine_death(async_engine: AsyncEngine) -> str | None:
     on purpose (a shutdown) has not died."""
     if async_engine.fault is not None:
         return f"the engine stopped: {async_engine.fault}"
-    parallel = async_engine.engine.parallel
-    if parallel is None or (parallel.closed and parallel.failure is None):
-        return None
-    return parallel.health()
+    return async_engine.engine.health()
 
 
 def engine_problem(async_engine: AsyncEngine) -> str | None:

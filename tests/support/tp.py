@@ -104,7 +104,7 @@ def exists(pid: int) -> bool:
 
 def worker_children() -> list[int]:
     """This process's living children that are tensor-parallel workers (`python -m
-    pixtral_fast.parallel`), read from the process table (a given pid's zombie: see exists)."""
+    pixtral_fast.runtime.tp_worker_main`), read from the process table (a given pid's zombie: see exists)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -116,7 +116,7 @@ def worker_children() -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except (FileNotFoundError, ProcessLookupError):
             continue
-        if b"pixtral_fast.parallel" in argv:
+        if b"pixtral_fast.runtime.tp_worker_main" in argv:
             found.append(int(entry.name))
     return found
 

@@ -1,10 +1,11 @@
-"""Rank 0 of a tensor-parallel engine: starts the workers (spawn) or joins torchrun's group, and
-has every rank run each ModelRunner call in step with its own: the call's name and host inputs
-(tokens, positions, slots, block tables, sampling parameters, images) go out in one broadcast, then
-each rank runs the same step, the model's all-reduces pairing the ranks up inside it.
+"""The tensor-parallel executor: rank 0 of a tensor-parallel engine. It starts the workers (spawn)
+or joins torchrun's group, and has every rank run each ModelRunner call in step with its own: the
+call's name and host inputs (tokens, positions, slots, block tables, sampling parameters, images)
+go out in one broadcast, then each rank runs the same step, the model's all-reduces pairing the
+ranks up inside it. The engine sees the Executor interface (runtime/executor.py) only.
 
-A Ctrl-C during a call is held back until the call has ended on every rank (interrupts.py): the
-engine then requeues the step's sequences and goes on, as without tensor parallelism; a second
+A Ctrl-C during a call is held back until the call has ended on every rank (parallel/interrupts.py):
+the engine then requeues the step's sequences and goes on, as without tensor parallelism; a second
 Ctrl-C during the same call stops the engine.
 
 The scheduler, the block manager and the tokenizer live on the driver only. Any failure during a
@@ -26,18 +27,23 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pixtral_fast.model.load import check_dtype, check_tensor_parallel_split
 from pixtral_fast.parallel.comm import (DEFAULT_TIMEOUT_S, Collectives, TensorParallelError, check_free, join_group,
                                         torchrun_rank)
 from pixtral_fast.parallel import comm as comm_module
 from pixtral_fast.parallel.interrupts import InterruptsHeldBack
 from pixtral_fast.parallel.plan import ShardPlan, check_size
-from pixtral_fast.parallel.worker import GATHERED, load_shard, serve_steps
+from pixtral_fast.runtime.config import EngineConfig
+from pixtral_fast.runtime.executor import Executor
+from pixtral_fast.runtime.model_runner import ModelRunner
+from pixtral_fast.runtime.tp_worker import GATHERED, load_shard, serve_steps
 
 log = logging.getLogger("pixtral_fast")
 # Workers never get their current folder on sys.path (-P, Python 3.11+): a folder holding a
 # `kernels/` (this repository's root, say) would shadow the `kernels` package transformers imports.
 SAFE_PATH = ("-P",) if sys.version_info >= (3, 11) else ()
 JOIN_GRACE_S = 10.0
+WORKER_MODULE = "pixtral_fast.runtime.tp_worker_main"
 
 
 def _describe_exit(code: int | None) -> str:
@@ -51,10 +57,13 @@ def _describe_exit(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-class ParallelDriver:
+class TensorParallelExecutor(Executor):
+    stopped_error = TensorParallelError
+
     def __init__(self, comm: Collectives, processes: list[subprocess.Popen], scratch: Path | None = None,
                  lifeline: int | None = None):
         self.comm, self.processes, self.scratch, self.lifeline = comm, processes, scratch, lifeline
+        self.model, self.runner = None, None  # rank 0's model once loaded (start), its runner once set up
         self.failure: str | None = None
         self.closed = False
         self.backend = "nccl" if _is_nccl() else "gloo"
@@ -99,19 +108,34 @@ class ParallelDriver:
 
     # -- calls ----------------------------------------------------------------------------------------
 
-    def start_runner(self, model, config):
+    def setup(self, config: EngineConfig) -> None:
         """Every rank's ModelRunner, built together (they agree on the cache's size)."""
-        from pixtral_fast.runtime.model_runner import ModelRunner
-
         def run():
             self._send("setup", (config,))
-            return ModelRunner(model, config, self.comm)
+            return ModelRunner(self.model, config, self.comm)
 
-        return self._guarded("setup", run, passthrough=(ValueError,))
+        self.runner = self._guarded("setup", run, passthrough=(ValueError,))
 
-    def call(self, runner, name: str, *args, **local):
+    def prefill(self, batch, stats, nvtx=False):
+        return self._call("prefill", batch, stats=stats, nvtx=nvtx)
+
+    def decode(self, rows):
+        return self._call("decode", rows)
+
+    def capture(self, greedy_only=True, logprobs=False, progress=False):
+        self._call("capture", greedy_only, logprobs, progress=progress)
+
+    def prompt_logits(self, tokens, images):
+        return self._call("prompt_logits", tokens, images)
+
+    def weight_bytes(self):
+        return self._call("weight_bytes")
+
+    def _call(self, name: str, *args, **local):
         """runner.name(*args) on every rank; the driver's result (or every rank's, in rank order,
         for the GATHERED calls). `local` keyword arguments stay on the driver."""
+        runner = self._runner()
+
         def run():
             self._send(name, args)
             result = getattr(runner, name)(*args, **local)
@@ -137,7 +161,7 @@ class ParallelDriver:
         except BaseException as e:
             if isinstance(e, passthrough) or not isinstance(e, Exception):  # an interrupt stays one
                 self.failure = f"tensor-parallel engine stopped: {type(e).__name__} during the {what} step"
-                self.shutdown()
+                self.close()
                 raise
             dead = self._dead(wait_s=2.0)  # a killed worker's exit code may take a moment to show
             cause = dead or f"rank 0 failed: {type(e).__name__}: {str(e)[:500]}"
@@ -158,12 +182,12 @@ class ParallelDriver:
     def _fail(self, message: str, cause: BaseException | None = None):
         self.failure = f"tensor-parallel engine stopped: {message}"
         log.error("%s", self.failure)
-        self.shutdown()
+        self.close()
         raise TensorParallelError(self.failure) from cause
 
     # -- shutdown -------------------------------------------------------------------------------------
 
-    def shutdown(self) -> None:
+    def close(self) -> None:
         """Stops every worker (a stop message when the ranks are in step; otherwise, and for any
         still alive after the grace period, terminate then kill) and leaves the process group.
         Idempotent; also run at interpreter exit."""
@@ -311,10 +335,9 @@ def parallel_devices(size: int, device) -> torch.device:
 
 def start(path, size: int, device, dtype: torch.dtype, backend: str, progress: bool,
           timeout_s: float = DEFAULT_TIMEOUT_S):
-    """(the driver's model, the driver) for a `size`-way engine: spawns size - 1 workers, or under
-    torchrun joins its group (where ranks > 0 serve the driver here and exit when it closes)."""
-    from pixtral_fast.model.load import check_dtype, check_tensor_parallel_split
-
+    """The executor of a `size`-way engine, rank 0's shard loaded (its runners are built by
+    setup): spawns size - 1 workers, or under torchrun joins its group (where ranks > 0 serve the
+    driver here and exit when it closes)."""
     check_size(size)  # everything a rank would trip over, found before any process starts
     check_dtype(dtype)
     check_tensor_parallel_split(path, size)
@@ -330,7 +353,7 @@ def start(path, size: int, device, dtype: torch.dtype, backend: str, progress: b
     driver = None
     try:
         for r in range(1, size):
-            argv = [sys.executable, *SAFE_PATH, "-m", "pixtral_fast.parallel", "--rank", str(r), "--size", str(size),
+            argv = [sys.executable, *SAFE_PATH, "-m", WORKER_MODULE, "--rank", str(r), "--size", str(size),
                     "--init-method", init_method, "--path", str(path), "--device-type", device.type,
                     "--dtype", str(dtype).removeprefix("torch."), "--backend", backend,
                     "--timeout-s", str(timeout_s), "--parent-fd", str(watch_fd), "--scratch", str(scratch)]
@@ -339,8 +362,9 @@ def start(path, size: int, device, dtype: torch.dtype, backend: str, progress: b
         watch_fd = None
         _wait_ready(processes, scratch, timeout_s)
         comm = _join_watching(ShardPlan(size, 0), device, init_method, timeout_s, processes, scratch)
-        driver = ParallelDriver(comm, processes, scratch, lifeline)
-        return _load_driver_shard(driver, path, device, dtype, backend, progress), driver
+        driver = TensorParallelExecutor(comm, processes, scratch, lifeline)
+        driver.model = _load_driver_shard(driver, path, device, dtype, backend, progress)
+        return driver
     except BaseException as e:
         if driver is not None:
             _stop_out_of_step(driver, e)
@@ -354,7 +378,7 @@ def start(path, size: int, device, dtype: torch.dtype, backend: str, progress: b
         raise
 
 
-def _load_driver_shard(driver: ParallelDriver, path, device, dtype, backend, progress):
+def _load_driver_shard(driver: TensorParallelExecutor, path, device, dtype, backend, progress):
     model, error, statuses = load_shard(path, device, dtype, backend, driver.comm, progress)
     if error is not None:
         raise error
@@ -378,19 +402,20 @@ def _join_torchrun(path, size, launched, device, dtype, backend, progress, timeo
             serve_steps(model, comm)
         comm.destroy()
         raise SystemExit(0)  # this rank's work was the driver's engine; it ends with it
-    driver = ParallelDriver(comm, [])
+    driver = TensorParallelExecutor(comm, [])
     try:
-        return _load_driver_shard(driver, path, device, dtype, backend, progress), driver
+        driver.model = _load_driver_shard(driver, path, device, dtype, backend, progress)
+        return driver
     except BaseException as e:
         _stop_out_of_step(driver, e)
         raise
 
 
-def _stop_out_of_step(driver: ParallelDriver, error: BaseException) -> None:
+def _stop_out_of_step(driver: TensorParallelExecutor, error: BaseException) -> None:
     """Start-up failed. An ordinary exception was raised after every rank reported its load (the
     workers wait for a message: a stop reaches them); an interrupt may have come before the driver
     reported (the workers wait in that gather, where a stop message would never be read), so then
     they are killed (torchrun's ranks see this process's connections close)."""
     if not isinstance(error, Exception):
         driver.failure = f"start-up interrupted ({type(error).__name__})"
-    driver.shutdown()
+    driver.close()

@@ -1,13 +1,15 @@
-"""`python -m pixtral_fast.parallel ...`: one tensor-parallel worker rank, as the driver starts it."""
+"""`python -m pixtral_fast.runtime.tp_worker_main ...`: one tensor-parallel worker rank, as the
+executor starts it. A module of its own, so that the worker code (tp_worker.py) is imported under its
+own name, never run as __main__."""
 import argparse
 
 import torch
 
-from pixtral_fast.parallel.worker import main
+from pixtral_fast.runtime.tp_worker import main
 
 
 def _parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pixtral_fast.parallel",
+    p = argparse.ArgumentParser(prog="python -m pixtral_fast.runtime.tp_worker_main",
                                 description="one tensor-parallel worker rank (started by the driver)")
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--size", type=int, required=True)

@@ -1,7 +1,7 @@
 """A tensor-parallel worker rank: loads its share of the model, then runs whatever step the driver
 broadcasts, in step with it, until told to stop. Started by the driver as a fresh interpreter
-(`python -m pixtral_fast.parallel`: unlike multiprocessing's spawn, it never re-runs the
-user's script, so a script without a __main__ guard, a REPL or a notebook can start one), or by torchrun,
+(`python -m pixtral_fast.runtime.tp_worker_main`: unlike multiprocessing's spawn, it never re-runs
+the user's script, so a script without a __main__ guard, a REPL or a notebook can start one), or by torchrun,
 where every rank runs the user's script and Engine.from_pretrained turns ranks > 0 into this loop.
 
 A worker that fails exits at once: its closed connections make the driver's next collective fail
@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from pixtral_fast.model.load import load_model
 from pixtral_fast.parallel.comm import Collectives, join_group
 from pixtral_fast.parallel.plan import ShardPlan
+from pixtral_fast.runtime.model_runner import ModelRunner
 
 log = logging.getLogger("pixtral_fast")
 
@@ -30,8 +32,6 @@ def load_shard(path, device: torch.device, dtype: torch.dtype, backend: str, com
                progress: bool = False) -> tuple[object, Exception | None, list | None]:
     """(this rank's model or None, its load error, every rank's error text on the driver). Every
     rank reports, so the driver can raise the first failure instead of waiting on a missing rank."""
-    from pixtral_fast.model.load import load_model
-
     try:
         model, error = load_model(path, device=device, dtype=dtype, backend=backend, progress=progress, comm=comm), None
     except Exception as e:
@@ -42,8 +42,6 @@ def load_shard(path, device: torch.device, dtype: torch.dtype, backend: str, com
 
 def serve_steps(model, comm: Collectives) -> None:
     """The worker loop: (name, args) from the driver -> the same ModelRunner call as the driver's."""
-    from pixtral_fast.runtime.model_runner import ModelRunner
-
     runner = None
     while True:
         name, args = comm.broadcast()
