@@ -41,12 +41,15 @@ class EngineConfig:
     capture_on_start: bool = True
     nvtx: bool = False                       # NVTX ranges around prefill, ViT and decode steps
     progress: bool = True
+    cpu_threads: int | None = None           # a CPU engine's intra-op threads (torch.set_num_threads,
+    #                                          process-wide); None: as they are. The server leaves a core
+    #                                          to its HTTP side (serve --cpu-threads)
 
     def __post_init__(self):
         """Every field checked, with a ValueError naming it (a bool is never taken for a number)."""
         if isinstance(self.block_size, bool) or self.block_size not in (16, 32, 64, 128, 256):
             raise ValueError(f"block_size must be a power of two in 16..256, got {self.block_size!r}")
-        for name in ("num_blocks", "memory_bytes", "max_model_len"):
+        for name in ("num_blocks", "memory_bytes", "max_model_len", "cpu_threads"):
             _positive_int(name, getattr(self, name), optional=True)
         for name in ("max_batch_size", "max_prefill_tokens"):
             _positive_int(name, getattr(self, name))

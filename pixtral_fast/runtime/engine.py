@@ -117,8 +117,9 @@ class Engine(EngineLifecycle):
         if decode == "triton" and model.device.type == "cuda":
             decode += f" (CUDA extension unavailable: {_cuda_decode.status()})"
         weights = describe_scheme(model) or "dense"
+        threads = f" ({torch.get_num_threads()} threads)" if model.device.type == "cpu" else ""
         placement = "".join(f"{part}, " for part in [self.executor.describe()] if part)
-        return (f"{placement}{model.device} {str(model.dtype).removeprefix('torch.')}, kernels={model.backend}, "
+        return (f"{placement}{model.device}{threads} {str(model.dtype).removeprefix('torch.')}, kernels={model.backend}, "
                 f"weights={weights}, decode attention={decode}, cuda graphs={self.decode_runner.use_cuda_graphs}, "
                 f"KV cache {shape.num_blocks} blocks x {shape.block_size} tokens, max_model_len={self.max_model_len}")
 

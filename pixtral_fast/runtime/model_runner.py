@@ -22,6 +22,8 @@ from pixtral_fast.runtime.sampling import StepOutput
 class ModelRunner:
     def __init__(self, model: Pixtral, config: EngineConfig, comm: Collectives | None = None):
         self.model = model
+        if model.device.type == "cpu" and config.cpu_threads is not None:
+            torch.set_num_threads(config.cpu_threads)
         model.fuse_projections()  # one GEMM for q, k and v: fewer launches per layer
         tp_size = 1 if comm is None else comm.size
         # On the CPU, with no size given: what the limits can use, within the host's share (cpu_memory).

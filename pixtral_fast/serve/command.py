@@ -14,6 +14,7 @@ import contextlib
 import faulthandler
 import logging
 import math
+import os
 import re
 import signal
 import socket
@@ -152,6 +153,9 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
                    help="split the decoder over N GPUs (cuda:0..N-1) or N CPU processes; under torchrun, the "
                         "number of processes it starts")
     e.add_argument("--nvtx", action="store_true", help="NVTX ranges around prefill, ViT and decode steps")
+    e.add_argument("--cpu-threads", type=positive_int, default=None, metavar="N",
+                   help="a CPU engine's intra-op threads (default: every core this process may use but one, "
+                        "which the HTTP side keeps; OMP_NUM_THREADS, when set, instead)")
 
 
 def engine_limits(a) -> dict:
@@ -164,7 +168,17 @@ def engine_limits(a) -> dict:
     limits["nvtx"] = a.nvtx
     limits["progress"] = sys.stderr.isatty()
     limits["tensor_parallel_size"] = a.tensor_parallel_size
+    limits["cpu_threads"] = a.cpu_threads or server_cpu_threads()
     return limits
+
+
+def server_cpu_threads() -> int | None:
+    """A CPU engine's default threads in the server: every core this process may use but one, so
+    that tokenizing, image decoding and HTTP never wait for a core (vLLM's CPU default does the
+    same); None where OMP_NUM_THREADS already says (torch reads it at start)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def build_engine(a):
