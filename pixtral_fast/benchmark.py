@@ -3,7 +3,7 @@ device (no checkpoint exists there): time to first token for one image, decode t
 size, each next to its roofline (DESIGN §4: weights + KV bytes per step over HBM bandwidth).
 
 With `scheme` ("w4a16" or "fp8"), the decoder's linears are quantized on the device as
-`pixtral-fast quantize` would (round-to-nearest, pixtral_fast.quant.model.quantize_model) and run
+`pixtral-fast quantize` would (round-to-nearest, pixtral_fast.model.quantized.quantize_model) and run
 packed; the roofline then counts the bytes the quantized model reads (packed weights and scales).
 
 Tensor parallelism (tensor_parallel_size N > 1): random weights exist in one process only, and
@@ -105,7 +105,7 @@ def check_scheme(args: ModelArgs, scheme: str | None, group_size: int) -> None:
 def random_quantized_model(args: ModelArgs, device, dtype, scheme: str, group_size: int, backend: str) -> Pixtral:
     """random_model with its decoder linears quantized in place on the device; the dense weights
     are freed once their packed form exists (the peak is the dense model plus the packed one)."""
-    from pixtral_fast.quant.model import quantize_model
+    from pixtral_fast.model.quantized import quantize_model
 
     model = quantize_model(random_model(args, device, dtype).set_backend(backend), scheme, group_size)
     if device.type == "cuda":
