@@ -52,7 +52,8 @@ def _vision_shapes(v: VisionArgs, t: TextArgs) -> Shapes:
         shapes["pre_mm_projector_norm.weight"] = (h,)
     if v.merges_patches:
         shapes["patch_merger.merging_layer.weight"] = (h, h * v.spatial_merge_size ** 2)
-    shapes |= {"vision_language_adapter.w_in.weight": (t.dim, h), "vision_language_adapter.w_out.weight": (t.dim, t.dim)}
+    shapes |= {"vision_language_adapter.w_in.weight": (t.dim, h),
+               "vision_language_adapter.w_out.weight": (t.dim, t.dim)}
     if v.adapter_bias:
         shapes |= {"vision_language_adapter.w_in.bias": (t.dim,), "vision_language_adapter.w_out.bias": (t.dim,)}
     return shapes

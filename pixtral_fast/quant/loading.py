@@ -10,8 +10,8 @@ Which layers are quantized is read from the file (a module with `weight_packed`,
 group size and the activation scheme. HF's rotate-half row order of wq/wk is undone on the packed
 rows and their scales alike (quantization is per row, so rows permute with their scales).
 
-A tensor-parallel rank reads only its share of each tensor (a view of the mapped file): the rows of a
-column-parallel layer's packed words, e4m3 bytes and per-row scales; the input columns of a
+A tensor-parallel rank reads only its share of each tensor (a view of the mapped file): the rows
+of a column-parallel layer's packed words, e4m3 bytes and per-row scales; the input columns of a
 row-parallel one (wo, w2), where a W4A16 cut must fall on a pack boundary (8 int4 per int32)
 and on a scale-group boundary, or the checkpoint is refused naming the layer.
 """
@@ -86,7 +86,8 @@ def read_quantized_state(folder: str | Path, args, qconfig: QuantConfig, model, 
     return state, {cons: scheme for cons, (_, scheme) in quantized.items()}
 
 
-def _quantized_layers(folder: Path, tensors: dict[str, TensorRecord], qconfig: QuantConfig, model) -> dict[str, tuple[str, WeightScheme]]:
+def _quantized_layers(folder: Path, tensors: dict[str, TensorRecord], qconfig: QuantConfig,
+                      model) -> dict[str, tuple[str, WeightScheme]]:
     """{consolidated module: (HF module, scheme)} of the layers the file holds quantized, checked
     against the config's targets and ignore list and against what each format stores."""
     for key in tensors:
@@ -113,7 +114,6 @@ def _quantized_layers(folder: Path, tensors: dict[str, TensorRecord], qconfig: Q
     return quantized
 
 
-
 def check_split(folder: str | Path, args, qconfig: QuantConfig, model, size: int) -> None:
     """CheckpointError where some rank of a `size`-way split cannot take its share of a quantized
     layer (quantized_cuts), from the headers alone: found before any rank starts loading."""
@@ -128,7 +128,8 @@ def check_split(folder: str | Path, args, qconfig: QuantConfig, model, size: int
                                expected[cons + ".weight"][1], plan)
 
 
-def _check_quantized_keys(folder: Path, tensors: dict[str, TensorRecord], quantized: dict[str, tuple[str, WeightScheme]]) -> None:
+def _check_quantized_keys(folder: Path, tensors: dict[str, TensorRecord],
+                          quantized: dict[str, tuple[str, WeightScheme]]) -> None:
     """Every tensor under a quantized layer is one its format stores, as the dense loader takes no
     tensor the model does not have: a bias (the quantized kernels add none) or anything else there
     is refused by name, never dropped."""
