@@ -229,6 +229,15 @@ def rope_heads(name: str, args: ModelArgs) -> int | None:
     return None
 
 
+def rope_heads_read(name: str, args: ModelArgs, cut: tuple[int, int, int, int] | None) -> int | None:
+    """rope_heads of the rows read: HF's permutation runs within each head, so a rank's row cut of
+    wq/wk (whole heads) is un-permuted over the heads it holds."""
+    heads = rope_heads(name, args)
+    if heads is None or cut is None or cut[0] != 0:
+        return heads
+    return cut[2] // args.text.head_dim
+
+
 def hf_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -328,9 +337,9 @@ def placed(t: torch.Tensor, name: str, args: ModelArgs, hf: bool, cut: tuple[int
            device, dtype: torch.dtype) -> torch.Tensor:
     """A tensor as read -> as the model holds it: HF's q/k rows un-permuted, a vocabulary share
     padded, converted, on `device`, contiguous."""
-    heads = rope_heads(name, args) if hf else None
-    if heads is not None:  # HF's permutation is within each head: un-permute the heads read
-        t = undo_hf_rope_permutation(t, heads if cut is None else cut[2] // args.text.head_dim)
+    heads = rope_heads_read(name, args, cut) if hf else None
+    if heads is not None:
+        t = undo_hf_rope_permutation(t, heads)
     if cut is not None and cut[3] > cut[2]:  # a vocabulary share padded to the equal size
         t = torch.cat([t, t.new_zeros(cut[3] - cut[2], *t.shape[1:])])
     # A column cut is a strided view of whole rows (the kernels refuse it): .contiguous() copies

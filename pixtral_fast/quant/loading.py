@@ -28,7 +28,7 @@ from pixtral_fast.quant.config import QuantConfig, WeightScheme
 from pixtral_fast.quant.formats import FP8_DTYPE, INT4_PER_WORD, packed_words
 from pixtral_fast.weights import (CheckpointError, TensorRecord, by_consolidated_name, check_floating, check_keys,
                                   expected_shapes, hf_files, hf_spellings, hf_to_consolidated_name, listed, map_file,
-                                  placed, read_records, read_tensor, rope_heads, undo_hf_rope_permutation)
+                                  placed, read_records, read_tensor, rope_heads_read, undo_hf_rope_permutation)
 
 Cut = tuple[int, int, int, int]  # (dim, start, length, padded length), as ShardPlan.slice_for gives it
 
@@ -166,10 +166,8 @@ def _read(folder, args, records, mapped, dense, quantized, expected, device, dty
                          shape_value, n, k)
         cut = layer_cut(folder, module, cons, args, shard)
         cuts = quantized_cuts(folder, module, scheme, cut, k, shard)
-        heads = rope_heads(cons + ".weight", args)
+        heads = rope_heads_read(cons + ".weight", args, cut)
         rows = n if cut is None or cut[0] != 0 else cut[2]
-        if heads and cut is not None and cut[0] == 0:  # HF's permutation is within each head
-            heads = cut[2] // args.text.head_dim
         for s, record in stored.items():
             if s == "weight_shape":
                 continue
