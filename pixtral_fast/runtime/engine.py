@@ -352,7 +352,7 @@ class Engine(EngineLifecycle):
         newcomers = self.scheduler.admit()
         if newcomers:
             t0 = time.perf_counter()
-            st.prefill_tokens += sum(len(s.tokens) for s in newcomers)
+            st.prefill_tokens += sum(s.num_tokens for s in newcomers)
             st.prefill_images += sum(len(s.images) for s in newcomers)
             with nvtx_range("prefill", nvtx):
                 self._run("prefill", newcomers, lambda group: self._prefill(group, nvtx))
@@ -398,7 +398,7 @@ class Engine(EngineLifecycle):
         self._record(seqs, out)
 
     def _decode_row(self, seq: Sequence) -> DecodeRow:
-        position = len(seq.tokens) - 1  # the newest token: generated, its K/V not yet cached
+        position = seq.num_tokens - 1  # the newest token: generated, its K/V not yet cached
         slot = self.blocks.append(seq.id)
         p = seq.params
         return DecodeRow(token=seq.generated[-1], position=position, slot=slot, blocks=self.blocks.tables[seq.id],
@@ -436,6 +436,6 @@ class Engine(EngineLifecycle):
                 return None
             if output.stopped:
                 return "stop"
-        if len(seq.generated) >= seq.params.max_new_tokens or len(seq.tokens) >= self.max_model_len:
+        if len(seq.generated) >= seq.params.max_new_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None

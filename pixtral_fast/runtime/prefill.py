@@ -25,7 +25,7 @@ def image_rows(seqs: list[Sequence], image_token_id: int) -> list[int]:
     rows, start = [], 0
     for seq in seqs:
         rows += [start + i for i, t in enumerate(seq.prompt) if t == image_token_id]
-        start += len(seq.tokens)
+        start += seq.num_tokens
     return rows
 
 
@@ -61,7 +61,7 @@ class PrefillBatch:
         distinct = [s for i, s in enumerate(seqs) if sources[i] == i]
         packed_index = {i: k for k, i in enumerate(i for i in range(len(seqs)) if sources[i] == i)}
         images = [img for s in distinct for img in s.images]
-        return cls(tokens=[t for s in distinct for t in s.tokens], lengths=[len(s.tokens) for s in distinct],
+        return cls(tokens=[t for s in distinct for t in s.tokens], lengths=[s.num_tokens for s in distinct],
                    slots=[x for s in distinct for x in blocks.slots(s.id)], images=images,
                    image_rows=image_rows(distinct, image_token_id) if images else [],
                    params=[s.params for s in seqs], seeds=[s.seed for s in seqs],

@@ -40,6 +40,11 @@ class Sequence:
         return self.prompt + self.generated
 
     @property
+    def num_tokens(self) -> int:
+        """len(tokens), without building the list: the step asks it of every sequence."""
+        return len(self.prompt) + len(self.generated)
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
@@ -128,13 +133,13 @@ class Scheduler:
             admitted += self._start_copies(admitted[0])
         if self.waiting and not self.running:  # add() guarantees a lone sequence fits: never waits forever
             stuck = self.waiting[0]
-            self.fail(stuck, f"internal error: {len(stuck.tokens)} tokens cannot start in an empty cache")
+            self.fail(stuck, f"internal error: {stuck.num_tokens} tokens cannot start in an empty cache")
         return admitted
 
     def _admit_within_budget(self) -> list[Sequence]:
         admitted, passed, budget = [], [], self.max_prefill_tokens
         for seq in list(self.waiting):
-            n = 0 if any(seq.shares_prompt(a) for a in admitted) else len(seq.tokens)  # a copy: prefilled once
+            n = 0 if any(seq.shares_prompt(a) for a in admitted) else seq.num_tokens  # a copy: prefilled once
             if n > budget:
                 if seq.passed_over:  # its one pass is spent: nobody behind it goes first again
                     break
@@ -160,11 +165,11 @@ class Scheduler:
         return copies
 
     def _can_start(self, seq: Sequence) -> bool:
-        return len(self.running) < self.max_batch and self.blocks.can_allocate(len(seq.tokens))
+        return len(self.running) < self.max_batch and self.blocks.can_allocate(seq.num_tokens)
 
     def _start(self, seq: Sequence) -> Sequence:
         self.waiting.remove(seq)
-        self.blocks.allocate(seq.id, len(seq.tokens))
+        self.blocks.allocate(seq.id, seq.num_tokens)
         self.running.append(seq)
         return seq
 
