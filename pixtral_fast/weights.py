@@ -2,8 +2,9 @@
 
 Every key, shape and dtype is checked against the tensor table of the config (config_tensors)
 before a byte of tensor data is read; one CheckpointError lists everything that is missing,
-unexpected, mis-shaped or not floating point. The header reader, the HF name map and the tensor
-reader here serve the packed (compressed-tensors) loader too: quant/loading.py.
+unexpected, mis-shaped or not floating point. The header reader, the HF name map, the tensor
+reader and the dense tensors' loop (read_dense, tie_output) serve the packed (compressed-tensors)
+loader too: quant/loading.py.
 Each file's header is read once (safetensors checks it, then its JSON gives every tensor's byte
 range); the file is memory-mapped and each tensor (or a tensor-parallel rank's cut of it) is a
 view of its bytes, converted to the target dtype and placed on the target device one at a time,
@@ -272,26 +273,40 @@ def load_state_dict(folder: str | Path, args: ModelArgs, device, dtype: torch.dt
     records = read_records(hf_files(folder) if hf else [folder / CONSOLIDATED])
     check_floating(records)
     source = by_consolidated_name(records, folder) if hf else {k: k for k in records}
-    tied = hf and "output.weight" not in source and "tok_embeddings.weight" in source and hf_tied_output(folder)
+    tied = hf and tie_output(source, folder)
+    check_keys({new: records[old].shape for new, old in source.items()}, expected_shapes(args), str(folder))
+    mapped = {f: map_file(f) for f in {r.file for r in records.values()}}
+    with tqdm(total=len(source), desc="loading weights", unit="tensor", disable=not progress) as bar:
+        return read_dense(records, source, mapped, args, hf, shard, device, dtype, bar, tied)
+
+
+def tie_output(source: dict[str, str], folder: Path) -> bool:
+    """Whether an HF folder's output head is its embedding: its config ties them and `source`
+    ({consolidated name: stored name}) holds no output.weight, which then names the embedding's
+    stored tensor too."""
+    tied = "output.weight" not in source and "tok_embeddings.weight" in source and hf_tied_output(folder)
     if tied:
         source["output.weight"] = source["tok_embeddings.weight"]
-    check_keys({new: records[old].shape for new, old in source.items()}, expected_shapes(args), str(folder))
+    return tied
 
-    mapped = {f: map_file(f) for f in {r.file for r in records.values()}}
+
+def read_dense(records: dict[str, TensorRecord], source: dict[str, str], mapped: dict[Path, mmap.mmap],
+               args: ModelArgs, hf: bool, shard: ShardPlan | None, device, dtype: torch.dtype, bar,
+               tied: bool = False) -> dict[str, torch.Tensor]:
+    """The dense tensors `source` names ({consolidated name: stored name}), each file read front
+    to back, each (or this rank's cut of it) as the model holds it (placed). Tied: the output head
+    is the embedding's tensor, its rows cut the same way (plan.VocabRows), held once."""
     in_file_order = sorted((new for new in source if not (tied and new == "output.weight")),
                            key=lambda new: (str(records[source[new]].file), records[source[new]].begin))
     state: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=len(source), desc="loading weights", unit="tensor", disable=not progress)
     for new in in_file_order:
         record = records[source[new]]
         cut = None if shard is None else shard.slice_for(new, args.text)
-        t = read_tensor(mapped[record.file], record, cut)
-        state[new] = placed(t, new, args, hf, cut, device, dtype)
+        state[new] = placed(read_tensor(mapped[record.file], record, cut), new, args, hf, cut, device, dtype)
         bar.update()
-    if tied:  # the same rows, cut the same way (plan.VocabRows): one tensor serves both
+    if tied:
         state["output.weight"] = state["tok_embeddings.weight"]
         bar.update()
-    bar.close()
     return state
 
 

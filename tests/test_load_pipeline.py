@@ -196,3 +196,18 @@ def test_a_rank_load_runs_each_check_once(folders, tmp_path, monkeypatch, fmt):
     pf.load_model(folder, device="cpu", dtype=torch.float32, progress=False, comm=Collectives(ShardPlan(2, 0)))
     expected = ["read_args", "split"] + ([] if fmt == "consolidated" else ["quantization_config"])
     assert sorted(calls) == sorted(expected)
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "fp8"])
+def test_a_tied_model_quantized_loads_with_the_embedding_as_its_output(tied, tmp_path, scheme):
+    """`quantize` keeps lm_head dense and copies config.json, so a tied HF folder quantizes to a
+    tied one (no lm_head): the packed loader ties it as the dense loader does, at TP=1 and on a
+    rank, and it computes what the same model quantized from its untied twin computes."""
+    hf, untied = tied
+    folder = quantize_checkpoint(hf, tmp_path / "tied", scheme, group_size=32, progress=False)
+    model = load(folder)
+    assert model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()
+    twin = quantize_checkpoint(untied, tmp_path / "untied", scheme, group_size=32, progress=False)
+    torch.testing.assert_close(model(TOKENS), load(twin)(TOKENS), atol=0, rtol=0)
+    rank = pf.load_model(folder, device="cpu", dtype=torch.float32, progress=False, comm=Collectives(ShardPlan(2, 1)))
+    assert rank.output.weight.data_ptr() == rank.tok_embeddings.weight.data_ptr()

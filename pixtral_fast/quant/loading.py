@@ -3,7 +3,9 @@ into a Pixtral whose quantized linears stay packed: each file tensor is read onc
 device as it is stored (int32 packed words, e4m3 bytes, scales in their stored dtype), and the
 module is swapped for a QuantLinear (quant/linear.py) before load_state_dict. Nothing is
 dequantized. The headers, the HF names and the bytes are read as the dense loader reads them
-(pixtral_fast.weights: read_records, hf_spellings, read_tensor on the mapped file).
+(pixtral_fast.weights: read_records, hf_spellings, read_tensor on the mapped file), and the
+dense tensors by the dense loader's own read_dense: a rank's cuts, HF's q/k row order and an
+output head tied to the embedding (tie_output) alike.
 
 Which layers are quantized is read from the file (a module with `weight_packed`, or an e4m3
 `weight`), and must agree with the config's targets/ignore (scheme_for); the config gives the
@@ -28,7 +30,8 @@ from pixtral_fast.quant.config import QuantConfig, WeightScheme
 from pixtral_fast.quant.formats import FP8_DTYPE, INT4_PER_WORD, packed_words
 from pixtral_fast.weights import (CheckpointError, TensorRecord, by_consolidated_name, check_floating, check_keys,
                                   expected_shapes, hf_files, hf_spellings, hf_to_consolidated_name, listed, map_file,
-                                  placed, read_records, read_tensor, rope_heads_read, undo_hf_rope_permutation)
+                                  read_dense, read_records, read_tensor, rope_heads_read, tie_output,
+                                  undo_hf_rope_permutation)
 
 Cut = tuple[int, int, int, int]  # (dim, start, length, padded length), as ShardPlan.slice_for gives it
 
@@ -74,15 +77,16 @@ def read_quantized_state(folder: str | Path, args, qconfig: QuantConfig, model, 
     expected = expected_shapes(args)
     q_modules = {m for m, _ in quantized.values()}
     dense = by_consolidated_name((k for k in records if k.rpartition(".")[0] not in q_modules), folder)
+    tied = "output" not in quantized and tie_output(dense, folder)
     check_floating({k: records[k] for k in dense.values()})
     check_keys({c: records[k].shape for c, k in dense.items()},
                {c: s for c, s in expected.items() if c.rsplit(".", 1)[0] not in quantized}, str(folder))
 
-    state: dict[str, torch.Tensor] = {}
+    shard = shard if shard is not None and shard.is_parallel else None
     mapped = {f: map_file(f) for f in {r.file for r in records.values()}}
     with tqdm(total=len(dense) + len(quantized), desc="loading weights", unit="tensor", disable=not progress) as bar:
-        _read(folder, args, records, mapped, dense, quantized, expected, device, dtype, state, bar,
-              shard if shard is not None and shard.is_parallel else None)
+        state = read_dense(records, dense, mapped, args, True, shard, device, dtype, bar, tied)
+        _read_quantized(folder, args, records, mapped, quantized, expected, device, state, bar, shard)
     return state, {cons: scheme for cons, (_, scheme) in quantized.items()}
 
 
@@ -149,12 +153,8 @@ def _check_quantized_keys(folder: Path, tensors: dict[str, TensorRecord],
                               f"{listed(unexpected)}")
 
 
-def _read(folder, args, records, mapped, dense, quantized, expected, device, dtype, state, bar, shard) -> None:
-    for cons, key in dense.items():
-        cut = None if shard is None else shard.slice_for(cons, args.text)
-        record = records[key]
-        state[cons] = placed(read_tensor(mapped[record.file], record, cut), cons, args, True, cut, device, dtype)
-        bar.update()
+def _read_quantized(folder, args, records, mapped, quantized, expected, device, state, bar, shard) -> None:
+    """Each quantized layer's stored tensors (or this rank's cuts of them) into `state` as stored."""
     for cons, (module, scheme) in quantized.items():
         n, k = expected.get(cons + ".weight", (None, None))
         if n is None:
