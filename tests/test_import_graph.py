@@ -38,6 +38,7 @@ LAYER_OF = {
     f"{PACKAGE}.config_sections": "config",
     f"{PACKAGE}.config": "config",
     f"{PACKAGE}.config_hf": "config",
+    f"{PACKAGE}.config_tensors": "config",   # the tensor table a config implies, read by the loaders
     f"{PACKAGE}.hardware": "config",         # a table of GPU limits (torch-free data, like the configs)
     f"{PACKAGE}.ops": "ops",
     f"{PACKAGE}.reference": "ops",
@@ -58,6 +59,7 @@ LAYER_OF = {
     f"{PACKAGE}.model": "model",
     f"{PACKAGE}.tiny": "model",              # tiny checkpoints: builds a model and saves it
     f"{PACKAGE}.hf_export": "model",         # a consolidated checkpoint written as an HF folder
+    f"{PACKAGE}.quantize_checkpoint": "model",  # `quantize`: reads and writes whole checkpoints
     f"{PACKAGE}.easy_vqa": "model",          # a data set as tokenized prompts (model-independent)
     f"{PACKAGE}.train_demo": "model",        # trains a small Pixtral with the reference ops
     f"{PACKAGE}.runtime": "runtime",
@@ -77,16 +79,9 @@ GOAL_CYCLES, GOAL_UPWARD = 0, 4
 KNOWN_CYCLES = {
 }
 KNOWN_UPWARD = {
-    ("pixtral_fast.hf_tokenizer", "pixtral_fast.tiny"): "tiny.tekken_file: the Tekken file mistral_common ships",
     ("pixtral_fast.kernels.rope_2d", "pixtral_fast.reference"): "one RoPE frequency table (kernel and oracle)",
     ("pixtral_fast.ops", "pixtral_fast.quant.ops"): "pf.ops re-exports the quantized linears (DESIGN §3)",
     ("pixtral_fast.reference", "pixtral_fast.quant.reference"): "their oracles, re-exported likewise",
-    ("pixtral_fast.quant.model", "pixtral_fast.model.pixtral"): "quantize_model builds a Pixtral",
-    ("pixtral_fast.quant.model", "pixtral_fast.quant.loading"): "the module swap lives in the packed loader",
-    ("pixtral_fast.quant.quantize", "pixtral_fast.hf_export"): "a consolidated SRC is exported to HF first",
-    ("pixtral_fast.quant.quantize", "pixtral_fast.tokenizer"): "TEKKEN_NAMES: the tokenizer files it copies",
-    ("pixtral_fast.quant.quantize", "pixtral_fast.weights"): "`quantize` reads the source checkpoint",
-    ("pixtral_fast.weights", "pixtral_fast.model.pixtral"): "the loader checks names against a meta model",
 }
 
 
