@@ -56,10 +56,31 @@ def is_mistral3(args: ModelArgs) -> bool:
     return args.vision is not None and args.vision.merges_patches
 
 
+def llava_config(args: ModelArgs) -> dict[str, Any]:
+    """The config.json that HF's LlavaForConditionalGeneration saves for this model."""
+    t, v = args.text, args.vision
+    if v is None:
+        raise ValueError("llava_config: an HF Llava config needs a vision encoder (args.vision is None)")
+    return {
+        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+        "image_token_index": v.image_token_id, "projector_hidden_act": "gelu", "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "full", "multimodal_projector_bias": v.adapter_bias,
+        "text_config": {
+            "model_type": "mistral", "hidden_size": t.dim, "num_hidden_layers": t.n_layers, "head_dim": t.head_dim,
+            "intermediate_size": t.hidden_dim, "num_attention_heads": t.n_heads, "num_key_value_heads": t.n_kv_heads,
+            "rope_theta": t.rope_theta, "rms_norm_eps": t.norm_eps, "vocab_size": t.vocab_size,
+            "max_position_embeddings": t.max_seq_len, "sliding_window": None, "hidden_act": "silu",
+            "tie_word_embeddings": False},
+        "vision_config": {
+            "model_type": "pixtral", "hidden_size": v.hidden_size, "num_channels": v.num_channels,
+            "image_size": v.image_size, "patch_size": v.patch_size, "rope_theta": v.rope_theta,
+            "intermediate_size": v.intermediate_size, "num_hidden_layers": v.num_hidden_layers,
+            "num_attention_heads": v.num_attention_heads, "head_dim": v.head_dim, "hidden_act": "silu"},
+    }
+
+
 def hf_config(args: ModelArgs, tied: bool = False) -> dict[str, Any]:
     """The config.json transformers builds this model from; `tied`: the output head is the embedding."""
-    from pixtral_fast.tiny import hf_config as llava_config
-
     config = llava_config(args)
     # Said at the top level (transformers 5 ties Mistral3's output by default) and in text_config
     # (where older transformers read Llava's).

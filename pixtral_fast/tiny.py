@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from pixtral_fast.config import ModelArgs, TextArgs, VisionArgs
+from pixtral_fast.hf_export import llava_config
 from pixtral_fast.tokenizer import tekken_file
 from pixtral_fast.weights import save_consolidated
 
@@ -95,26 +96,8 @@ def make_tiny(folder: str | Path, seed: int = 0, args: ModelArgs | None = None, 
 
 
 def hf_config(args: ModelArgs = TINY_ARGS) -> dict[str, Any]:
-    """The config.json that HF's LlavaForConditionalGeneration saves for this model."""
-    t, v = args.text, args.vision
-    if v is None:
-        raise ValueError("hf_config: an HF Llava config needs a vision encoder (args.vision is None)")
-    return {
-        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
-        "image_token_index": v.image_token_id, "projector_hidden_act": "gelu", "vision_feature_layer": -1,
-        "vision_feature_select_strategy": "full", "multimodal_projector_bias": v.adapter_bias,
-        "text_config": {
-            "model_type": "mistral", "hidden_size": t.dim, "num_hidden_layers": t.n_layers, "head_dim": t.head_dim,
-            "intermediate_size": t.hidden_dim, "num_attention_heads": t.n_heads, "num_key_value_heads": t.n_kv_heads,
-            "rope_theta": t.rope_theta, "rms_norm_eps": t.norm_eps, "vocab_size": t.vocab_size,
-            "max_position_embeddings": t.max_seq_len, "sliding_window": None, "hidden_act": "silu",
-            "tie_word_embeddings": False},
-        "vision_config": {
-            "model_type": "pixtral", "hidden_size": v.hidden_size, "num_channels": v.num_channels,
-            "image_size": v.image_size, "patch_size": v.patch_size, "rope_theta": v.rope_theta,
-            "intermediate_size": v.intermediate_size, "num_hidden_layers": v.num_hidden_layers,
-            "num_attention_heads": v.num_attention_heads, "head_dim": v.head_dim, "hidden_act": "silu"},
-    }
+    """The config.json that HF's LlavaForConditionalGeneration saves for this model (the tiny one by default)."""
+    return llava_config(args)
 
 
 def write_hf_config(folder: str | Path, args: ModelArgs = TINY_ARGS) -> Path:

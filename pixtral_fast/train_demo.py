@@ -175,7 +175,7 @@ class DemoTrainer(nn.Module):
         is_image = (tokens.flatten() == self.args.vision.image_token_id)[:, None]
         h = h.masked_scatter(is_image, per_image[torch.tensor(image_of)])
         meta = AttentionMetadata.for_sequences([length] * len(seqs), "cpu")
-        return p.decode_hidden(h, meta)
+        return p.run_decoder(h, meta)
 
     def state_dict_for_checkpoint(self) -> dict[str, torch.Tensor]:
         state = {k: v.detach() for k, v in self.pixtral.state_dict().items()}

@@ -6,7 +6,7 @@ import torch
 
 import pixtral_fast as pf
 from pixtral_fast.model.text import AttentionMetadata
-from pixtral_fast.runtime.graphs import DEFAULT_BUCKETS, DecodeRow, DecodeRunner, graph_buckets
+from pixtral_fast.runtime.decode_step import DEFAULT_BUCKETS, DecodeRow, DecodeRunner, graph_buckets
 from pixtral_fast.runtime.kv_cache import SCRATCH_BLOCK, BlockManager, PagedKVCache, plan_cache
 from pixtral_fast.tiny import make_tiny
 from tests.conftest import DEVICE
@@ -47,7 +47,7 @@ class DecodeBatch:
         slots = torch.tensor([x for i in range(n) for x in self.blocks.slots(i)], device=device)
         meta = AttentionMetadata.for_sequences([len(p) for p in prompts], device, slot_mapping=slots)
         with torch.inference_mode():
-            h = model.decode_hidden(model.tok_embeddings(flat), meta, self.cache.layers)
+            h = model.run_decoder(model.tok_embeddings(flat), meta, self.cache.layers)
             last = torch.tensor([len(p) for p in prompts]).cumsum(0) - 1
             for seq, t in zip(self.tokens, model.logits(h[last.to(device)]).argmax(-1).tolist()):
                 seq.append(t)

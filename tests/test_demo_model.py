@@ -166,7 +166,7 @@ def greedy_text(model, tokenizer, tokens: list[int], images, max_new_tokens: int
         ids = torch.tensor(tokens + new)
         h = model.embed(ids, features)
         meta = AttentionMetadata.for_sequences([len(ids)], "cpu")
-        nxt = int(model.logits(model.decode_hidden(h, meta)[-1:]).argmax())
+        nxt = int(model.logits(model.run_decoder(h, meta)[-1:]).argmax())
         if nxt == tokenizer.eos_id:
             return tokenizer.decode(new).strip()
         new.append(nxt)

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pixtral_fast as pf
-import pixtral_fast.runtime.graphs as graphs_module
+import pixtral_fast.runtime.decode_step as decode_step_module
 import pixtral_fast.runtime.prefill as prefill_module
 from tests.support.engines import assert_clean, model, new_engine, tiny_dir, tok  # noqa: F401  (fixtures)
 from tests.test_engine import chat, picture
@@ -64,11 +64,11 @@ EXCEPTIONS = {
 # sampling on both paths, the block manager, detokenization.
 TARGETS = {
     "vit": lambda eng: (eng.model, "encode_images"),
-    "decoder": lambda eng: (eng.model, "decode_hidden"),
+    "decoder": lambda eng: (eng.model, "run_decoder"),
     "lm_head": lambda eng: (eng.model, "logits"),
     "decode_runner": lambda eng: (eng.decode_runner, "step"),
     "prefill_sampling": lambda eng: (prefill_module, "sample_rows"),
-    "decode_sampling": lambda eng: (graphs_module, "sample"),
+    "decode_sampling": lambda eng: (decode_step_module, "sample"),
     "block_append": lambda eng: (eng.blocks, "append"),
     "detokenize": lambda eng: (eng.tokenizer, "decode"),
 }

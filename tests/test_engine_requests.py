@@ -152,7 +152,7 @@ def greedy_with_prompt_images(model, prompt, images, n, stop_ids):
         for _ in range(n):
             h = model.tok_embeddings(torch.tensor(tokens))
             h[rows] = features
-            h = model.decode_hidden(h, AttentionMetadata.for_sequences([len(tokens)], "cpu"))
+            h = model.run_decoder(h, AttentionMetadata.for_sequences([len(tokens)], "cpu"))
             nxt = int(model.logits(h[-1:])[0].argmax())
             out.append(nxt)
             tokens.append(nxt)

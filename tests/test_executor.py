@@ -88,7 +88,7 @@ def test_an_executor_built_on_the_interface_serves_the_engine_like_the_local_one
     assert torch.equal(engine.prompt_logits(request().tokens), want_logits)
     assert engine.weight_bytes() == [executor.inner.runner.weight_bytes()]
     assert engine.describe().startswith("recorded, ")
-    assert engine.decode_runner is executor.runner.decoder and engine.max_model_len == executor.runner.max_model_len
+    assert engine.decode_runner is executor.runner.decode_runner and engine.max_model_len == executor.runner.max_model_len
     assert executor.calls[:3] == ["setup", "capture", "prefill"] and executor.calls.count("decode") == 5
     engine.close()
     assert executor.closed >= 1 and engine.closed == "the engine is closed" and engine.health() is None

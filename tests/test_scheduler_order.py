@@ -64,20 +64,20 @@ def test_a_short_request_queued_behind_long_prompts_starts_before_them(model, to
     long_a, long_b, short = (eng.add_request(p, SamplingParams(max_new_tokens=6, stop_token_ids=NEVER))
                              for p in (prompt(40), prompt(40), prompt(8, first=3000)))
     prefills, admit = [], eng.scheduler.admit
-    prefilled_rows, decode_hidden = [], eng.model.decode_hidden
+    prefilled_rows, run_decoder = [], eng.model.run_decoder
 
     def recording_admit():
         group = admit()
         prefills.append([s.id for s in group])
         return group
 
-    def recording_decode_hidden(h, meta, caches=None):
+    def recording_run_decoder(h, meta, caches=None):
         if not meta.is_decode:
             prefilled_rows.append(h.shape[0])
-        return decode_hidden(h, meta, caches)
+        return run_decoder(h, meta, caches)
 
     with patch.object(eng.scheduler, "admit", recording_admit), \
-            patch.object(eng.model, "decode_hidden", recording_decode_hidden):
+            patch.object(eng.model, "run_decoder", recording_run_decoder):
         eng.step()
         assert [len(s.generated) for s in (long_a, long_b, short)] == [0, 0, 2]  # prefill + one decode
         eng.step()

@@ -147,8 +147,10 @@ class Pixtral(nn.Module):
 
     # -- decoder ----------------------------------------------------------------------------------
 
-    def decode_hidden(self, h: torch.Tensor, meta: AttentionMetadata,
-                      kv_caches: Sequence[KVCache] | None = None) -> torch.Tensor:
+    def run_decoder(self, h: torch.Tensor, meta: AttentionMetadata,
+                    kv_caches: Sequence[KVCache] | None = None) -> torch.Tensor:
+        """Every decoder layer, then the final norm, over the packed rows h: a prefill's prompts or
+        a decode step's newest tokens alike (meta says which); kv_caches: the paged cache's layers."""
         for i, layer in enumerate(self.layers):
             h = layer(h, meta, self.kernels, None if kv_caches is None else kv_caches[i])
         return self.norm(h, self.kernels)
@@ -170,7 +172,7 @@ class Pixtral(nn.Module):
         features = self.encode_images(images) if len(images) else None
         h = self.embed(tokens, features)
         meta = AttentionMetadata.for_sequences([tokens.numel()], self.device)
-        return self.logits(self.decode_hidden(h, meta))
+        return self.logits(self.run_decoder(h, meta))
 
 
 def _token_array(tokens: Sequence[int]) -> np.ndarray:

@@ -5,7 +5,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from pixtral_fast.runtime.graphs import DEFAULT_BUCKETS
+from pixtral_fast.runtime.decode_step import DEFAULT_BUCKETS
 
 # The decode runner keeps a [max_batch_size, max_blocks] block table (and its host copies) per
 # engine: 4096 rows x 8192 blocks (a 128k context in 16-token blocks) is ~130 MB each, and no

@@ -43,7 +43,7 @@ from pixtral_fast.quant import describe_scheme
 from pixtral_fast.parallel.plan import check_size
 from pixtral_fast.runtime.config import EngineConfig
 from pixtral_fast.runtime.executor import Executor, LocalExecutor
-from pixtral_fast.runtime.graphs import DecodeRow
+from pixtral_fast.runtime.decode_step import DecodeRow
 from pixtral_fast.runtime.kv_cache import BlockManager
 from pixtral_fast.runtime.launch import start_executor
 from pixtral_fast.runtime.lifecycle import EngineLifecycle

@@ -16,7 +16,7 @@ import torch
 
 from pixtral_fast.model.pixtral import Pixtral
 from pixtral_fast.runtime.config import EngineConfig
-from pixtral_fast.runtime.graphs import DecodeRow, DecodeRunner
+from pixtral_fast.runtime.decode_step import DecodeRow, DecodeRunner
 from pixtral_fast.runtime.kv_cache import CacheShape, PagedKVCache
 from pixtral_fast.runtime.model_runner import ModelRunner
 from pixtral_fast.runtime.prefill import PrefillBatch
@@ -79,7 +79,7 @@ class Executor:
 
     @property
     def decode_runner(self) -> DecodeRunner:
-        return self._runner().decoder
+        return self._runner().decode_runner
 
     @property
     def max_model_len(self) -> int:

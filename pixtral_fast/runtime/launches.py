@@ -187,7 +187,7 @@ def prefill_launches(model, prompt_tokens: int) -> dict:
     meta = AttentionMetadata.for_sequences([prompt_tokens], model.device)
 
     def work():
-        model.decode_hidden(model.tok_embeddings(tokens), meta)
+        model.run_decoder(model.tok_embeddings(tokens), meta)
 
     work()  # lazy one-time work outside the count
     return {"prompt_tokens": prompt_tokens, **_count_by_layer(model, work)}

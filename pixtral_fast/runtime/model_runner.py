@@ -12,7 +12,7 @@ from pixtral_fast.cpu_memory import MIN_BLOCKS, default_cpu_cache_bytes
 from pixtral_fast.model.pixtral import Pixtral
 from pixtral_fast.parallel.comm import Collectives
 from pixtral_fast.runtime.config import DEFAULT_MAX_BATCH_SIZE, EngineConfig
-from pixtral_fast.runtime.graphs import DecodeRow, DecodeRunner
+from pixtral_fast.runtime.decode_step import DecodeRow, DecodeRunner
 from pixtral_fast.runtime.kv_cache import CacheShape, PagedKVCache, check_cache_fits, plan_cache
 from pixtral_fast.runtime.prefill import PrefillBatch, run_prefill
 from pixtral_fast.runtime.requests import EngineStats
@@ -53,18 +53,18 @@ class ModelRunner:
                              f"({text.max_seq_len} tokens, max_seq_len / max_position_embeddings)")
         self.max_model_len = config.max_model_len or text.max_seq_len
         max_blocks = -(-self.max_model_len // shape.block_size)
-        self.decoder = DecodeRunner(model, self.cache, config.max_batch_size, max_blocks, config.graph_buckets,
-                                    config.use_cuda_graphs)
+        self.decode_runner = DecodeRunner(model, self.cache, config.max_batch_size, max_blocks,
+                                          config.graph_buckets, config.use_cuda_graphs)
         self.stats = EngineStats()  # a worker's own; the driver passes the engine's
 
     def prefill(self, batch: PrefillBatch, stats: EngineStats | None = None, nvtx: bool = False) -> StepOutput:
         return run_prefill(self.model, self.cache, batch, stats or self.stats, nvtx)
 
     def decode(self, rows: list[DecodeRow]) -> StepOutput:
-        return self.decoder.step(rows)
+        return self.decode_runner.step(rows)
 
     def capture(self, greedy_only: bool = True, logprobs: bool = False, progress: bool = False) -> None:
-        self.decoder.capture(greedy_only=greedy_only, progress=progress, logprobs=logprobs)
+        self.decode_runner.capture(greedy_only=greedy_only, progress=progress, logprobs=logprobs)
 
     @torch.inference_mode()
     def prompt_logits(self, tokens: torch.Tensor, images: list[torch.Tensor]) -> torch.Tensor:

@@ -100,7 +100,7 @@ def run_prefill(model: Pixtral, cache: PagedKVCache, batch: PrefillBatch, stats:
         h[rows] = features.to(h.dtype)
     slots = torch.tensor(batch.slots, dtype=torch.int64, device=device)
     meta = AttentionMetadata.for_sequences(batch.lengths, device, slot_mapping=slots)
-    h = model.decode_hidden(h, meta, cache.layers)
+    h = model.run_decoder(h, meta, cache.layers)
     copy_blocks(cache, batch.block_copies)
     last = torch.tensor(batch.lengths, dtype=torch.int64).cumsum(0) - 1
     logits = model.logits(h[last[batch.logit_rows].to(device)])

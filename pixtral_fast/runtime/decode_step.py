@@ -126,7 +126,7 @@ class DecodeRunner:
         meta = AttentionMetadata(positions=b.positions[:bs], slot_mapping=b.slots[:bs],
                                  block_table=b.block_table[:bs], seq_lens=b.seq_lens[:bs], pages_checked=True)
         model = self.model
-        h = model.decode_hidden(model.tok_embeddings(b.tokens[:bs]), meta, self.cache.layers)
+        h = model.run_decoder(model.tok_embeddings(b.tokens[:bs]), meta, self.cache.layers)
         logits = model.logits(h)
         tokens, finite = sample(logits, b.temperature[:bs], b.top_k[:bs], b.top_p[:bs], b.seed[:bs], b.step[:bs],
                                 greedy_only=greedy_only)
