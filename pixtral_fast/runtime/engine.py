@@ -32,7 +32,6 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -175,9 +174,9 @@ class Engine(EngineLifecycle):
     def _admissible(self, params: SamplingParams) -> SamplingParams:
         """ValueError (naming the parameter) for parameters this model cannot honour; the stop
         tokens default to the tokenizer's end of sequence."""
-        params.check_vocab(self.vocab_size)
         if not params.stop_token_ids:
-            params = replace(params, stop_token_ids=(self.tokenizer.eos_id,))
+            params = params.with_stop_token_ids((self.tokenizer.eos_id,))
+        params.check_vocab(self.vocab_size)  # once per parameters object: the server's check counts
         return params
 
     def add_request(self, request: Any, params: SamplingParams, stop: str | list[str] | None = None) -> Sequence:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -67,6 +67,9 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     logprobs: int | None = None
+    # The vocabulary check_vocab passed (not a parameter): the input processor checks a request's
+    # parameters once, and the later calls on the same object (the engine's, the prefill's) return.
+    _checked_vocab: int | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self):
         fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
@@ -93,15 +96,32 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def with_stop_token_ids(self, stop_token_ids) -> SamplingParams:
+        """A copy that stops at these ids; a vocabulary check passed stays passed where they lie in it."""
+        copy = replace(self, stop_token_ids=stop_token_ids)
+        vocab = self._checked_vocab
+        if vocab is not None and all(0 <= t < vocab for t in copy.stop_token_ids):
+            object.__setattr__(copy, "_checked_vocab", vocab)
+        return copy
+
     def check_vocab(self, vocab_size: int) -> None:
-        """The bounds that depend on the model: ValueError naming the parameter."""
-        if self.top_k > vocab_size:
-            raise ValueError(f"top_k must be at most the vocabulary size {vocab_size} (0: no limit), got {self.top_k}")
-        bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"stop_token_ids must lie in [0, {vocab_size}), got {bad[0]}")
-        if self.logprobs is not None and self.logprobs > vocab_size:
-            raise ValueError(f"logprobs must be at most the vocabulary size {vocab_size}, got {self.logprobs}")
+        """The bounds that depend on the model: ValueError naming the parameter. Checked once per
+        object and vocabulary."""
+        if self._checked_vocab == vocab_size:
+            return
+        check_vocab_bounds(self, vocab_size)
+        object.__setattr__(self, "_checked_vocab", vocab_size)
+
+
+def check_vocab_bounds(params: SamplingParams, vocab_size: int) -> None:
+    """SamplingParams.check_vocab's work, done once per object."""
+    if params.top_k > vocab_size:
+        raise ValueError(f"top_k must be at most the vocabulary size {vocab_size} (0: no limit), got {params.top_k}")
+    bad = [t for t in params.stop_token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"stop_token_ids must lie in [0, {vocab_size}), got {bad[0]}")
+    if params.logprobs is not None and params.logprobs > vocab_size:
+        raise ValueError(f"logprobs must be at most the vocabulary size {vocab_size}, got {params.logprobs}")
 
 
 @dataclass
