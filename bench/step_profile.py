@@ -49,7 +49,7 @@ def profile_step(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> d
 
     model = random_model(args, device, dtype).set_backend("fast")
     engine = pf.Engine.from_model(model, None, max_batch_size=1, memory_bytes=1 << 30, use_cuda_graphs=False)
-    runner, key = engine.decode_runner, (1, True, False)
+    runner, key = engine.decode_runner, (1, True, False, False)
     runner.fill_scratch(1)
     for _ in range(3):  # JIT compiles and caches before the measured step
         runner.run_body(key)

@@ -220,7 +220,7 @@ def test_graph_replay_matches_eager_and_the_oracle(models, n, temperature):
     kw = dict(temperature=temperature, top_k=40, top_p=0.9, logprobs=3, max_batch=max(n, 32))
     eager, graphed = DecodeBatch(fast, prompts, graphs=False, **kw), DecodeBatch(fast, prompts, graphs=True, **kw)
     eager_out, graph_out = eager.decode(6), graphed.decode(6)
-    assert (graphed.runner.bucket_for(n), temperature == 0, True) in graphed.runner.graphs
+    assert (graphed.runner.bucket_for(n), temperature == 0, True, False) in graphed.runner.graphs
     assert [o.tokens for o in graph_out] == [o.tokens for o in eager_out]
     assert_matches_oracle(ref, graphed, graph_out, rows=sorted({0, n // 2, n - 1}), greedy=temperature == 0)
     for (kg, vg), (ke, ve) in zip(graphed.cache.layers, eager.cache.layers):
@@ -234,4 +234,4 @@ def test_greedy_steps_without_logprobs_replay_the_plain_graph(models):
     batch = DecodeBatch(fast, PROMPTS, graphs=True)
     batch.runner.capture(progress=False)
     batch.decode(2)
-    assert set(batch.runner.graphs) == {(b, True, False) for b in batch.runner.buckets}
+    assert set(batch.runner.graphs) == {(b, True, False, False) for b in batch.runner.buckets}

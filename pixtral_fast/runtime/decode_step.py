@@ -3,20 +3,23 @@ static buffers. On a GPU each batch-size bucket is captured once as a CUDA graph
 one memory pool) and replayed; larger batches run eagerly. On the CPU the same buffers and the
 same step function run eagerly, so this code path is what the CPU tests exercise.
 
-A graph is keyed by (bucket, greedy_only, logprobs): the greedy graph captured at start does only
-the argmax and the finite flag; a step where some row samples, or asks for logprobs, replays (and
-on first use captures) the variant that does that work, so steps that ask for none pay nothing."""
+A graph is keyed by (bucket, greedy_only, logprobs, constrained): the greedy graph captured at
+start does only the argmax and the finite flag; a step where some row samples, asks for logprobs,
+or follows a grammar (an allowed-token bitmask) replays (and on first use captures) the variant
+that does that work, so steps that ask for none pay nothing."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from pixtral_fast.model.pixtral import Pixtral
 from pixtral_fast.model.text import AttentionMetadata
 from pixtral_fast.runtime.kv_cache import SCRATCH_BLOCK, PagedKVCache
-from pixtral_fast.runtime.sampling import StepOutput, logprob_width, pack_with_logprobs, read_step, sample
+from pixtral_fast.runtime.sampling import (StepOutput, bitmask_words, logprob_width, pack_with_logprobs, read_step,
+                                           sample)
 
 # vLLM's ladder: 1, 2, 4, then every 8 up to 512; a batch replays the smallest bucket that holds it.
 DEFAULT_BUCKETS = (1, 2, 4) + tuple(range(8, 513, 8))
@@ -35,6 +38,7 @@ class DecodeRow:
     seed: int
     step: int              # tokens generated so far (the noise counter)
     logprobs: int | None = None  # None: none; n: the chosen token's logprob and the n most likely
+    allowed: np.ndarray | None = None  # a grammar's next tokens: int32 bitmask words (sampling.unpack_bitmask)
 
 
 class StaticBuffers:
@@ -61,6 +65,9 @@ class StaticBuffers:
         # or, in a logprobs step, those with the logprobs (float64 [B, 3 + 2n], see pack_with_logprobs).
         self.plain = torch.zeros(2, max_batch, dtype=torch.int64, device=device)
         self.packed = torch.zeros(max_batch, 3 + 2 * logprob_width(vocab), dtype=torch.float64, device=device)
+        # The allowed-token bitmasks of a constrained step (all bits set: a free row), staged on the host.
+        self.allowed = torch.full((max_batch, bitmask_words(vocab)), -1, dtype=torch.int32, device=device)
+        self._allowed_host = torch.full((max_batch, bitmask_words(vocab)), -1, dtype=torch.int32, pin_memory=pin)
 
     def fill(self, rows: list[DecodeRow], padded: int, block_size: int) -> None:
         """Copies rows in; rows past len(rows) up to `padded` point at the scratch block."""
@@ -89,9 +96,16 @@ class StaticBuffers:
         staging = self._table_staging[: padded * used]
         staging.copy_(self._table_host[: padded * used], non_blocking=True)
         self.block_table[:padded, :used].copy_(staging.view(padded, used))
+        if any(r.allowed is not None for r in rows):
+            allowed = self._allowed_host[:padded].numpy()
+            allowed.fill(-1)
+            for i, r in enumerate(rows):
+                if r.allowed is not None:
+                    allowed[i] = r.allowed
+            self.allowed[:padded].copy_(self._allowed_host[:padded], non_blocking=True)
 
 
-GraphKey = tuple[int, bool, bool]  # (bucket, greedy_only, logprobs)
+GraphKey = tuple[int, bool, bool, bool]  # (bucket, greedy_only, logprobs, constrained)
 
 
 def graph_buckets(buckets: tuple[int, ...], max_batch: int) -> tuple[int, ...]:
@@ -121,7 +135,7 @@ class DecodeRunner:
     def run_body(self, key: GraphKey) -> None:
         """The step for the first bs rows of the buffers (what a graph of it replays); writes only
         the static outputs."""
-        bs, greedy_only, logprobs = key
+        bs, greedy_only, logprobs, constrained = key
         b = self.buffers
         meta = AttentionMetadata(positions=b.positions[:bs], slot_mapping=b.slots[:bs],
                                  block_table=b.block_table[:bs], seq_lens=b.seq_lens[:bs], pages_checked=True)
@@ -129,7 +143,7 @@ class DecodeRunner:
         h = model.run_decoder(model.tok_embeddings(b.tokens[:bs]), meta, self.cache.layers)
         logits = model.logits(h)
         tokens, finite = sample(logits, b.temperature[:bs], b.top_k[:bs], b.top_p[:bs], b.seed[:bs], b.step[:bs],
-                                greedy_only=greedy_only)
+                                greedy_only=greedy_only, allowed=b.allowed[:bs] if constrained else None)
         if logprobs:
             b.packed[:bs] = pack_with_logprobs(logits, tokens, finite)
         else:
@@ -146,7 +160,7 @@ class DecodeRunner:
             return
         bar = tqdm(list(reversed(self.buckets)), desc="capturing decode graphs", unit="graph", disable=not progress)
         for bs in bar:
-            self._capture_one((bs, greedy_only, logprobs))
+            self._capture_one((bs, greedy_only, logprobs, False))
 
     def fill_scratch(self, bs: int) -> None:
         """bs rows of one token each, written to the scratch block: what a graph capture runs on."""
@@ -178,7 +192,8 @@ class DecodeRunner:
         wanted = [r.logprobs for r in rows]
         bucket = self.bucket_for(n)
         padded = bucket or n  # padded eagerly too, so that the CPU runs the path the graphs take
-        key = (padded, all(r.temperature == 0 for r in rows), any(w is not None for w in wanted))
+        key = (padded, all(r.temperature == 0 for r in rows), any(w is not None for w in wanted),
+               any(r.allowed is not None for r in rows))
         graphed = self.use_cuda_graphs and bucket is not None
         if graphed and key not in self.graphs:
             self._capture_one(key)  # before fill(): capture runs on scratch rows

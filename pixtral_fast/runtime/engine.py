@@ -41,6 +41,7 @@ from pixtral_fast.model.pixtral import Pixtral
 from pixtral_fast.quant import describe_scheme
 from pixtral_fast.parallel.plan import check_size
 from pixtral_fast.runtime.config import EngineConfig
+from pixtral_fast.runtime.constraints import TokenConstraint
 from pixtral_fast.runtime.executor import Executor, LocalExecutor
 from pixtral_fast.runtime.decode_step import DecodeRow
 from pixtral_fast.runtime.kv_cache import BlockManager
@@ -118,7 +119,8 @@ class Engine(EngineLifecycle):
         weights = describe_scheme(model) or "dense"
         threads = f" ({torch.get_num_threads()} threads)" if model.device.type == "cpu" else ""
         placement = "".join(f"{part}, " for part in [self.executor.describe()] if part)
-        return (f"{placement}{model.device}{threads} {str(model.dtype).removeprefix('torch.')}, kernels={model.backend}, "
+        dtype = str(model.dtype).removeprefix("torch.")
+        return (f"{placement}{model.device}{threads} {dtype}, kernels={model.backend}, "
                 f"weights={weights}, decode attention={decode}, cuda graphs={self.decode_runner.use_cuda_graphs}, "
                 f"KV cache {shape.num_blocks} blocks x {shape.block_size} tokens, max_model_len={self.max_model_len}")
 
@@ -179,17 +181,20 @@ class Engine(EngineLifecycle):
         params.check_vocab(self.vocab_size)  # once per parameters object: the server's check counts
         return params
 
-    def add_request(self, request: Any, params: SamplingParams, stop: str | list[str] | None = None) -> Sequence:
+    def add_request(self, request: Any, params: SamplingParams, stop: str | list[str] | None = None,
+                    constraint: TokenConstraint | None = None) -> Sequence:
         """request: Encoded (token ids + images), a ChatCompletionRequest, or a message list.
         `stop`: one stop string or several (runtime/output.py bounds them); the text ends before
-        the first one found, finish_reason 'stop'. Its text: text_output(seq). Thread-safe, and
+        the first one found, finish_reason 'stop'. `constraint`: the tokens each next one may be
+        (runtime/constraints.py; the request's own: it is advanced as the request samples). Its
+        text: text_output(seq). Thread-safe, and
         never waits for a step. Parameters this model cannot honour raise ValueError before
         admission; a request that cannot be tokenized, checked or ever fit comes back already
         finished, with finish_reason 'error' and the reason in .error."""
         self._check_open()
         params, stops = self._admissible(params), stop_strings(stop)
         seq = Sequence(id=next(self._ids), prompt=[], images=[], params=params,  # count(): atomic
-                       seed=params.seed if params.seed is not None else secrets.randbits(62))
+                       seed=params.seed if params.seed is not None else secrets.randbits(62), constraint=constraint)
         # decode on first use: token-level callers with stop ids of their own never load a tokenizer
         self._outputs[seq] = TextOutput(lambda ids: self.tokenizer.decode(ids), params.stop_token_ids, stops)
         try:
@@ -402,7 +407,7 @@ class Engine(EngineLifecycle):
         p = seq.params
         return DecodeRow(token=seq.generated[-1], position=position, slot=slot, blocks=self.blocks.tables[seq.id],
                          temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=seq.seed,
-                         step=len(seq.generated), logprobs=p.logprobs)
+                         step=len(seq.generated), logprobs=p.logprobs, allowed=seq.allowed_tokens())
 
     def _record(self, seqs: list[Sequence], out: StepOutput) -> None:
         for seq, token, finite, logprobs in zip(seqs, out.tokens, out.finite, out.logprobs):
@@ -417,9 +422,20 @@ class Engine(EngineLifecycle):
             seq.generated.append(token)
             if seq.params.logprobs is not None:
                 seq.logprobs.append(logprobs)
+            if seq.constraint is not None and not self._advance_constraint(seq, token):
+                continue
             reason = self._end_of(seq, token)
             if reason is not None and not seq.finished:
                 self.scheduler.finish(seq, reason)
+
+    def _advance_constraint(self, seq: Sequence, token: int) -> bool:
+        """The request's constraint takes its new token; one that cannot ends the request alone."""
+        try:
+            seq.constraint.advance(token)
+            return True
+        except Exception as e:
+            self.scheduler.fail(seq, f"the output constraint refused token {token}: {describe_failure(e)}")
+            return False
 
     def _end_of(self, seq: Sequence, token: int) -> str | None:
         """Why the sequence ends with its new token, or None: a stop token or stop string ('stop'),

@@ -198,7 +198,7 @@ def decode_step_launches(runner, batch: int, greedy: bool = True) -> dict:
     graph replays), split into the decoder layers (per layer: they are alike) and the rest
     (embedding, final norm, output head, sampling). The step runs once first, uncounted, so that
     lazy one-time work (RoPE tables, autotuning) is not counted."""
-    key = (batch, greedy, False)
+    key = (batch, greedy, False, False)
     runner.fill_scratch(batch)
     runner.run_body(key)
     return {"batch": batch, **_count_by_layer(runner.model, lambda: runner.run_body(key))}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pixtral_fast.model.pixtral import Pixtral
@@ -54,6 +55,7 @@ class PrefillBatch:
     steps: list[int]             # tokens each sequence generated so far (its noise counter)
     logit_rows: list[int]        # each sequence's packed prompt (index into lengths)
     block_copies: list[tuple[list[int], list[int]]]  # (from, to) block lists, once the prompts are cached
+    allowed: list[np.ndarray | None] | None = None  # per sequence: its grammar's next tokens (bitmask words)
 
     @classmethod
     def from_sequences(cls, seqs: list[Sequence], blocks: BlockManager, image_token_id: int | None) -> "PrefillBatch":
@@ -67,7 +69,8 @@ class PrefillBatch:
                    params=[s.params for s in seqs], seeds=[s.seed for s in seqs],
                    steps=[len(s.generated) for s in seqs], logit_rows=[packed_index[j] for j in sources],
                    block_copies=[(blocks.tables[seqs[j].id], blocks.tables[s.id])
-                                 for i, (s, j) in enumerate(zip(seqs, sources)) if j != i])
+                                 for i, (s, j) in enumerate(zip(seqs, sources)) if j != i],
+                   allowed=[s.allowed_tokens() for s in seqs])
 
 
 def copy_blocks(cache: PagedKVCache, copies: list[tuple[list[int], list[int]]]) -> None:
@@ -104,7 +107,7 @@ def run_prefill(model: Pixtral, cache: PagedKVCache, batch: PrefillBatch, stats:
     copy_blocks(cache, batch.block_copies)
     last = torch.tensor(batch.lengths, dtype=torch.int64).cumsum(0) - 1
     logits = model.logits(h[last[batch.logit_rows].to(device)])
-    return sample_rows(logits, batch.params, batch.seeds, batch.steps)
+    return sample_rows(logits, batch.params, batch.seeds, batch.steps, batch.allowed)
 
 
 def prefill(model: Pixtral, cache: PagedKVCache, blocks: BlockManager, seqs: list[Sequence], stats: EngineStats,

@@ -13,6 +13,7 @@ import math
 import numbers
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 MAX_LOGPROBS = 20                  # the most alternatives a row may ask for (OpenAI's cap)
@@ -181,12 +182,32 @@ def usable_rows(logits: torch.Tensor) -> torch.Tensor:
     return logits.var(dim=-1, correction=0) > 0
 
 
+BITS_PER_WORD = 32  # an allowed-token bitmask packs token t into bit t % 32 of int32 word t // 32
+
+
+def bitmask_words(vocab: int) -> int:
+    """int32 words of an allowed-token bitmask over `vocab` tokens."""
+    return -(-vocab // BITS_PER_WORD)
+
+
+def unpack_bitmask(words: torch.Tensor, vocab: int) -> torch.Tensor:
+    """bool [B, vocab] from int32 words [B, bitmask_words(vocab)]: token t is allowed where bit
+    t % 32 of word t // 32 is set (llguidance's layout). Shifts on the device, capturable."""
+    shifts = torch.arange(BITS_PER_WORD, device=words.device, dtype=torch.int32)
+    return ((words.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :vocab].bool()
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           seed: torch.Tensor, step: torch.Tensor, greedy_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+           seed: torch.Tensor, step: torch.Tensor, greedy_only: bool = False,
+           allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(next token int64 [B], finite bool [B]) per row of logits [B, V] (fp32). Rows with
     temperature 0 take the argmax. greedy_only: the caller knows every row is greedy and skips
-    the sort. finite: usable_rows (else the row's token means nothing)."""
+    the sort. finite: usable_rows of the model's logits (else the row's token means nothing).
+    allowed: int32 bitmask words [B, bitmask_words(V)] (a grammar's next tokens; all bits set for a
+    free row): the others are out of the argmax and the draw, as if their logits were -inf."""
     finite = usable_rows(logits)
+    if allowed is not None:
+        logits = logits.masked_fill(~unpack_bitmask(allowed, logits.shape[-1]), float("-inf"))
     best = logits.argmax(dim=-1)
     if greedy_only:
         return best, finite
@@ -244,9 +265,10 @@ def read_step(packed: torch.Tensor, logprobs: list[int | None]) -> StepOutput:
 
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
-                steps: list[int]) -> StepOutput:
+                steps: list[int], allowed: list[np.ndarray | None] | None = None) -> StepOutput:
     """Host helper (prefill): one row of logits [B, V] per params; seeds are the sequences' noise
-    seeds (int64), steps their noise counters (tokens generated so far). One host read."""
+    seeds (int64), steps their noise counters (tokens generated so far); allowed, per row, None or
+    its int32 bitmask words (see sample). One host read."""
     if logits.ndim != 2 or logits.shape[0] != len(params) or len(seeds) != len(params) or len(steps) != len(params):
         raise ValueError(f"sample_rows: logits {tuple(logits.shape)} need one row per params ({len(params)}), "
                          f"seeds ({len(seeds)}) and steps ({len(steps)})")
@@ -261,8 +283,21 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], seeds: list[
                             column([p.top_k for p in params], torch.int64),
                             column([p.top_p for p in params], torch.float32),
                             column([reduce_seed(s) for s in seeds], torch.int64), column(steps, torch.int64),
-                            greedy_only=all(p.greedy for p in params))
+                            greedy_only=all(p.greedy for p in params),
+                            allowed=stacked_bitmask(allowed, logits.shape[1], logits.device))
     wanted = [p.logprobs for p in params]
     if any(n is not None for n in wanted):
         return read_step(pack_with_logprobs(logits, tokens, finite), wanted)
     return read_step(pack_plain(tokens, finite), wanted)
+
+
+def stacked_bitmask(rows: list[np.ndarray | None] | None, vocab: int, device) -> torch.Tensor | None:
+    """int32 words [B, bitmask_words(vocab)] on `device` from per-row masks (None: every token
+    allowed), or None when no row has one."""
+    if rows is None or all(r is None for r in rows):
+        return None
+    words = np.full((len(rows), bitmask_words(vocab)), -1, dtype=np.int32)
+    for i, row in enumerate(rows):
+        if row is not None:
+            words[i] = row
+    return torch.from_numpy(words).to(device)

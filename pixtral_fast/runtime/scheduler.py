@@ -19,6 +19,9 @@ import torch
 from pixtral_fast.runtime.kv_cache import BlockManager
 
 if TYPE_CHECKING:
+    import numpy as np
+
+    from pixtral_fast.runtime.constraints import TokenConstraint
     from pixtral_fast.runtime.sampling import SamplingParams, TokenLogprobs
 
 
@@ -34,6 +37,7 @@ class Sequence:
     error: str | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # per generated token, when asked for
     passed_over: bool = False          # shorter requests went first once (Scheduler.admit): never again
+    constraint: TokenConstraint | None = None  # a grammar its tokens follow (runtime/constraints.py)
 
     @property
     def tokens(self) -> list[int]:
@@ -47,6 +51,10 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def allowed_tokens(self) -> np.ndarray | None:
+        """The next token's allowed set as bitmask words, None when unconstrained."""
+        return None if self.constraint is None else self.constraint.allowed()
 
     def shares_prompt(self, other: Sequence) -> bool:
         """Same tokens (generated ones included) and the same images: one prefill serves both.
