@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from pixtral_fast.runtime.async_engine import AsyncEngine
 from pixtral_fast.serve import protocol as wire
 from pixtral_fast.serve.chat import ChatHandler
+from pixtral_fast.serve.completions import CompletionsHandler
 from pixtral_fast.serve.media import MediaLimits, media_client
 from pixtral_fast.serve.metrics import ServerMetrics, engine_problem
 from pixtral_fast.serve.protocol import APIError
@@ -163,6 +164,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     at exit, stops it)."""
     state = ServerState(engine, settings, ServerMetrics(engine))
     chat = ChatHandler(state)
+    completions = CompletionsHandler(state)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -210,6 +212,11 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         authorize(request)
         return await chat(request)
+
+    @app.post("/v1/completions")
+    async def text_completions(request: Request) -> Response:
+        authorize(request)
+        return await completions(request)
 
     error_response = state.error_response
 
