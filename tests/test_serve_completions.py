@@ -159,6 +159,17 @@ def test_logprobs_match_the_offline_engine_and_echo_prepends_the_prompt(server, 
     assert sum((lp.text_offset for lp in lps), []) == choice_lp.text_offset
 
 
+def test_echo_of_token_ids_is_their_text_and_the_offsets_follow_it(server, client, offline):
+    """The emoji's four byte tokens each read "\ufffd" alone: the generated text's offsets start
+    after the echoed text, not after the pieces."""
+    ids = prompt_ids(offline, "\N{FOX FACE} fox")
+    assert len(ids) == 6
+    got = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0, echo=True, logprobs=1)
+    choice = got.choices[0]
+    assert choice.text.startswith("\N{FOX FACE} fox")
+    assert choice.logprobs.text_offset[len(ids)] == len("\N{FOX FACE} fox")
+
+
 def test_n_with_stream_gives_every_choice_its_chunks(server):
     with httpx.stream("POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
                       json={"prompt": PROMPT, "max_tokens": 4, "n": 2, "stream": True, "seed": 1}, timeout=120) as r:
