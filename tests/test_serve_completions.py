@@ -1,6 +1,7 @@
 """POST /v1/completions on the real server (one subprocess on the tiny checkpoint), driven by the
 official openai client and, for hostile bodies, raw httpx. Every answer is compared with the
 offline Engine on the same token ids: a string prompt is BOS + the text's tokens, no template."""
+import asyncio
 import json
 
 import httpx
@@ -9,7 +10,9 @@ import pytest
 import torch
 
 import pixtral_fast as pf
+from pixtral_fast.runtime.async_engine import AsyncEngine
 from pixtral_fast.runtime.output import MAX_STOP
+from pixtral_fast.serve.app import ServerSettings, build_app
 from pixtral_fast.serve.completions import check_echo_logprobs
 from pixtral_fast.serve.completions_protocol import ECHO_LOGPROBS_MAX_TOKENS, CompletionRequest
 from pixtral_fast.serve.protocol import APIError
@@ -247,3 +250,45 @@ def test_model_and_api_key_are_checked_as_on_the_chat_endpoint(server):
     assert error_of(raw(server, {"prompt": "a", "model": "other"}), 404)["code"] == "model_not_found"
     assert error_of(raw(server, {"prompt": "a"}, key=None), 401)["code"] == "invalid_api_key"
     assert error_of(raw(server, {"prompt": "a"}, key="wrong"), 401)["code"] == "invalid_api_key"
+
+
+# -- in process: faults injected into an engine of the offline model ------------------------------
+
+def in_process(offline, bodies: list[dict], fault=None, closed: bool = False):
+    """Each body's answer from an app over a fresh engine (`fault(engine)` breaks it first), and
+    what the engine held after the last answer."""
+    engine = pf.Engine.from_model(offline.model, offline.tokenizer, num_blocks=64, progress=False)
+    if fault is not None:
+        fault(engine)
+
+    async def run():
+        ae = AsyncEngine(engine).start()
+        app = build_app(ae, ServerSettings(model_name=MODEL))
+        if closed:
+            await ae.aclose()
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+                                         base_url="http://test", timeout=60) as client:
+                answers = [await client.post("/v1/completions", json=body) for body in bodies]
+                return answers, engine.usage()
+        finally:
+            await ae.aclose()
+    return asyncio.run(run())
+
+
+def test_a_fault_in_the_prompt_logprobs_is_a_500_that_ends_the_running_choices(offline):
+    def break_prompt_logits(engine):
+        engine.prompt_logits = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("injected prompt fault"))
+
+    long_echo = {"prompt": PROMPT, "max_tokens": 900, "echo": True, "logprobs": 1, "n": 2}
+    (bad, good), held = in_process(offline, [long_echo, {"prompt": PROMPT, "max_tokens": 2}], break_prompt_logits)
+    error = error_of(bad, 500)
+    assert "injected prompt fault" in error["message"] and error["type"] == "server_error"
+    assert good.status_code == 200
+    assert (held.running, held.waiting) == (0, 0)  # the 900-token choices were aborted, not left running
+
+
+def test_a_closed_engine_is_a_503_with_retry_after(offline):
+    ids = prompt_ids(offline, PROMPT)  # (a closed engine's tokenizing pool is gone; a server's answers 503 before)
+    (answer,), _ = in_process(offline, [{"prompt": ids, "max_tokens": 2}], closed=True)
+    assert error_of(answer, 503)["code"] == "shutting_down" and answer.headers["retry-after"] == "1"
