@@ -202,6 +202,7 @@ HOSTILE = {
     "a float among ids": ({"prompt": [1, 2.0]}, "prompt", "prompt[1]: a token id must be an integer"),
     "an id past the vocabulary": ({"prompt": [1, 131072]}, "prompt", "token id 131072 is out of the vocabulary"),
     "a negative id": ({"prompt": [-1]}, "prompt", "token id -1 is out of the vocabulary"),
+    "an image token without its image": ({"prompt": [1, 10, 10, 13]}, "prompt", "image"),
     "a batch of strings": ({"prompt": ["a", "b"]}, "prompt", "a batch of 2 prompts"),
     "a batch of token lists": ({"prompt": [[1, 2], [3]]}, "prompt", "a batch of 2 prompts"),
     "an empty string": ({"prompt": ""}, "prompt", "empty"),
