@@ -29,6 +29,7 @@ from typing import Any
 from mistral_common.exceptions import MistralCommonException
 
 from pixtral_fast.parallel import TensorParallelError
+from pixtral_fast.runtime.constraints import TokenConstraint
 from pixtral_fast.runtime.engine import Engine, RequestError
 from pixtral_fast.runtime.output import stop_strings
 from pixtral_fast.runtime.requests import Completion, describe_failure
@@ -74,8 +75,9 @@ class _Handle:
     """One request as both sides see it. The engine thread owns seq/sent; the loop owns queue."""
 
     def __init__(self, request: Any, params: SamplingParams, stops: tuple[str, ...],
-                 loop: asyncio.AbstractEventLoop):
+                 loop: asyncio.AbstractEventLoop, constraint: TokenConstraint | None = None):
         self.request, self.params, self.stops, self.loop = request, params, stops, loop
+        self.constraint = constraint
         self.queue: asyncio.Queue = asyncio.Queue()
         self.seq: Sequence | None = None
         self.sent = 0
@@ -229,9 +231,11 @@ class AsyncEngine:
         free_slots = max(0, self.engine.config.max_batch_size - self.snapshot["running"])
         return max(0, self._pending + self.snapshot["waiting"] - free_slots)
 
-    async def submit(self, request: Any, params: SamplingParams, stop: str | list[str] | None = None) -> RequestStream:
+    async def submit(self, request: Any, params: SamplingParams, stop: str | list[str] | None = None,
+                     constraint: TokenConstraint | None = None) -> RequestStream:
         """Queues a request (Encoded, or messages: encoded in the pool first) and waits until the
-        engine thread has taken it. `stop`: one stop string or several, as Engine.generate's.
+        engine thread has taken it. `stop`: one stop string or several, as Engine.generate's;
+        `constraint`: this request's own, as Engine.add_request's (Engine.response_format_grammar).
         TypeError for params that are not SamplingParams, ValueError naming `stop` for stop strings
         out of bounds, RequestError if it cannot be served, QueueFull past max_waiting,
         EngineClosed while shutting down."""
@@ -248,7 +252,7 @@ class AsyncEngine:
         try:
             if not isinstance(request, Encoded):
                 request = await self.encode(request)
-            handle = _Handle(request, params, stop, asyncio.get_running_loop())
+            handle = _Handle(request, params, stop, asyncio.get_running_loop(), constraint)
             self._commands.put(("add", handle))
         except BaseException:
             with self._lock:
@@ -322,7 +326,7 @@ class AsyncEngine:
 
     def _add(self, handle: _Handle) -> None:
         try:
-            seq = self.engine.add_request(handle.request, handle.params, handle.stops)
+            seq = self.engine.add_request(handle.request, handle.params, handle.stops, handle.constraint)
         except ValueError as e:
             handle.post(RequestError(str(e)))
             return

@@ -54,6 +54,7 @@ from pixtral_fast.runtime.requests import (Completion, EngineStats, EngineUsage,
                                            image_tensors, is_batch)
 from pixtral_fast.runtime.sampling import SamplingParams, StepOutput
 from pixtral_fast.runtime.scheduler import Scheduler, Sequence
+from pixtral_fast.runtime.structured_output import Grammar, compile_response_format
 from pixtral_fast.tokenizer import Encoded, Tokenizer
 from pixtral_fast.weights import check_tokenizer_vocab
 
@@ -232,18 +233,21 @@ class Engine(EngineLifecycle):
 
     def generate(self, request_or_batch: Any, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                 stop: str | list[str] | None = None, logprobs: int | None = None):
+                 stop: str | list[str] | None = None, logprobs: int | None = None, response_format: Any = None):
         """One request -> Completion (RequestError if it cannot be served); a batch -> list of
         Completions in order (failed ones carry finish_reason 'error' and the message). `stop`: as
-        the server's (see add_request), for every request of a batch; `logprobs`: as SamplingParams'."""
+        the server's (see add_request), for every request of a batch; `logprobs`: as SamplingParams';
+        `response_format`: OpenAI's ({"type": "json_object"} or {"type": "json_schema", ...}), the
+        output constrained to it token by token (runtime/structured_output.py)."""
         params = self._admissible(SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                                  top_p=top_p, top_k=top_k, seed=seed, logprobs=logprobs))
         stops = stop_strings(stop)
+        grammar = self.response_format_grammar(response_format)
         batch = is_batch(request_or_batch)
         seqs: list[Sequence] = []
         try:
             for request in request_or_batch if batch else [request_or_batch]:
-                seqs.append(self.add_request(request, params, stops))
+                seqs.append(self.add_request(request, params, stops, grammar and grammar.constraint()))
             self._step_until(lambda: all(s.finished for s in seqs))
             out = [self._completion(s) for s in seqs]
         finally:  # an exception or an interrupt must not leave our requests holding blocks
@@ -257,19 +261,29 @@ class Engine(EngineLifecycle):
         return out if batch else out[0]
 
     def stream(self, request: Any, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int | None = None, stop: str | list[str] | None = None) -> Iterator[str]:
+               top_k: int = 0, seed: int | None = None, stop: str | list[str] | None = None,
+               response_format: Any = None) -> Iterator[str]:
         """Text increments of one request as its tokens are decoded (RequestError once it fails),
-        `stop` as in generate(). Bad parameters raise here; the request starts at the first next().
-        Closing the iterator early ends the request and frees its cache blocks."""
+        `stop` and `response_format` as in generate(). Bad parameters raise here; the request
+        starts at the first next(). Closing the iterator early ends the request and frees its
+        cache blocks."""
         params = self._admissible(SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                                  top_p=top_p, top_k=top_k, seed=seed))
         stops = stop_strings(stop)
         if is_batch(request):  # a list of conversations is not one conversation: say so, not pydantic
             raise ValueError("stream() takes one request, not a batch; use generate() for batches")
-        return self._stream(request, params, stops)
+        grammar = self.response_format_grammar(response_format)
+        return self._stream(request, params, stops, grammar and grammar.constraint())
 
-    def _stream(self, request: Any, params: SamplingParams, stops: tuple[str, ...]) -> Iterator[str]:
-        seq = self.add_request(request, params, stops)
+    def response_format_grammar(self, response_format: Any) -> Grammar | None:
+        """OpenAI's `response_format` compiled for this engine's tokenizer and vocabulary (None for
+        plain text); its .constraint() is one request's (Engine.add_request). ValueError naming
+        what cannot be compiled."""
+        return compile_response_format(response_format, self.tokenizer, self.vocab_size)
+
+    def _stream(self, request: Any, params: SamplingParams, stops: tuple[str, ...],
+                constraint: TokenConstraint | None) -> Iterator[str]:
+        seq = self.add_request(request, params, stops, constraint)
         output, read, seen = self.text_output(seq), 0, 0
         try:
             while True:

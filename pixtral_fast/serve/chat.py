@@ -23,6 +23,7 @@ from pixtral_fast.images import shown
 from pixtral_fast.runtime.async_engine import Delta, EngineClosed, EngineFault, QueueFull, RequestStream
 from pixtral_fast.runtime.engine import RequestError
 from pixtral_fast.runtime.sampling import SamplingParams
+from pixtral_fast.runtime.structured_output import Grammar
 from pixtral_fast.serve import protocol as wire
 from pixtral_fast.serve.media import fetch_remote, load_images, parse_messages
 from pixtral_fast.serve.metrics import ChoiceTimer, engine_death
@@ -107,12 +108,13 @@ class ChatHandler:
         stops = req.stop_strings()
         engine = s.engine.engine
         sampling_params(req, 1, engine.max_model_len, engine.vocab_size, 0)  # before encoding
+        grammar = await self._grammar(req.response_format)
         await self._check_prompt_bytes(req)
         encoded = await self._encode(req)
         s.settings.check_prompt_tokens(len(encoded.tokens), req.n)
         params = [sampling_params(req, len(encoded.tokens), engine.max_model_len, engine.vocab_size, i)
                   for i in range(req.n)]
-        streams = await self._submit(encoded, params, stops)
+        streams = await self._submit(encoded, params, stops, grammar)
         s.metrics.prompt_tokens.inc(sum(st.prompt_tokens for st in streams))
         timers = [ChoiceTimer(s.metrics, arrival) for _ in streams]
         if req.stream:
@@ -144,11 +146,24 @@ class ChatHandler:
         except (ValueError, MistralCommonException) as e:
             raise APIError(400, str(e), "messages") from None
 
-    async def _submit(self, encoded, params: list[SamplingParams], stops: list[str]) -> list[RequestStream]:
+    async def _grammar(self, response_format) -> Grammar | None:
+        """The response format compiled (in the pool: a schema takes milliseconds, a first one
+        the tokenizer's vocabulary for about a second); a 400 naming what cannot be honoured."""
+        if response_format in (None, {"type": "text"}):
+            return None
+        engine = self.server.engine
+        try:
+            return await engine.run_in_pool(lambda: engine.engine.response_format_grammar(response_format))
+        except ValueError as e:
+            raise APIError(400, str(e), "response_format") from None
+
+    async def _submit(self, encoded, params: list[SamplingParams], stops: list[str],
+                      grammar: Grammar | None = None) -> list[RequestStream]:
         streams: list[RequestStream] = []
         try:
             for p in params:
-                streams.append(await self.server.engine.submit(encoded, p, stops))
+                constraint = None if grammar is None else grammar.constraint()  # each choice its own matcher
+                streams.append(await self.server.engine.submit(encoded, p, stops, constraint))
         except BaseException as e:
             for st in streams:
                 st.abort()

@@ -84,12 +84,12 @@ class ChatRequest(WireModel):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     user: str | None = None                                  # accepted and ignored
+    response_format: Any = None                              # runtime/structured_output.py checks it
     # asked-for features we do not have: refused by name
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
     logit_bias: Any = None
     frequency_penalty: FiniteFloat | None = None
     presence_penalty: FiniteFloat | None = None
@@ -115,8 +115,6 @@ class ChatRequest(WireModel):
         for name in ("tools", "tool_choice", "functions", "function_call", "logit_bias"):
             if getattr(self, name) not in (None, [], {}, "none", "auto"):
                 raise APIError(400, f"{name} is not supported by this server", name)
-        if self.response_format not in (None, {"type": "text"}):
-            raise APIError(400, "response_format: only {\"type\": \"text\"} is supported", "response_format")
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(self, name) not in (None, 0.0):
                 raise APIError(400, f"{name} is not supported by this server (only 0)", name)
