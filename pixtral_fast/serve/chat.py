@@ -118,7 +118,7 @@ class ChatHandler:
         s.metrics.prompt_tokens.inc(sum(st.prompt_tokens for st in streams))
         timers = [ChoiceTimer(s.metrics, arrival) for _ in streams]
         if req.stream:
-            return _SSEResponse(self._sse(req, streams, timers), streams, timers)
+            return SSEResponse(self._sse(req, streams, timers), streams, timers)
         return await self._complete(request, req, streams, timers)
 
     async def _check_prompt_bytes(self, req: ChatRequest) -> None:
@@ -225,7 +225,7 @@ class ChatHandler:
                 if st.finish_reason is None:
                     st.abort()
         if any(st.finish_reason == "abort" for st in streams):
-            raise _cut_short()
+            raise cut_short()
         # n choices with top logprobs are megabytes of JSON: built off the event loop
         body = await asyncio.to_thread(self._completion_json, req, streams, results)
         return Response(body, media_type="application/json")
@@ -253,7 +253,7 @@ class ChatHandler:
                                            logprobs=None)])
         error: APIError | None = None
         try:
-            async with contextlib.aclosing(_merge(streams)) as merged:
+            async with contextlib.aclosing(merge_streams(streams)) as merged:
                 async for i, delta in merged:
                     timers[i].tokens(len(delta.token_ids))
                     logprobs = self._logprobs(delta.logprobs, stop_ids) if req.logprobs else None
@@ -261,7 +261,7 @@ class ChatHandler:
                         yield event([wire.chunk_choice(i, {"content": delta.text}, logprobs=logprobs)])
                     if delta.finish_reason == "abort":  # not an OpenAI finish_reason: an error event
                         timers[i].finish("abort")
-                        error = _cut_short()
+                        error = cut_short()
                         break
                     if delta.finish_reason is not None:
                         timers[i].finish(delta.finish_reason)
@@ -294,7 +294,7 @@ def _text_bytes(messages: list) -> int:
     return total
 
 
-def _cut_short() -> APIError:
+def cut_short() -> APIError:
     """A request the engine ended before it finished: the server is shutting down (the grace
     period ran out) or its engine stopped. Not finish_reason 'length': it did not hit max_tokens."""
     return APIError(503, "the request was cut short before it finished: the server is shutting down",
@@ -306,7 +306,7 @@ def _token_entry(tok, token: int, logprob: float) -> dict:
     return {"token": raw.decode("utf-8", errors="replace"), "logprob": wire.finite(logprob), "bytes": list(raw)}
 
 
-async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Delta]]:
+async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Delta]]:
     """(choice index, delta) from all streams as they come; one stream is read directly."""
     if len(streams) == 1:
         async for delta in streams[0]:
@@ -343,7 +343,7 @@ async def _client_gone(request: Request, every: float = 0.25) -> None:
         await asyncio.sleep(every)
 
 
-class _SSEResponse(StreamingResponse):
+class SSEResponse(StreamingResponse):
     """An event stream whose sequences are aborted however it ends (done, client gone, server
     shutting down), so that no KV block outlives its client."""
 

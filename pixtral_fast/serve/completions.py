@@ -23,7 +23,7 @@ from pixtral_fast.images import shown
 from pixtral_fast.runtime.async_engine import EngineFault, RequestStream
 from pixtral_fast.runtime.sampling import SamplingParams, TokenLogprobs
 from pixtral_fast.serve import completions_protocol as wire
-from pixtral_fast.serve.chat import ChatHandler, _cut_short, _merge, _SSEResponse, read_body, sampling_params
+from pixtral_fast.serve.chat import ChatHandler, SSEResponse, cut_short, merge_streams, read_body, sampling_params
 from pixtral_fast.serve.completions_protocol import ECHO_LOGPROBS_MAX_TOKENS, CompletionRequest, LegacyLogprobs
 from pixtral_fast.serve.metrics import ChoiceTimer, engine_death
 from pixtral_fast.serve.protocol import APIError, now, parse_json, usage
@@ -65,7 +65,7 @@ class CompletionsHandler(ChatHandler):
         job = await self._job(req, prompt.text, tokens, streams)
         timers = [ChoiceTimer(s.metrics, arrival) for _ in streams]
         if req.stream:
-            return _SSEResponse(self._sse(job, streams, timers), streams, timers)
+            return SSEResponse(self._sse(job, streams, timers), streams, timers)
         return await self._complete(request, job, streams, timers)
 
     def _check_model(self, model: str | None) -> None:
@@ -162,7 +162,7 @@ class CompletionsHandler(ChatHandler):
                 yield event([wire.completion_choice(i, job.echo_text, None, echoed)])
         error: APIError | None = None
         try:
-            async with contextlib.aclosing(_merge(streams)) as merged:
+            async with contextlib.aclosing(merge_streams(streams)) as merged:
                 async for i, delta in merged:
                     timers[i].tokens(len(delta.token_ids))
                     lps = logprobs(i, _rows(delta.logprobs, streams[i]))
@@ -170,7 +170,7 @@ class CompletionsHandler(ChatHandler):
                         yield event([wire.completion_choice(i, delta.text, None, lps)])
                     if delta.finish_reason == "abort":  # not an OpenAI finish_reason: an error event
                         timers[i].finish("abort")
-                        error = _cut_short()
+                        error = cut_short()
                         break
                     if delta.finish_reason is not None:
                         timers[i].finish(delta.finish_reason)
