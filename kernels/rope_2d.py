@@ -7,7 +7,7 @@ across heads. With a paged KV cache (CACHE, 1-D only: the decoder), the same lau
 the rotated k and, on a third run of head blocks, v to their cache slots: no separate scatter.
 
 Angles: pos * inv_freq in fp32, with inv_freq passed in precomputed by
-`reference.rope_frequencies` (fp64 on the CPU, rounded once: never a device pow; the fp32 angle
+`rope_frequencies.py` (shared with the oracle: fp64 on the CPU, rounded once: never a device pow; the fp32 angle
 is bit-identical to the oracle's), reordered so that pair i reads entry i. The decoder's angles
 reach 1.3e5 rad (position 131071, f[0] = 1), so cos/sin (computed here, no table) reduce them
 exactly, in fp64, before a polynomial (_sincos). Any head_dim up to 256 (even; 2-D: a multiple
@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pixtral_fast import reference
 from pixtral_fast.kernels import TRITON_DTYPE
+from pixtral_fast.kernels.rope_frequencies import rope_frequencies
 
 # pi/2 = HI + LO with HI holding 31 significant bits: q * HI is exact in fp64 for q < 2^22
 # (angles up to ~6.5e6 rad, i.e. positions far past the decoder's 131072).
@@ -189,7 +189,7 @@ def pair_frequencies(head_dim: int, theta: float, axes: int, device: torch.devic
     key = (head_dim, float(theta), axes, device)
     freq = _FREQ_CACHE.get(key)
     if freq is None:
-        f = reference.rope_frequencies(head_dim, theta, device)
+        f = rope_frequencies(head_dim, theta, device)
         freq = f if axes == 1 else torch.cat([f[0::2], f[1::2]])
         freq = _FREQ_CACHE.setdefault(key, freq.contiguous())
     return freq

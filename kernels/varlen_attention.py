@@ -11,7 +11,7 @@ domain; P is rounded to the input dtype before the PV dot (as flash-attn does); 
 IEEE.
 
 RoPE-2D (pos given) rotates the Q tile once and each K tile as it is loaded: the rotated q/k
-never go to HBM. Angles are pos * inv_freq in fp32, inv_freq from `reference.rope_frequencies`
+never go to HBM. Angles are pos * inv_freq in fp32, inv_freq from `rope_frequencies.py`
 (the oracle's fp32 angles, bit for bit). Rotated tiles are rounded to the input dtype, so the
 result is `rope_2d` followed by attention. Each tile is kept as its pairs' even and odd halves
 (q.k = q0.k0 + q1.k1: two dots), because re-interleaving them (reshape/join) in front of a dot

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pixtral_fast.command_line import EXIT_BROKEN_PIPE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_USER_ERROR, PROG, Parser
-from pixtral_fast.quant.command import add_bench_scheme_options, add_quantize_command
+from pixtral_fast.quantize_command import add_bench_scheme_options, add_quantize_command
 from pixtral_fast.serve.command import add_serve_command
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # torch names, resolved lazily

@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from pixtral_fast.kernels.rope_frequencies import rope_frequencies  # the kernels' table, bit for bit
 # The quantized linears' twins: dequantize, then matmul (pixtral_fast/quant/reference.py).
 from pixtral_fast.quant.reference import fp8_linear, w4a16_linear  # noqa: F401
 
@@ -18,14 +19,6 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
-
-
-def rope_frequencies(head_dim: int, theta: float, device=None) -> torch.Tensor:
-    """theta^(-2i/head_dim) for i = 0 .. head_dim/2 - 1, as fp32. Computed in fp64 on the CPU,
-    then rounded once and moved: a GPU's pow is not correctly rounded, and one ulp of f[i] moves
-    the angle pos * f[i] by up to 1e-2 rad at position 131071 (the decoder's theta is 1e9)."""
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
-    return (1.0 / (float(theta) ** exponent)).to(torch.float32).to(device)
 
 
 def rope_2d_angles(pos: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:

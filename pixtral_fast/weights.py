@@ -4,7 +4,7 @@ Every key, shape and dtype is checked against the tensor table of the config (co
 before a byte of tensor data is read; one CheckpointError lists everything that is missing,
 unexpected, mis-shaped or not floating point. The header reader, the HF name map, the tensor
 reader and the dense tensors' loop (read_dense, tie_output) serve the packed (compressed-tensors)
-loader too: quant/loading.py.
+loader too: packed_weights.py.
 Each file's header is read once (safetensors checks it, then its JSON gives every tensor's byte
 range); the file is memory-mapped and each tensor (or a tensor-parallel rank's cut of it) is a
 view of its bytes, converted to the target dtype and placed on the target device one at a time,

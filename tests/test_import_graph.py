@@ -46,10 +46,9 @@ LAYER_OF = {
     f"{PACKAGE}._cuda_decode": "ops",        # loads csrc/'s op and dispatches to it (with its oracle)
     f"{PACKAGE}.decode_ops": "ops",          # the decode step's row-wise ops, custom ops like ops.py
     f"{PACKAGE}.quant": "quant",
-    f"{PACKAGE}.quant.loading": "loading",   # DESIGN: loading is one pipeline for dense and packed
-    f"{PACKAGE}.quant.command": "cli",       # the `quantize` subcommand's arguments and exit codes
     f"{PACKAGE}.parallel": "parallel",
     f"{PACKAGE}.weights": "loading",
+    f"{PACKAGE}.packed_weights": "loading",  # DESIGN: loading is one pipeline for dense and packed
     f"{PACKAGE}.tokenizer": "tokenizer/images",
     f"{PACKAGE}.images": "tokenizer/images",
     f"{PACKAGE}.image_sources": "tokenizer/images",
@@ -69,6 +68,7 @@ LAYER_OF = {
     f"{PACKAGE}": "runtime",                 # __init__: the public API, ending at the Engine
     f"{PACKAGE}.serve": "serve",
     f"{PACKAGE}.cli": "cli",
+    f"{PACKAGE}.quantize_command": "cli",    # the `quantize` subcommand's arguments and exit codes
 }
 
 # The goal (DESIGN §2: "an import goes down, never up, and never in a circle"): no cycle and at most
@@ -79,7 +79,6 @@ GOAL_CYCLES, GOAL_UPWARD = 0, 4
 KNOWN_CYCLES = {
 }
 KNOWN_UPWARD = {
-    ("pixtral_fast.kernels.rope_2d", "pixtral_fast.reference"): "one RoPE frequency table (kernel and oracle)",
     ("pixtral_fast.ops", "pixtral_fast.quant.ops"): "pf.ops re-exports the quantized linears (DESIGN §3)",
     ("pixtral_fast.reference", "pixtral_fast.quant.reference"): "their oracles, re-exported likewise",
 }
@@ -248,6 +247,13 @@ def test_the_ceiling_comes_down_as_edges_go():
     gone = sorted(set(KNOWN_CYCLES) - set(map(tuple, cycles(GRAPH))))
     gone += sorted(set(KNOWN_UPWARD) - set(upward_edges(GRAPH)))
     assert gone == [], f"gone from the graph, delete them from KNOWN_CYCLES / KNOWN_UPWARD: {gone}\n{report(GRAPH)}"
+
+
+def test_folded_to_packages_the_goal_holds_too():
+    """Counted with each subpackage as one node (model/, runtime/, quant/, ...): a package that
+    held modules of several floors would show up here as a cycle or an upward import."""
+    packages = package_graph(GRAPH)
+    assert cycles(packages) == [] and len(upward_edges(packages)) <= GOAL_UPWARD, report(GRAPH)
 
 
 # --- the reader itself, on sources written here: it must see what it counts ---

@@ -111,7 +111,7 @@ def test_bench_scheme_options_parse_and_refuse(capsys):
     """What `pixtral-fast bench` registers (add_bench_scheme_options): defaults mean dense weights."""
     import argparse
 
-    from pixtral_fast.quant.command import add_bench_scheme_options
+    from pixtral_fast.quantize_command import add_bench_scheme_options
 
     parser = argparse.ArgumentParser(prog="bench")
     add_bench_scheme_options(parser)

@@ -88,7 +88,7 @@ def test_command_registration(dense_folder, tmp_path, capsys):
     """The `quantize` subcommand as pixtral_fast.cli registers it (add_quantize_command)."""
     import argparse
 
-    from pixtral_fast.quant.command import add_quantize_command
+    from pixtral_fast.quantize_command import add_quantize_command
 
     p = argparse.ArgumentParser(prog="pixtral-fast")
     add_quantize_command(p.add_subparsers(dest="command", required=True))

@@ -14,7 +14,7 @@ from pixtral_fast.parallel import ShardPlan
 from pixtral_fast.parallel.comm import Collectives
 from pixtral_fast.quant.formats import unrepack_w4a16_k128
 from pixtral_fast.quant.linear import QuantLinear
-from pixtral_fast.quant.loading import layer_cut
+from pixtral_fast.packed_weights import layer_cut
 from pixtral_fast.quant.reference import dequantize_fp8, dequantize_w4a16
 from pixtral_fast.quantize_checkpoint import quantize_checkpoint
 from pixtral_fast.runtime import tp_executor

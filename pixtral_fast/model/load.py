@@ -116,7 +116,7 @@ def check_tensor_parallel_split(path: str | Path, size: int) -> None:
     decoder divides (ShardPlan.check: ValueError), and a quantized checkpoint's packed layers cut
     on pack and group boundaries (CheckpointError naming the layer)."""
     from pixtral_fast.parallel.plan import ShardPlan
-    from pixtral_fast.quant.loading import check_split
+    from pixtral_fast.packed_weights import check_split
 
     path = checkpoint_path(path)
     args = read_args(path)
@@ -138,9 +138,9 @@ def load_quantized_model(path: str | Path, device=None, dtype: torch.dtype = tor
 def _load_packed(model: Pixtral, path: Path, args: ModelArgs, qconfig, device: torch.device, dtype: torch.dtype,
                  progress: bool, shard) -> None:
     """Fills `model` (built on the meta device, this rank's share with `shard`) with its packed
-    weights, read by pixtral_fast/quant/loading.py into QuantLinear layers bound to the model."""
+    weights, read by pixtral_fast/packed_weights.py into QuantLinear layers bound to the model."""
     from pixtral_fast.quant.linear import bind_quant_layers, repack_quant_layers, swap_quantized_modules
-    from pixtral_fast.quant.loading import read_quantized_state
+    from pixtral_fast.packed_weights import read_quantized_state
 
     # compressed-tensors' class targets match the whole model's modules (a rank's output head is no
     # nn.Linear): every rank and TP=1 pick the same layers
