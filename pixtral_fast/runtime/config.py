@@ -41,6 +41,8 @@ class EngineConfig:
     capture_on_start: bool = True
     nvtx: bool = False                       # NVTX ranges around prefill, ViT and decode steps
     progress: bool = True
+    encoder_cache_bytes: int = 1 << 30       # image embeddings kept by content hash (runtime/encoder_cache.py);
+    #                                          0: none
     cpu_threads: int | None = None           # a CPU engine's intra-op threads (torch.set_num_threads,
     #                                          process-wide); None: as they are. The server leaves a core
     #                                          to its HTTP side (serve --cpu-threads)
@@ -68,5 +70,9 @@ class EngineConfig:
             _positive_int("graph_buckets", bucket)
         self.graph_buckets = tuple(int(b) for b in self.graph_buckets)
         _flag("use_cuda_graphs", self.use_cuda_graphs, optional=True)
+        if isinstance(self.encoder_cache_bytes, bool) or not isinstance(self.encoder_cache_bytes, numbers.Integral) \
+                or self.encoder_cache_bytes < 0:
+            raise ValueError(f"encoder_cache_bytes must be an integer >= 0 (0: no encoder cache), "
+                             f"got {self.encoder_cache_bytes!r}")
         for name in ("capture_on_start", "nvtx", "progress"):
             _flag(name, getattr(self, name))

@@ -13,6 +13,7 @@ from pixtral_fast.model.pixtral import Pixtral
 from pixtral_fast.parallel.comm import Collectives
 from pixtral_fast.runtime.config import DEFAULT_MAX_BATCH_SIZE, EngineConfig
 from pixtral_fast.runtime.decode_step import DecodeRow, DecodeRunner
+from pixtral_fast.runtime.encoder_cache import EncoderCache
 from pixtral_fast.runtime.kv_cache import CacheShape, PagedKVCache, check_cache_fits, plan_cache
 from pixtral_fast.runtime.prefill import PrefillBatch, run_prefill
 from pixtral_fast.runtime.requests import EngineStats
@@ -56,9 +57,11 @@ class ModelRunner:
         self.decode_runner = DecodeRunner(model, self.cache, config.max_batch_size, max_blocks,
                                           config.graph_buckets, config.use_cuda_graphs)
         self.stats = EngineStats()  # a worker's own; the driver passes the engine's
+        budget = config.encoder_cache_bytes
+        self.encoder_cache = EncoderCache(budget) if budget and model.args.vision is not None else None
 
     def prefill(self, batch: PrefillBatch, stats: EngineStats | None = None, nvtx: bool = False) -> StepOutput:
-        return run_prefill(self.model, self.cache, batch, stats or self.stats, nvtx)
+        return run_prefill(self.model, self.cache, batch, stats or self.stats, nvtx, self.encoder_cache)
 
     def decode(self, rows: list[DecodeRow]) -> StepOutput:
         return self.decode_runner.step(rows)

@@ -12,6 +12,7 @@ import torch
 
 from pixtral_fast.model.pixtral import Pixtral
 from pixtral_fast.model.text import AttentionMetadata
+from pixtral_fast.runtime.encoder_cache import EncoderCache, encode_images
 from pixtral_fast.runtime.kv_cache import BlockManager, PagedKVCache
 from pixtral_fast.runtime.profiling import nvtx_range
 from pixtral_fast.runtime.requests import EngineStats
@@ -56,6 +57,7 @@ class PrefillBatch:
     logit_rows: list[int]        # each sequence's packed prompt (index into lengths)
     block_copies: list[tuple[list[int], list[int]]]  # (from, to) block lists, once the prompts are cached
     allowed: list[np.ndarray | None] | None = None  # per sequence: its grammar's next tokens (bitmask words)
+    image_keys: list[bytes] | None = None  # each image's content hash (the encoder cache's key)
 
     @classmethod
     def from_sequences(cls, seqs: list[Sequence], blocks: BlockManager, image_token_id: int | None) -> "PrefillBatch":
@@ -70,7 +72,8 @@ class PrefillBatch:
                    steps=[len(s.generated) for s in seqs], logit_rows=[packed_index[j] for j in sources],
                    block_copies=[(blocks.tables[seqs[j].id], blocks.tables[s.id])
                                  for i, (s, j) in enumerate(zip(seqs, sources)) if j != i],
-                   allowed=[s.allowed_tokens() for s in seqs])
+                   allowed=[s.allowed_tokens() for s in seqs],
+                   image_keys=[k for s in distinct for k in s.image_keys()])
 
 
 def copy_blocks(cache: PagedKVCache, copies: list[tuple[list[int], list[int]]]) -> None:
@@ -87,11 +90,11 @@ def copy_blocks(cache: PagedKVCache, copies: list[tuple[list[int], list[int]]]) 
 
 @torch.inference_mode()
 def run_prefill(model: Pixtral, cache: PagedKVCache, batch: PrefillBatch, stats: EngineStats,
-                nvtx: bool = False) -> StepOutput:
+                nvtx: bool = False, encoder_cache: EncoderCache | None = None) -> StepOutput:
     device = model.device
     t0 = time.perf_counter()
     with nvtx_range("vit", nvtx):
-        features = model.encode_images(batch.images) if batch.images else None
+        features = encode_images(model, batch.images, batch.image_keys, encoder_cache) if batch.images else None
         if features is not None and features.is_cuda:
             torch.cuda.synchronize()  # only so that the ViT's share of prefill is measured
     stats.vit_seconds += time.perf_counter() - t0

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pixtral_fast.runtime.encoder_cache import image_key
 from pixtral_fast.runtime.kv_cache import BlockManager
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ class Sequence:
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # per generated token, when asked for
     passed_over: bool = False          # shorter requests went first once (Scheduler.admit): never again
     constraint: TokenConstraint | None = None  # a grammar its tokens follow (runtime/constraints.py)
+    _image_keys: list[bytes] | None = field(default=None, repr=False)
 
     @property
     def tokens(self) -> list[int]:
@@ -51,6 +53,12 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def image_keys(self) -> list[bytes]:
+        """Each image's content hash (runtime/encoder_cache.py), computed once."""
+        if self._image_keys is None:
+            self._image_keys = [image_key(image) for image in self.images]
+        return self._image_keys
 
     def allowed_tokens(self) -> np.ndarray | None:
         """The next token's allowed set as bitmask words, None when unconstrained."""
