@@ -10,7 +10,9 @@ fetches and decodes the images of the Prompt it returns under its own MediaLimit
 Prompt to Tokenizer.encode) read messages the same way."""
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -20,8 +22,9 @@ from typing import Any
 import numpy as np
 import pydantic
 from mistral_common.protocol.instruct.messages import (AssistantMessage, ImageChunk, ImageURLChunk,
-                                                      SystemMessage, TextChunk, UserMessage)
+                                                      SystemMessage, TextChunk, ToolMessage, UserMessage)
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.sentencepiece import is_sentencepiece
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer, is_tekken
@@ -31,9 +34,10 @@ from pixtral_fast.images import DEFAULT_MAX_IMAGE_PIXELS, MediaLimits, load_imag
 from pixtral_fast.weights import CheckpointError
 
 __all__ = ["Encoded", "ImageSource", "InputError", "Prompt", "Tokenizer", "decode_images", "load_image",
-           "parse_messages", "to_request"]
+           "parse_messages", "parse_tools", "to_request", "WithTools"]
 
 TEKKEN_NAMES = ("tekken.json", "tekken_240911.json")
+FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's bound on a function's name
 SENTENCEPIECE_MM = re.compile(r"\.model\.v\d+m\d+$")  # mistral_common's multimodal SentencePiece names
 
 
@@ -49,6 +53,14 @@ class InputError(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(message)
         self.param = param
+
+
+@dataclass(frozen=True)
+class WithTools:
+    """A request (messages or a ChatCompletionRequest) whose prompt shows the model OpenAI `tools`
+    (parse_tools); Tokenizer.encode reads it as it reads the request, tools added."""
+    request: Any
+    tools: Any
 
 
 @dataclass
@@ -75,6 +87,7 @@ class Prompt:
     messages: list
     images: list[ImageSource]
     request: ChatCompletionRequest | None = None
+    tools: list[Tool] | None = None  # parse_tools'; None keeps the request's own (if any)
 
     def to_request(self) -> ChatCompletionRequest:
         """The mistral_common request, every image decoded (decode_images) beforehand."""
@@ -84,15 +97,17 @@ class Prompt:
         messages = [UserMessage(content=[ImageChunk(image=c.image) if isinstance(c, ImageSource) else c
                                          for c in m.content]) if isinstance(m, _PendingUser) else m
                     for m in self.messages]
+        tools = {} if self.tools is None else {"tools": self.tools}
         if self.request is not None:
-            return self.request.model_copy(update={"messages": messages})
-        return ChatCompletionRequest(messages=messages)
+            return self.request.model_copy(update={"messages": messages, **tools})
+        return ChatCompletionRequest(messages=messages, **tools)
 
 
-def parse_messages(messages: Any, limits: MediaLimits) -> Prompt:
+def parse_messages(messages: Any, limits: MediaLimits, tools: Any = None) -> Prompt:
     """The one message parser: OpenAI-style dicts (and, from a program, mistral_common messages
     or a ChatCompletionRequest) checked, with their images noted; InputError naming what is wrong.
-    A server's client (limits.server) gives only dicts, and images only as image_url parts."""
+    A server's client (limits.server) gives only dicts, and images only as image_url parts.
+    `tools`: OpenAI's list of functions (parse_tools), shown to the model in the prompt."""
     request = messages if isinstance(messages, ChatCompletionRequest) else None
     if request is not None:
         messages = request.messages
@@ -106,7 +121,44 @@ def parse_messages(messages: Any, limits: MediaLimits) -> Prompt:
     if most is not None and len(images) > most:
         raise InputError("messages", f"messages: {len(images)} images in the prompt; at most {most} are allowed "
                                      f"({limits.setting('max_images_per_prompt')})")
-    return Prompt(parsed, images, request)
+    return Prompt(parsed, images, request, None if tools is None else parse_tools(tools))
+
+
+def parse_tools(tools: Any) -> list[Tool]:
+    """OpenAI's `tools` ([{"type": "function", "function": {"name", "description", "parameters",
+    "strict"}}], or mistral_common Tools) as mistral_common's; InputError naming the entry."""
+    if not isinstance(tools, list) or not tools:
+        raise InputError("tools", "tools: must be a non-empty list of {\"type\": \"function\", \"function\": {...}}")
+    parsed = [_tool(t, f"tools[{i}]") for i, t in enumerate(tools)]
+    names = [t.function.name for t in parsed]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InputError("tools", f"tools: the function name(s) {repeated} appear more than once")
+    return parsed
+
+
+def _tool(tool: Any, where: str) -> Tool:
+    if isinstance(tool, Tool):
+        return tool
+    if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+        raise InputError(where, f"{where}: a tool must be an object with type 'function'")
+    spec = tool.get("function")
+    if not isinstance(spec, dict):
+        raise InputError(f"{where}.function", f"{where}.function: must be an object with a 'name'")
+    name = spec.get("name")
+    if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
+        raise InputError(f"{where}.function.name", f"{where}.function.name: must be 1 to 64 letters, digits, "
+                                                   f"'_' or '-', got {shown_value(name)}")
+    description = spec.get("description") or ""
+    if not isinstance(description, str):
+        raise InputError(f"{where}.function.description", f"{where}.function.description: must be a string")
+    parameters = spec.get("parameters")
+    if parameters is None:  # OpenAI: a function without parameters takes none
+        parameters = {"type": "object", "properties": {}}
+    if not isinstance(parameters, dict):
+        raise InputError(f"{where}.function.parameters", f"{where}.function.parameters: must be a JSON Schema "
+                                                         f"object, got {type(parameters).__name__}")
+    return Tool(function=Function(name=name, description=description, parameters=parameters))
 
 
 def _message(m: Any, where: str, limits: MediaLimits, images: list[ImageSource]) -> Any:
@@ -122,15 +174,58 @@ def _message(m: Any, where: str, limits: MediaLimits, images: list[ImageSource])
     if role == "user":
         return _PendingUser(_chunks(m.get("content"), where, limits, images))
     if role == "assistant":
-        if m.get("tool_calls"):
-            raise InputError(f"{where}.tool_calls", f"{where}.tool_calls: tool calls are not supported")
-        return AssistantMessage(content=_system_or_assistant(m.get("content"), where))
+        calls = m.get("tool_calls")
+        content = _system_or_assistant(m.get("content"), where)
+        if not calls:
+            return AssistantMessage(content=content)
+        return AssistantMessage(content=content or None, tool_calls=_tool_calls(calls, f"{where}.tool_calls"))
+    if role == "tool":
+        return _tool_message(m, where)
     if role in ("system", "developer"):  # developer: OpenAI's newer name for the system message
         content = _system_or_assistant(m.get("content"), where)
         if content is None:
             raise InputError(f"{where}.content", f"{where}: a system message needs content")
         return SystemMessage(content=content)
-    raise InputError(f"{where}.role", f"{where}: role must be user, assistant or system, got {shown_value(role)}")
+    raise InputError(f"{where}.role", f"{where}: role must be user, assistant, system or tool, "
+                                      f"got {shown_value(role)}")
+
+
+def _tool_calls(calls: Any, where: str) -> list[ToolCall]:
+    """An assistant message's OpenAI tool_calls: [{"id", "type": "function", "function": {"name",
+    "arguments": a JSON object's text}}]."""
+    if not isinstance(calls, list):
+        raise InputError(where, f"{where}: must be a list of tool calls")
+    return [_tool_call(c, f"{where}[{j}]") for j, c in enumerate(calls)]
+
+
+def _tool_call(call: Any, at: str) -> ToolCall:
+    if not isinstance(call, dict) or call.get("type", "function") != "function":
+        raise InputError(at, f"{at}: a tool call must be an object with type 'function'")
+    call_id, spec = call.get("id"), call.get("function")
+    if not isinstance(call_id, str) or not call_id:
+        raise InputError(f"{at}.id", f"{at}.id: must be a non-empty string")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise InputError(f"{at}.function", f"{at}.function: must be an object with a string 'name'")
+    arguments = spec.get("arguments", "{}")
+    try:
+        loaded = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except json.JSONDecodeError as e:
+        raise InputError(f"{at}.function.arguments", f"{at}.function.arguments: not valid JSON ({e})") from None
+    if not isinstance(loaded, dict):
+        raise InputError(f"{at}.function.arguments", f"{at}.function.arguments: must be a JSON object")
+    return ToolCall(id=call_id, function=FunctionCall(name=spec["name"], arguments=json.dumps(loaded)))
+
+
+def _tool_message(m: dict, where: str) -> ToolMessage:
+    """A tool's result, sent back to the model: its text and the id of the call it answers."""
+    call_id = m.get("tool_call_id")
+    if not isinstance(call_id, str) or not call_id:
+        raise InputError(f"{where}.tool_call_id", f"{where}: a tool message needs tool_call_id, a non-empty string")
+    content = _system_or_assistant(m.get("content"), where)
+    if content is None:
+        raise InputError(f"{where}.content", f"{where}: a tool message needs content")
+    text = content if isinstance(content, str) else "".join(part.text for part in content)
+    return ToolMessage(content=text, tool_call_id=call_id)
 
 
 def shown_value(value: Any) -> str:
@@ -380,14 +475,19 @@ class Tokenizer:
     def load_image(self, image: Any, where: str = "image") -> Image.Image:
         return load_image(image, where, max_side=self.max_image_side, limits=self.media_limits)
 
-    def encode(self, request_or_messages: Any) -> Encoded:
+    def encode(self, request_or_messages: Any, tools: Any = None) -> Encoded:
         """Tokens and preprocessed images; ValueError for anything wrong with the request. A Prompt
         (parse_messages) comes with its images decoded already (the server decodes them under its
-        own limits); anything else is parsed and its images decoded here, under the library's."""
+        own limits); anything else is parsed and its images decoded here, under the library's.
+        `tools`: OpenAI's (parse_tools), shown to the model in the prompt."""
+        if isinstance(request_or_messages, WithTools):
+            return self.encode(request_or_messages.request, request_or_messages.tools)
         try:
             prompt = request_or_messages
             if not isinstance(prompt, Prompt):
-                prompt = self._prompt(request_or_messages)
+                prompt = self._prompt(request_or_messages, tools)
+            elif tools is not None:
+                prompt = dataclasses.replace(prompt, tools=parse_tools(tools))
             encoded = self.mistral.encode_chat_completion(prompt.to_request())
         except MemoryError:
             raise
@@ -395,8 +495,8 @@ class Tokenizer:
             raise user_error(e) from None
         return Encoded(tokens=list(encoded.tokens), images=list(encoded.images))
 
-    def _prompt(self, request_or_messages: Any) -> Prompt:
-        prompt = parse_messages(request_or_messages, self.media_limits)
+    def _prompt(self, request_or_messages: Any, tools: Any = None) -> Prompt:
+        prompt = parse_messages(request_or_messages, self.media_limits, tools)
         decode_images(prompt.images, self.media_limits, self.max_image_side)
         return prompt
 

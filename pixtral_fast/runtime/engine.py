@@ -55,7 +55,8 @@ from pixtral_fast.runtime.requests import (Completion, EngineStats, EngineUsage,
 from pixtral_fast.runtime.sampling import SamplingParams, StepOutput
 from pixtral_fast.runtime.scheduler import Scheduler, Sequence
 from pixtral_fast.runtime.structured_output import Grammar, compile_response_format
-from pixtral_fast.tokenizer import Encoded, Tokenizer
+from pixtral_fast.runtime.tool_calls import ToolGrammar, compile_tools
+from pixtral_fast.tokenizer import Encoded, Tokenizer, WithTools
 from pixtral_fast.weights import check_tokenizer_vocab
 
 __all__ = ["Engine", "Completion", "EngineStats", "EngineUsage", "RequestError", "is_batch"]
@@ -233,23 +234,33 @@ class Engine(EngineLifecycle):
 
     def generate(self, request_or_batch: Any, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                 stop: str | list[str] | None = None, logprobs: int | None = None, response_format: Any = None):
+                 stop: str | list[str] | None = None, logprobs: int | None = None, response_format: Any = None,
+                 tools: Any = None, tool_choice: Any = None, parallel_tool_calls: bool | None = None):
         """One request -> Completion (RequestError if it cannot be served); a batch -> list of
         Completions in order (failed ones carry finish_reason 'error' and the message). `stop`: as
         the server's (see add_request), for every request of a batch; `logprobs`: as SamplingParams';
         `response_format`: OpenAI's ({"type": "json_object"} or {"type": "json_schema", ...}), the
-        output constrained to it token by token (runtime/structured_output.py)."""
+        output constrained to it token by token (runtime/structured_output.py). `tools`,
+        `tool_choice`, `parallel_tool_calls`: OpenAI's, shown in the prompt (an Encoded request's
+        tokens are taken as they are) and enforced by a grammar (runtime/tool_calls.py); a call
+        comes back in Completion.tool_calls with finish_reason 'tool_calls'."""
         params = self._admissible(SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                                  top_p=top_p, top_k=top_k, seed=seed, logprobs=logprobs))
         stops = stop_strings(stop)
         grammar = self.response_format_grammar(response_format)
+        toolset = self.tools_grammar(tools, tool_choice, parallel_tool_calls)
+        if grammar is not None and toolset is not None:
+            raise ValueError("response_format and tools cannot be combined: give one of them")
+        constrained = grammar or toolset
         batch = is_batch(request_or_batch)
         seqs: list[Sequence] = []
         try:
             for request in request_or_batch if batch else [request_or_batch]:
-                seqs.append(self.add_request(request, params, stops, grammar and grammar.constraint()))
+                if toolset is not None and not isinstance(request, Encoded):
+                    request = WithTools(request, toolset.tools)
+                seqs.append(self.add_request(request, params, stops, constrained and constrained.constraint()))
             self._step_until(lambda: all(s.finished for s in seqs))
-            out = [self._completion(s) for s in seqs]
+            out = [self._with_tool_calls(self._completion(s), s, toolset) for s in seqs]
         finally:  # an exception or an interrupt must not leave our requests holding blocks
             for seq in seqs:
                 self.abort(seq)
@@ -280,6 +291,24 @@ class Engine(EngineLifecycle):
         plain text); its .constraint() is one request's (Engine.add_request). ValueError naming
         what cannot be compiled."""
         return compile_response_format(response_format, self.tokenizer, self.vocab_size)
+
+    def tools_grammar(self, tools: Any, tool_choice: Any = None,
+                      parallel_tool_calls: bool | None = None) -> ToolGrammar | None:
+        """OpenAI's tools compiled for this engine's tokenizer and vocabulary (None without tools);
+        its .constraint() is one request's. ValueError (tokenizer.InputError: .param names the
+        field) for tools, a choice or a tokenizer that cannot be honoured."""
+        return compile_tools(tools, tool_choice, parallel_tool_calls, self.tokenizer, self.vocab_size)
+
+    @staticmethod
+    def _with_tool_calls(completion: Completion, seq: Sequence, toolset: ToolGrammar | None) -> Completion:
+        """A finished request's calls read from its token ids (the text after [TOOL_CALLS] is the
+        calls' JSON, not an answer: it is dropped)."""
+        if toolset is None or completion.finish_reason != "stop":
+            return completion
+        calls = toolset.parse(completion.tokens, seq.params.stop_token_ids, seq.seed)
+        if calls:
+            completion.tool_calls, completion.text, completion.finish_reason = calls, "", "tool_calls"
+        return completion
 
     def _stream(self, request: Any, params: SamplingParams, stops: tuple[str, ...],
                 constraint: TokenConstraint | None) -> Iterator[str]:

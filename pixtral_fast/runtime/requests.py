@@ -16,16 +16,28 @@ class RequestError(ValueError):
     """This request cannot be served (the message says why); other requests are unaffected."""
 
 
+@dataclass(frozen=True)
+class ToolCall:
+    """A function call the model made: `arguments` is the text of a JSON object."""
+    id: str
+    name: str
+    arguments: str
+
+    def to_openai(self) -> dict:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
 @dataclass
 class Completion:
     """One request's result, from Engine.generate and AsyncEngine.generate alike."""
     text: str                   # stop strings applied: the text before the first one found
     tokens: list[int]           # the new token ids (a final stop token included)
     prompt_tokens: int
-    finish_reason: str          # "stop" | "length" | "error" | "abort" (a stream closed early)
+    finish_reason: str          # "stop" | "length" | "tool_calls" | "error" | "abort" (a stream closed early)
     error: str | None = None
     stop_reason: str | int | None = None  # finish "stop": the stop string matched, or the stop token id
     logprobs: list[Any] = field(default_factory=list)  # TokenLogprobs per new token, when asked for
+    tool_calls: list[ToolCall] = field(default_factory=list)  # finish "tool_calls": the calls (text "")
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,12 @@ JSON_OPTIONS = {"whitespace_flexible": False}
 MAX_SCHEMA_BYTES = 1 << 20  # a schema's JSON text; a larger one is refused before it is compiled
 
 
-def _llguidance():
+def load_llguidance():
     try:
         import llguidance
         import llguidance.torch
     except ImportError as e:  # an install without the dependency: say what to install
-        raise ValueError("response_format needs llguidance (pip install 'mistral_common[guidance]')") from e
+        raise ValueError("response_format and tools need llguidance (pip install 'mistral_common[guidance]')") from e
     return llguidance
 
 
@@ -77,7 +77,7 @@ def _shown(value: Any) -> str:
 @functools.lru_cache(maxsize=4)
 def _llg_tokenizer(mistral_tokenizer):
     """llguidance's view of a MistralTokenizer's vocabulary (about a second to build: once)."""
-    _llguidance()
+    load_llguidance()
     from mistral_common.guidance.tokenizer import from_mistral_tokenizer
 
     try:
@@ -97,7 +97,7 @@ class Grammar:
     vocab_size: int    # the model's: its logits' width (at least the tokenizer's words)
 
     def constraint(self) -> JsonConstraint:
-        matcher = _llguidance().LLMatcher(self.tokenizer, self.compiled, log_level=0)
+        matcher = load_llguidance().LLMatcher(self.tokenizer, self.compiled, log_level=0)
         if matcher.is_error():  # compile() validated it: a failure here is the matcher's own
             raise ValueError(f"response_format: {matcher.get_error()}")
         return JsonConstraint(matcher, self.tokenizer.vocab_size, self.vocab_size)
@@ -113,16 +113,21 @@ def compile_response_format(response_format: Any, tokenizer, vocab_size: int) ->
     text = json.dumps(schema)
     if len(text) > MAX_SCHEMA_BYTES:
         raise ValueError(f"response_format: the schema is {len(text)} bytes of JSON; the limit is {MAX_SCHEMA_BYTES}")
-    llg = _llguidance()
+    compiled = load_llguidance().LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
+    return checked_grammar(compiled, tokenizer, vocab_size, "response_format: the schema")
+
+
+def checked_grammar(compiled: Any, tokenizer, vocab_size: int, what: str) -> Grammar:
+    """A grammar llguidance built (grammar_from_json_schema, grammar_from_lark) checked against the
+    tokenizer's vocabulary; ValueError starting with `what` naming what cannot be compiled."""
     with _BUILD_LOCK:
         ll_tokenizer = _llg_tokenizer(tokenizer.mistral)
     if ll_tokenizer.vocab_size > vocab_size:
-        raise ValueError(f"response_format: the tokenizer has {ll_tokenizer.vocab_size} tokens, more than the "
+        raise ValueError(f"{what}: the tokenizer has {ll_tokenizer.vocab_size} tokens, more than the "
                          f"model's {vocab_size} logits")
-    compiled = llg.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
-    error = llg.LLMatcher.validate_grammar(compiled, ll_tokenizer)
+    error = load_llguidance().LLMatcher.validate_grammar(compiled, ll_tokenizer)
     if error:
-        raise ValueError(f"response_format: the schema cannot be compiled: {error}")
+        raise ValueError(f"{what} cannot be compiled: {error}")
     return Grammar(compiled, ll_tokenizer, vocab_size)
 
 
@@ -139,7 +144,7 @@ class JsonConstraint:
 
     def allowed(self) -> np.ndarray:
         self._check()
-        _llguidance().torch.fill_next_token_bitmask(self.matcher, self._row, 0)
+        load_llguidance().torch.fill_next_token_bitmask(self.matcher, self._row, 0)
         words = self.words.copy()
         words[: self._row.shape[1]] = self._row[0].numpy()
         return words
