@@ -76,3 +76,54 @@ def test_engines_run_fused():
     model = random_model(TINY_ARGS, torch.device("cpu"), torch.float32)
     engine = pf.Engine.from_model(model, None, num_blocks=16)
     assert all(a.fused() for a in attentions(engine.model))
+
+
+def streamed(m):
+    return next(getattr(m, n) for n in ("weight", "weight_packed_k128", "weight_packed") if hasattr(m, n))
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+@pytest.mark.parametrize("scheme, group", [("w4a16", 32), ("w4a16", 16), ("fp8", None)])
+def test_quantized_projections_fuse_too(backend, scheme, group):
+    """W4A16 in the k128 layout (g32) and the checkpoint's (g16: below the k128 kernel's 32), FP8: one GEMM,
+    the packed rows shared (no memory added), the state dict's names and values kept."""
+    model = quantize_model(random_model(TINY_ARGS, torch.device("cpu"), torch.float32), scheme,
+                           group_size=group or 32).set_backend(backend)
+    before = model(TOKENS)
+    state = {n: t.clone() for n, t in model.state_dict().items()}
+    assert model.fuse_projections() == len(attentions(model))  # the decoder's quantized, the ViT's dense
+    fused = [a for a in attentions(model) if a.fused() and type(a.wq) is not torch.nn.Linear]
+    assert len(fused) == TINY_ARGS.text.n_layers
+    a = fused[0]
+    rows = streamed(a.wqkv)
+    assert streamed(a.wk).data_ptr() == rows.data_ptr() + streamed(a.wq).numel() * rows.element_size()
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(t, state[n]) for n, t in model.state_dict().items())
+    torch.testing.assert_close(model(TOKENS), before, atol=MODEL_FP32_ATOL, rtol=0)
+
+
+def test_fp8_per_tensor_scales_fuse_as_per_row_scales():
+    from pixtral_fast.quant.linear import QuantLinear, fuse_quant_rows
+    from pixtral_fast.quant.config import WeightScheme
+
+    scheme = WeightScheme(kind="fp8", strategy="tensor", group_size=None)
+    layers = []
+    for i, n in enumerate((8, 4)):
+        layer = QuantLinear(16, n, scheme, torch.float32)
+        layer.weight.copy_(torch.randn(n, 16).to(layer.weight.dtype))
+        layer.weight_scale.fill_(0.5 * (i + 1))
+        layers.append(layer)
+    fused = fuse_quant_rows(layers)
+    assert fused.scheme.strategy == "channel" and fused.weight_scale.shape == (12, 1)
+    assert fused.weight_scale[:8].eq(0.5).all() and fused.weight_scale[8:].eq(1.0).all()
+    x = torch.randn(3, 16)
+    from pixtral_fast import reference
+    torch.testing.assert_close(fused.linear(x, reference), torch.cat([m.linear(x, reference) for m in layers], -1),
+                               atol=0, rtol=0)
+
+
+def test_projections_that_differ_do_not_fuse():
+    model = quantize_model(random_model(TINY_ARGS, torch.device("cpu"), torch.float32), "w4a16", group_size=32)
+    a = model.layers[0].attention
+    a.wv.layout = "compressed-tensors-pretend"  # a layout the others do not share
+    assert not a.fuse_qkv() and not a.fused()

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from pixtral_fast import reference
+from pixtral_fast.quant.linear import QuantLinear, fuse_quant_rows
 
 BACKENDS = ("auto", "fast", "reference")
 log = logging.getLogger("pixtral_fast")
@@ -98,23 +99,29 @@ class AttentionProjections(nn.Module):
 
     def fuse_qkv(self) -> bool:
         """Concatenates wq, wk and wv into one [q + 2 kv, dim] weight and re-points the three at
-        its rows: no memory is added, the state dict keeps its names. Dense weights only (a
-        quantized layer keeps its three projections); False where nothing was fused."""
-        parts = (self.wq, self.wk, self.wv)
-        if not all(type(m) is nn.Linear and m.weight.device.type != "meta" for m in parts):
-            return False
+        its rows: no memory is added, the state dict keeps its names. Quantized projections fuse
+        alike (quant.linear.fuse_quant_rows: the packed rows shared, the small scales copied);
+        False where nothing was fused (mixed or differing projections, the meta device)."""
         if self.fused():
             return True
-        fused = torch.cat([m.weight.detach() for m in parts])
-        for m, rows in zip(parts, fused.split([m.out_features for m in parts])):
-            m.weight = nn.Parameter(rows, requires_grad=m.weight.requires_grad)
-        self.wqkv = fused
+        parts = (self.wq, self.wk, self.wv)
+        if all(isinstance(m, QuantLinear) for m in parts):
+            fused = fuse_quant_rows(list(parts))
+            if fused is None:
+                return False
+            object.__setattr__(self, "wqkv", fused)  # not a submodule: the state dict keeps wq/wk/wv
+        elif all(type(m) is nn.Linear and m.weight.device.type != "meta" for m in parts):
+            weight = torch.cat([m.weight.detach() for m in parts])
+            for m, rows in zip(parts, weight.split([m.out_features for m in parts])):
+                m.weight = nn.Parameter(rows, requires_grad=m.weight.requires_grad)
+            self.wqkv = weight
+        else:
+            return False
         self._fused_rows = self._rows()
         return True
 
     def _rows(self) -> tuple:
-        return tuple(w.data_ptr() if isinstance(w := getattr(m, "weight", None), torch.Tensor) else None
-                     for m in (self.wq, self.wk, self.wv))
+        return tuple(None if (w := _streamed_weight(m)) is None else w.data_ptr() for m in (self.wq, self.wk, self.wv))
 
     def fused(self) -> bool:
         """Whether wq, wk and wv still are the fused weight's rows: swapping the modules or their
@@ -125,9 +132,19 @@ class AttentionProjections(nn.Module):
     def qkv(self, x: torch.Tensor, kernels: types.ModuleType | None = None):
         t = x.shape[0]
         if self.fused():
-            q, k, v = (kernels or reference).linear(x, self.wqkv).split([self.wq.out_features, self.wk.out_features,
-                                                    self.wv.out_features], dim=-1)
+            kernels = kernels or reference
+            out = self.wqkv.linear(x, kernels) if isinstance(self.wqkv, QuantLinear) else kernels.linear(x, self.wqkv)
+            q, k, v = out.split([self.wq.out_features, self.wk.out_features, self.wv.out_features], dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         return (q.view(t, self.n_heads, self.head_dim), k.view(t, self.n_kv_heads, self.head_dim),
                 v.view(t, self.n_kv_heads, self.head_dim))
+
+
+def _streamed_weight(module: nn.Module) -> torch.Tensor | None:
+    """The tensor a projection streams per token: a dense weight, or a quantized layer's packed one."""
+    for name in ("weight", "weight_packed_k128", "weight_packed"):
+        w = getattr(module, name, None)
+        if isinstance(w, torch.Tensor):
+            return w
+    return None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import types
 import weakref
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -104,6 +105,45 @@ class QuantLinear(nn.Module):
         if owner is None:
             raise RuntimeError("QuantLinear is not bound to a model: call pixtral_fast.quant.linear.bind_quant_layers")
         return self.linear(x, owner.kernels)
+
+
+def _replace_buffer(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module._buffers[name] = tensor  # a buffer re-pointed (a view of a fused tensor), keeping its name
+
+
+def fuse_quant_rows(layers: list[QuantLinear]) -> QuantLinear | None:
+    """One QuantLinear whose output is the layers' outputs side by side (their rows concatenated:
+    they read the same input), for one GEMM instead of several. The packed rows of each layer
+    become rows of the fused weight (views: no memory added for them, the state dict unchanged);
+    the scales are small and the fused layer keeps its own copy (W4A16's k128 layout stores them
+    transposed, where a layer's share would not be contiguous). FP8 per-tensor scales become one
+    scale per row, exactly. None where the layers cannot fuse (schemes, group sizes, layouts or
+    input widths that differ, or weights on the meta device)."""
+    first = layers[0]
+    if any(m.scheme != first.scheme or m.layout != first.layout or m.in_features != first.in_features
+           for m in layers):
+        return None
+    names = {"k128": ("weight_packed_k128", "weight_scale_t"), "compressed-tensors": ("weight_packed", "weight_scale")}
+    rows_name, scale_name = names[first.layout] if first.scheme.kind == "w4a16" else ("weight", "weight_scale")
+    if any(getattr(m, rows_name).device.type == "meta" for m in layers):
+        return None
+    rows = torch.cat([getattr(m, rows_name) for m in layers])
+    scheme = first.scheme
+    if first.scheme.kind == "w4a16":
+        scale_dim = 1 if first.layout == "k128" else 0
+        scales = torch.cat([getattr(m, scale_name) for m in layers], dim=scale_dim)
+    else:
+        scales = torch.cat([m.weight_scale.reshape(-1, 1).expand(m.out_features, 1) for m in layers])
+        scheme = replace(first.scheme, strategy="channel")
+    fused = QuantLinear(first.in_features, rows.shape[0], scheme, scales.dtype, device="meta")
+    fused.layout = first.layout
+    for name in list(fused._buffers):
+        del fused._buffers[name]
+    fused.register_buffer(rows_name, rows)
+    fused.register_buffer(scale_name, scales.contiguous())
+    for m, part in zip(layers, rows.split([m.out_features for m in layers])):
+        _replace_buffer(m, rows_name, part)
+    return fused
 
 
 class QuantFeedForward(nn.Module):
