@@ -1,7 +1,9 @@
 """POST /v1/chat/completions: request -> encoded prompt -> n sequences on the AsyncEngine ->
 one JSON answer, or an SSE stream of chat.completion.chunk objects ending in `data: [DONE]`.
 
-finish_reason on the wire is only ever OpenAI's 'stop' or 'length'. A request the engine ends
+finish_reason on the wire is only ever OpenAI's 'stop', 'length' or 'tool_calls' (a choice whose
+tokens are a complete [TOOL_CALLS] array: its calls are parsed from the token ids, and a stream
+holds their text back and sends each call whole, as one `delta.tool_calls` entry, at the end). A request the engine ends
 before it finishes (shutdown past its grace period, or the engine stopping) is not a 'length':
 a plain request then gets a 503 error body (code 'shutting_down', Retry-After); a stream, whose
 200 is already out, ends with an OpenAI-style `data: {"error": {...}}` event and then
@@ -24,6 +26,7 @@ from pixtral_fast.runtime.async_engine import Delta, EngineClosed, EngineFault, 
 from pixtral_fast.runtime.engine import RequestError
 from pixtral_fast.runtime.sampling import SamplingParams
 from pixtral_fast.runtime.structured_output import Grammar
+from pixtral_fast.runtime.tool_calls import ToolGrammar
 from pixtral_fast.serve import protocol as wire
 from pixtral_fast.serve.media import fetch_remote, load_images, parse_messages
 from pixtral_fast.serve.metrics import ChoiceTimer, engine_death
@@ -109,17 +112,21 @@ class ChatHandler:
         engine = s.engine.engine
         sampling_params(req, 1, engine.max_model_len, engine.vocab_size, 0)  # before encoding
         grammar = await self._grammar(req.response_format)
+        toolset = await self._tools(req)
+        if grammar is not None and toolset is not None:
+            raise APIError(400, "response_format and tools cannot be combined: give one of them", "response_format")
         await self._check_prompt_bytes(req)
-        encoded = await self._encode(req)
+        encoded = await self._encode(req, toolset)
         s.settings.check_prompt_tokens(len(encoded.tokens), req.n)
         params = [sampling_params(req, len(encoded.tokens), engine.max_model_len, engine.vocab_size, i)
                   for i in range(req.n)]
-        streams = await self._submit(encoded, params, stops, grammar)
+        streams = await self._submit(encoded, params, stops, grammar or toolset)
         s.metrics.prompt_tokens.inc(sum(st.prompt_tokens for st in streams))
         timers = [ChoiceTimer(s.metrics, arrival) for _ in streams]
+        calls = _CallReader(toolset, [p.seed for p in params])
         if req.stream:
-            return SSEResponse(self._sse(req, streams, timers), streams, timers)
-        return await self._complete(request, req, streams, timers)
+            return SSEResponse(self._sse(req, streams, timers, calls), streams, timers)
+        return await self._complete(request, req, streams, timers, calls)
 
     async def _check_prompt_bytes(self, req: ChatRequest) -> None:
         """Refuses, before tokenizing it, a prompt whose text alone is surely over
@@ -131,9 +138,11 @@ class ChatHandler:
         at_least = await asyncio.to_thread(lambda: _text_bytes(req.messages) // tokenizer.longest_token_bytes)
         s.settings.check_prompt_tokens(at_least, req.n, at_least=True)
 
-    async def _encode(self, req: ChatRequest):
+    async def _encode(self, req: ChatRequest, toolset: ToolGrammar | None = None):
         s = self.server
         prompt = await asyncio.to_thread(parse_messages, req.messages, s.settings.media)
+        if toolset is not None:  # shown to the model in the prompt, as mistral_common lays them out
+            prompt.tools = toolset.tools
         await fetch_remote(prompt.images, s.settings.media, s.http)
         tokenizer = s.engine.engine.tokenizer
 
@@ -157,8 +166,19 @@ class ChatHandler:
         except ValueError as e:
             raise APIError(400, str(e), "response_format") from None
 
+    async def _tools(self, req: ChatRequest) -> ToolGrammar | None:
+        """The tools compiled (in the pool, as a response format); a 400 naming the field at fault."""
+        if req.tools is None and req.tool_choice in (None, "none", "auto"):
+            return None
+        engine = self.server.engine
+        try:
+            return await engine.run_in_pool(
+                lambda: engine.engine.tools_grammar(req.tools, req.tool_choice, req.parallel_tool_calls))
+        except ValueError as e:
+            raise APIError(400, str(e), getattr(e, "param", "tools")) from None
+
     async def _submit(self, encoded, params: list[SamplingParams], stops: list[str],
-                      grammar: Grammar | None = None) -> list[RequestStream]:
+                      grammar: Grammar | ToolGrammar | None = None) -> list[RequestStream]:
         streams: list[RequestStream] = []
         try:
             for p in params:
@@ -199,7 +219,8 @@ class ChatHandler:
                         "top_logprobs": [_token_entry(tok, t, v) for t, v in lp.top]})
         return out
 
-    async def _complete(self, request: Request, req: ChatRequest, streams: list[RequestStream], timers):
+    async def _complete(self, request: Request, req: ChatRequest, streams: list[RequestStream], timers,
+                        calls: _CallReader):
         async def one(st: RequestStream, timer: ChoiceTimer):
             text, logprobs = [], []
             async for delta in st:
@@ -227,19 +248,24 @@ class ChatHandler:
         if any(st.finish_reason == "abort" for st in streams):
             raise cut_short()
         # n choices with top logprobs are megabytes of JSON: built off the event loop
-        body = await asyncio.to_thread(self._completion_json, req, streams, results)
+        body = await asyncio.to_thread(self._completion_json, req, streams, results, calls)
         return Response(body, media_type="application/json")
 
-    def _completion_json(self, req: ChatRequest, streams: list[RequestStream], results: list) -> bytes:
+    def _completion_json(self, req: ChatRequest, streams: list[RequestStream], results: list,
+                         calls: _CallReader) -> bytes:
         stop_ids = streams[0].stop_token_ids
-        choices = [wire.completion_choice(i, text, st.finish_reason,
-                                          self._logprobs(lps, stop_ids) if req.logprobs else None)
-                   for i, ((text, lps), st) in enumerate(zip(results, streams))]
+        choices = []
+        for i, ((text, lps), st) in enumerate(zip(results, streams)):
+            made = calls.read(i, st)
+            choices.append(wire.completion_choice(i, text, "tool_calls" if made else st.finish_reason,
+                                                  self._logprobs(lps, stop_ids) if req.logprobs else None,
+                                                  [c.to_openai() for c in made]))
         used = wire.usage(streams[0].prompt_tokens, sum(len(st.token_ids) for st in streams))
         body = wire.completion_body(wire.new_id(), wire.now(), self.server.settings.model_name, choices, used)
         return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
-    async def _sse(self, req: ChatRequest, streams: list[RequestStream], timers) -> AsyncIterator[bytes]:
+    async def _sse(self, req: ChatRequest, streams: list[RequestStream], timers,
+                   calls: _CallReader) -> AsyncIterator[bytes]:
         rid, created, model = wire.new_id(), wire.now(), self.server.settings.model_name
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         stop_ids = streams[0].stop_token_ids
@@ -257,7 +283,8 @@ class ChatHandler:
                 async for i, delta in merged:
                     timers[i].tokens(len(delta.token_ids))
                     logprobs = self._logprobs(delta.logprobs, stop_ids) if req.logprobs else None
-                    if delta.text or logprobs:
+                    held = calls.hold(i, delta)
+                    if not held and (delta.text or logprobs):
                         yield event([wire.chunk_choice(i, {"content": delta.text}, logprobs=logprobs)])
                     if delta.finish_reason == "abort":  # not an OpenAI finish_reason: an error event
                         timers[i].finish("abort")
@@ -265,7 +292,12 @@ class ChatHandler:
                         break
                     if delta.finish_reason is not None:
                         timers[i].finish(delta.finish_reason)
-                        yield event([wire.chunk_choice(i, {}, delta.finish_reason)])
+                        made = calls.read(i, streams[i]) if held else []
+                        for k, call in enumerate(made):
+                            yield event([wire.chunk_choice(i, wire.tool_call_delta(k, call.to_openai()))])
+                        if held and not made and calls.held_text(i):  # cut short: the text as it came
+                            yield event([wire.chunk_choice(i, {"content": calls.held_text(i)})])
+                        yield event([wire.chunk_choice(i, {}, "tool_calls" if made else delta.finish_reason)])
         except EngineFault as e:
             error = self._fault_error(e)
         if error is not None:
@@ -275,6 +307,36 @@ class ChatHandler:
             used = wire.usage(streams[0].prompt_tokens, sum(len(st.token_ids) for st in streams))
             yield event([], used)
         yield b"data: [DONE]\n\n"
+
+
+class _CallReader:
+    """The tool calls of a request's choices, read from their token ids once they finish
+    (runtime/tool_calls.py); a stream holds back the text of a choice that starts with
+    [TOOL_CALLS] (it is the calls' JSON, sent as tool_calls, not as content)."""
+
+    def __init__(self, toolset: ToolGrammar | None, seeds: list[int | None]):
+        self.toolset, self.seeds = toolset, seeds
+        self._seen = [0] * len(seeds)               # tokens of each choice so far
+        self._held: dict[int, list[str]] = {}       # choice -> its held-back text
+
+    def hold(self, i: int, delta: Delta) -> bool:
+        """Whether choice i's text is held back (it answers with calls)."""
+        first = self._seen[i] == 0 and delta.token_ids
+        self._seen[i] += len(delta.token_ids)
+        if first and self.toolset is not None and delta.token_ids[0] == self.toolset.calls_token:
+            self._held[i] = []
+        if i in self._held:
+            self._held[i].append(delta.text)
+            return True
+        return False
+
+    def held_text(self, i: int) -> str:
+        return "".join(self._held.get(i, []))
+
+    def read(self, i: int, stream: RequestStream) -> list:
+        if self.toolset is None or stream.finish_reason != "stop":
+            return []
+        return self.toolset.parse(stream.token_ids, stream.stop_token_ids, self.seeds[i])
 
 
 def _parse(body: bytes, max_images: int | None) -> ChatRequest:

@@ -85,9 +85,10 @@ class ChatRequest(WireModel):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     user: str | None = None                                  # accepted and ignored
     response_format: Any = None                              # runtime/structured_output.py checks it
-    # asked-for features we do not have: refused by name
-    tools: Any = None
+    tools: Any = None                                        # runtime/tool_calls.py checks these three
     tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    # asked-for features we do not have: refused by name
     functions: Any = None
     function_call: Any = None
     logit_bias: Any = None
@@ -112,7 +113,7 @@ class ChatRequest(WireModel):
             raise APIError(400, str(e), "stop") from None
 
     def check_supported(self) -> None:
-        for name in ("tools", "tool_choice", "functions", "function_call", "logit_bias"):
+        for name in ("functions", "function_call", "logit_bias"):  # (functions: tools' deprecated form)
             if getattr(self, name) not in (None, [], {}, "none", "auto"):
                 raise APIError(400, f"{name} is not supported by this server", name)
         for name in ("frequency_penalty", "presence_penalty"):
@@ -285,10 +286,20 @@ def completion_body(rid: str, created: int, model: str, choices: list[dict], usa
             "usage": usage_, "system_fingerprint": None}
 
 
-def completion_choice(index: int, text: str, finish_reason: str, logprobs: list | None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
+def completion_choice(index: int, text: str, finish_reason: str, logprobs: list | None,
+                      tool_calls: list[dict] | None = None) -> dict:
+    """tool_calls (OpenAI's shape): the message's calls, and then it has no content."""
+    message = {"role": "assistant", "content": None if tool_calls else text, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message,
             "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
             "finish_reason": finish_reason}
+
+
+def tool_call_delta(index: int, call: dict) -> dict:
+    """A streamed call: its id, name and all its arguments in one delta (sent once it is complete)."""
+    return {"tool_calls": [{"index": index, **call}]}
 
 
 def chunk_body(rid: str, created: int, model: str, choices: list[dict], include_usage: bool,
