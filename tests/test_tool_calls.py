@@ -8,6 +8,8 @@ import json
 
 import jsonschema
 import numpy as np
+import openai
+import pydantic
 import pytest
 
 from pixtral_fast.runtime.tool_calls import call_ids, compile_tools
@@ -100,6 +102,23 @@ def test_parallel_calls_may_follow_a_call_unless_turned_off(engine):
         assert allowed(constraint, comma) is more and allowed(constraint, close)
 
 
+def test_parameters_with_local_references_compile(engine):
+    class Point(pydantic.BaseModel):
+        x: int
+
+    class Path(pydantic.BaseModel):
+        start: Point
+        stops: list[Point]
+
+    tool = openai.pydantic_function_tool(Path, name="path")  # its parameters refer to "#/$defs/Point"
+    for tools in ([tool], [tool, TOOLS[1]]):
+        constraint = engine.tools_grammar(tools, "required").constraint()
+        text = '[{"name": "path", "arguments": {"start": {"x": 1}, "stops": [{"x": 2}]}}]'
+        for token in [CALLS_TOKEN, *engine.tokenizer.tekken.encode(text, bos=False, eos=False)]:
+            constraint.advance(token)
+        assert allowed(constraint, engine.tokenizer.eos_id)
+
+
 def test_none_answers_in_text(engine):
     out = engine.generate(questions(2), max_new_tokens=8, temperature=1.0, seed=3, tools=TOOLS, tool_choice="none")
     for completion in out:
@@ -129,7 +148,8 @@ ADD_ONLY = [TOOLS[1]]
     (None, "required", None, "tool_choice", "needs tools"),
     ([{"type": "function", "function": {"name": "u", "parameters": {"type": "array", "uniqueItems": True}}}],
      "auto", None, "tools[0].function.parameters", "uniqueItems"),
-    ([], "auto", None, "tools", "non-empty list"),
+    ({"type": "function"}, "auto", None, "tools", "non-empty list"),
+    ([], "required", None, "tool_choice", "needs tools"),
     ([{"type": "retrieval"}], "auto", None, "tools[0]", "type 'function'"),
     ([{"type": "function"}], "auto", None, "tools[0].function", "must be an object"),
     ([{"type": "function", "function": {"name": "has space"}}], "auto", None, "tools[0].function.name", "letters"),

@@ -34,6 +34,7 @@ CALL_ID_LENGTH = 9  # Tekken v3's tool call ids: 9 letters or digits
 CALL_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 FREE_TEXT = "/(?s:.*)/"  # any text: the grammar names no special token, so none can appear in it
 CHOICES = ("none", "auto", "required")
+SCHEMA_VALUES = ("const", "enum", "default", "examples")  # keywords whose content is data, not schema
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def compile_tools(tools: Any, tool_choice: Any, parallel_tool_calls: Any, tokeni
                   vocab_size: int) -> ToolGrammar | None:
     """The grammar of a request's tools for a pixtral_fast Tokenizer and a model of `vocab_size`
     logits; None without tools. InputError (a ValueError) whose .param names the field at fault."""
-    if tools is None:
+    if tools is None or tools == []:  # an empty list asks for no tools, as OpenAI reads it
         if tool_choice not in (None, "none", "auto"):
             raise InputError("tool_choice", f"tool_choice {shown_value(tool_choice)} needs tools")
         return None
@@ -129,15 +130,37 @@ def _choice(tool_choice: Any, names: list[str]) -> tuple[str, str | None]:
     return "required", name
 
 
-def _call_schema(tool: Tool) -> dict:
-    return {"type": "object", "properties": {"name": {"const": tool.function.name},
-                                             "arguments": tool.function.parameters},
+def _call_schema(tool: Tool, at: str) -> dict:
+    """One call of `tool`, whose schema sits at the JSON pointer `at` of the calls' schema."""
+    arguments = _rebased(tool.function.parameters, f"{at}/properties/arguments")
+    return {"type": "object", "properties": {"name": {"const": tool.function.name}, "arguments": arguments},
             "required": ["name", "arguments"], "additionalProperties": False}
 
 
+def _rebased(schema: Any, base: str) -> Any:
+    """The parameters' local references ("#/$defs/X", as pydantic writes them) pointed at where the
+    parameters now sit inside the calls' schema; values (const, enum, ...) are left as they are."""
+    if isinstance(schema, list):
+        return [_rebased(s, base) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            out[key] = "#" + base + value[1:]
+        elif key in SCHEMA_VALUES:
+            out[key] = value
+        else:
+            out[key] = _rebased(value, base)
+    return out
+
+
 def _calls_schema(tools: list[Tool], parallel: bool) -> dict:
-    items = [_call_schema(t) for t in tools]
-    schema = {"type": "array", "items": items[0] if len(items) == 1 else {"anyOf": items}, "minItems": 1,
+    if len(tools) == 1:
+        items = _call_schema(tools[0], "/items")
+    else:
+        items = {"anyOf": [_call_schema(t, f"/items/anyOf/{i}") for i, t in enumerate(tools)]}
+    schema = {"type": "array", "items": items, "minItems": 1,
               "x-guidance": CALL_JSON_OPTIONS}
     if not parallel:
         schema["maxItems"] = 1
