@@ -94,6 +94,14 @@ def test_none_answers_in_text(client):
     assert isinstance(choice.message.content, str)
 
 
+def test_auto_text_streams_as_content(client):
+    plain = ask(client, seed=4, max_tokens=5).choices[0]  # tool_choice "auto": the random model writes text
+    chunks = list(ask(client, seed=4, max_tokens=5, stream=True))
+    assert plain.finish_reason == "length" and plain.message.content and not plain.message.tool_calls
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.message.content
+    assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
+
+
 def test_a_tool_result_goes_back_to_the_model(client):
     first = ask(client, seed=5, tool_choice="required", parallel_tool_calls=False).choices[0].message
     conversation = MESSAGES + [
