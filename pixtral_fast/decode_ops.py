@@ -98,18 +98,27 @@ def _silu_mul_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 @_silu_mul_op.register_fake
 def _(gate, up):
-    return torch.empty_like(gate)
+    return gate.new_empty(gate.shape)  # contiguous, whatever gate's row stride
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up in fp32, rounded once to the inputs' dtype, in one launch."""
+    """silu(gate) * up in fp32, rounded once to the inputs' dtype, in one launch. Views whose rows
+    are contiguous (the two halves of a fused gate/up output) are read in place, without a copy."""
     _tensor("gate", gate, dtypes=FLOAT_DTYPES)
     _runnable("gate", gate)
     _tensor("up", up)
     _same("up", up, "gate", gate)
     if up.shape != gate.shape:
         raise ValueError(f"up {tuple(up.shape)} must have gate's shape {tuple(gate.shape)}")
-    return _silu_mul_op(gate.contiguous(), up.contiguous())
+    width = gate.shape[-1] if gate.dim() else 1
+    out = _silu_mul_op(_rows(gate, width), _rows(up, width))
+    return out.view(gate.shape)
+
+
+def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
+    """t as [rows, width] with contiguous rows: a view where its strides allow, else a copy."""
+    rows = t.reshape(-1, width) if t.dim() else t.reshape(1, 1)
+    return rows if rows.stride(-1) == 1 or rows.shape[-1] <= 1 else rows.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------

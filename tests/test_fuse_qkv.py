@@ -8,6 +8,7 @@ import pixtral_fast as pf
 from pixtral_fast.benchmark import random_model
 from pixtral_fast.model.common import AttentionProjections
 from pixtral_fast.model.quantized import quantize_model
+from pixtral_fast.quant.linear import QuantFeedForward
 from pixtral_fast.tiny import TINY_ARGS, write_tokenizer
 from pixtral_fast.weights import save_consolidated
 from tests.tolerances import MODEL_FP32_ATOL
@@ -97,6 +98,10 @@ def test_quantized_projections_fuse_too(backend, scheme, group):
     a = fused[0]
     rows = streamed(a.wqkv)
     assert streamed(a.wk).data_ptr() == rows.data_ptr() + streamed(a.wq).numel() * rows.element_size()
+    ffns = [m for m in model.modules() if isinstance(m, QuantFeedForward)]  # gate and up: one GEMM too
+    assert len(ffns) == TINY_ARGS.text.n_layers and all(f.fused() for f in ffns)
+    gate_up = streamed(ffns[0].w13)
+    assert streamed(ffns[0].w3).data_ptr() == gate_up.data_ptr() + streamed(ffns[0].w1).numel() * gate_up.element_size()
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(t, state[n]) for n, t in model.state_dict().items())
     torch.testing.assert_close(model(TOKENS), before, atol=MODEL_FP32_ATOL, rtol=0)

@@ -37,3 +37,18 @@ def test_bad_arguments_are_named(up, message, device):
 def test_opcheck(device):
     torch.library.opcheck(torch.ops.pixtral_fast.silu_mul, (torch.randn(3, 64, device=device),
                                                            torch.randn(3, 64, device=device)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, width", [(1, 128), (3, 1000), (32, 7)])
+def test_the_halves_of_a_fused_gate_up_output_are_read_in_place(rows, width, dtype, device):
+    """gate and up as the two halves of one [rows, 2 x width] output: no copy, the same values."""
+    torch.manual_seed(1)
+    gate_up = (torch.randn(rows, 2 * width) * 3).to(device=device, dtype=dtype)
+    gate, up = gate_up.split([width, width], dim=-1)
+    assert not gate.is_contiguous() or rows == 1
+    out = ops.silu_mul(gate, up)
+    g = gate.double()
+    assert out.is_contiguous() and out.shape == (rows, width)
+    assert_close(out, g * torch.sigmoid(g) * up.double(), dtype)
+    assert_close(out, reference.silu_mul(gate, up), dtype)

@@ -16,6 +16,7 @@ from pixtral_fast.model.text import AttentionMetadata, DecoderLayer, KVCache
 from pixtral_fast.model.vision import VisionEncoder
 from pixtral_fast.parallel.comm import Collectives
 from pixtral_fast.parallel.layers import VocabParallelEmbedding, VocabParallelHead
+from pixtral_fast.quant.linear import QuantFeedForward
 
 ImageLike = torch.Tensor | np.ndarray
 
@@ -53,8 +54,12 @@ class Pixtral(nn.Module):
         self.backend, self.kernels = resolve_backend("reference", "cpu")
 
     def fuse_projections(self) -> int:
-        """Fuses each attention's q/k/v projections into one GEMM (AttentionProjections.fuse_qkv);
-        the number of attentions fused."""
+        """Fuses each attention's q/k/v projections into one GEMM (AttentionProjections.fuse_qkv),
+        and a quantized FFN's gate and up (QuantFeedForward.fuse_gate_up); the number of
+        attentions fused."""
+        for m in self.modules():
+            if isinstance(m, QuantFeedForward):
+                m.fuse_gate_up()
         return sum(m.fuse_qkv() for m in self.modules() if isinstance(m, AttentionProjections))
 
     def set_backend(self, backend: str) -> "Pixtral":

@@ -123,8 +123,8 @@ def fuse_quant_rows(layers: list[QuantLinear]) -> QuantLinear | None:
     if any(m.scheme != first.scheme or m.layout != first.layout or m.in_features != first.in_features
            for m in layers):
         return None
-    names = {"k128": ("weight_packed_k128", "weight_scale_t"), "compressed-tensors": ("weight_packed", "weight_scale")}
-    rows_name, scale_name = names[first.layout] if first.scheme.kind == "w4a16" else ("weight", "weight_scale")
+    rows_name = streamed_name(first)
+    scale_name = "weight_scale_t" if rows_name == "weight_packed_k128" else "weight_scale"
     if any(getattr(m, rows_name).device.type == "meta" for m in layers):
         return None
     rows = torch.cat([getattr(m, rows_name) for m in layers])
@@ -147,17 +147,50 @@ def fuse_quant_rows(layers: list[QuantLinear]) -> QuantLinear | None:
 
 
 class QuantFeedForward(nn.Module):
-    """w2(silu(w1 x) * w3 x) with quantized projections; called as FeedForward is."""
+    """w2(silu(w1 x) * w3 x) with quantized projections; called as FeedForward is. After
+    fuse_gate_up(), one GEMM computes gate and up side by side, and silu_mul reads its two halves
+    in place."""
 
     def __init__(self, w1: QuantLinear, w2: QuantLinear, w3: QuantLinear):
         super().__init__()
         self.w1, self.w2, self.w3 = w1, w2, w3
+        self.w13: QuantLinear | None = None  # not a submodule: the state dict keeps w1/w3
+        self._fused_rows: tuple = ()
+
+    def fuse_gate_up(self) -> bool:
+        """w1 and w3 as one QuantLinear (fuse_quant_rows: their packed rows shared); False where
+        they cannot fuse."""
+        if self.fused():
+            return True
+        fused = fuse_quant_rows([self.w1, self.w3])
+        if fused is None:
+            return False
+        object.__setattr__(self, "w13", fused)
+        self._fused_rows = self._rows()
+        return True
+
+    def _rows(self) -> tuple:
+        return tuple(m._buffers[streamed_name(m)].data_ptr() for m in (self.w1, self.w3))
+
+    def fused(self) -> bool:
+        """Whether w1 and w3 still are the fused layer's rows (swapping or converting them ends it)."""
+        return self.w13 is not None and self._rows() == self._fused_rows
 
     def forward(self, x: torch.Tensor, kernels: types.ModuleType) -> torch.Tensor:
-        gate = self.w1.linear(x, kernels)
-        up = self.w3.linear(x, kernels)
+        if self.fused():
+            gate_up = self.w13.linear(x, kernels)
+            gate, up = gate_up.split([self.w1.out_features, self.w3.out_features], dim=-1)
+        else:
+            gate, up = self.w1.linear(x, kernels), self.w3.linear(x, kernels)
         hidden = kernels.silu_mul(gate, up)  # fp32 product, rounded once, one launch
         return self.w2.linear(hidden, kernels)
+
+
+def streamed_name(layer: QuantLinear) -> str:
+    """The buffer a quantized layer streams per token: its packed weight."""
+    if layer.scheme.kind != "w4a16":
+        return "weight"
+    return "weight_packed_k128" if layer.layout == "k128" else "weight_packed"
 
 
 # -- a model's linears swapped for these (the packed loader's model and quantize_model's) -------------
