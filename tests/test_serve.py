@@ -403,3 +403,14 @@ def test_raw_http_errors_and_the_server_still_answers(server, client, offline):
     got = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
     assert got.choices[0].message.content == expected.text
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_a_repeated_image_is_an_encoder_cache_hit_in_the_metrics(server, client):
+    image = data_url(picture(36, 52, 99))  # an image no other test sends
+    read = lambda key: metric(server.url, f"pixtral_fast_encoder_cache_{key}_total")  # noqa: E731
+    before = {k: read(k) for k in ("hits", "misses", "evictions")}
+    for turn in range(2):
+        client.chat.completions.create(model=MODEL, max_tokens=2, messages=user_message(f"Turn {turn}?", image))
+    after = {k: read(k) for k in ("hits", "misses", "evictions")}
+    assert after["misses"] - before["misses"] == 1 and after["hits"] - before["hits"] == 1
+    assert after["evictions"] == before["evictions"]

@@ -397,6 +397,8 @@ class AsyncEngine:
     def _take_snapshot(self) -> dict[str, int]:
         """What the metrics and the backpressure read, taken on the engine thread between steps.
         Waiting: sequences added and not in the running batch (queued, just added, or preempted)."""
-        usage = self.engine.usage()
+        usage, stats = self.engine.usage(), self.engine.stats
         return {"used_blocks": usage.used_blocks, "total_blocks": usage.total_blocks, "running": usage.running,
-                "waiting": usage.waiting, "unfinished": usage.running + usage.waiting + self._pending}
+                "waiting": usage.waiting, "unfinished": usage.running + usage.waiting + self._pending,
+                "encoder_cache_hits": stats.encoder_cache_hits, "encoder_cache_misses": stats.encoder_cache_misses,
+                "encoder_cache_evictions": stats.encoder_cache_evictions}

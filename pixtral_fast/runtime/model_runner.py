@@ -61,7 +61,13 @@ class ModelRunner:
         self.encoder_cache = EncoderCache(budget) if budget and model.args.vision is not None else None
 
     def prefill(self, batch: PrefillBatch, stats: EngineStats | None = None, nvtx: bool = False) -> StepOutput:
-        return run_prefill(self.model, self.cache, batch, stats or self.stats, nvtx, self.encoder_cache)
+        stats = stats or self.stats
+        out = run_prefill(self.model, self.cache, batch, stats, nvtx, self.encoder_cache)
+        if self.encoder_cache is not None:
+            counts = self.encoder_cache.stats
+            stats.encoder_cache_hits, stats.encoder_cache_misses = counts.hits, counts.misses
+            stats.encoder_cache_evictions = counts.evictions
+        return out
 
     def decode(self, rows: list[DecodeRow]) -> StepOutput:
         return self.decode_runner.step(rows)

@@ -60,6 +60,9 @@ class EngineStats:
     decode_seconds: float = 0.0
     decode_steps: int = 0
     decode_tokens: int = 0
+    encoder_cache_hits: int = 0       # images whose embeddings came from the encoder cache
+    encoder_cache_misses: int = 0     # images the ViT encoded
+    encoder_cache_evictions: int = 0  # encoder cache entries dropped to make room
 
 
 def is_batch(request: Any) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from pixtral_fast.runtime.async_engine import AsyncEngine
 
@@ -32,6 +33,10 @@ class ServerMetrics:
             Gauge(PREFIX + name, doc, registry=r).set_function(_snapshot_reader(async_engine, key))
         Gauge(PREFIX + "engine_healthy", "1 while the engine can serve, 0 once it has stopped (see /health)",
               registry=r).set_function(lambda: float(engine_problem(async_engine) is None))
+        r.register(SnapshotCounters(async_engine, (
+            ("encoder_cache_hits", "images whose embeddings came from the encoder cache"),
+            ("encoder_cache_misses", "images the ViT encoded (the encoder cache did not hold them)"),
+            ("encoder_cache_evictions", "encoder cache entries dropped to make room"))))
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "prompt tokens prefilled (once per choice)",
                                      registry=r)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "tokens generated", registry=r)
@@ -63,6 +68,17 @@ def engine_problem(async_engine: AsyncEngine) -> str | None:
     if (death := engine_death(async_engine)) is not None:
         return death
     return None if async_engine.thread_alive else "the engine is not running"
+
+
+class SnapshotCounters:
+    """Counters the engine keeps itself (EngineStats), read from its last snapshot at each scrape."""
+
+    def __init__(self, async_engine: AsyncEngine, counters: tuple[tuple[str, str], ...]):
+        self.async_engine, self.counters = async_engine, counters
+
+    def collect(self):
+        for key, doc in self.counters:
+            yield CounterMetricFamily(PREFIX + key, doc, value=self.async_engine.snapshot[key])
 
 
 def _snapshot_reader(async_engine: AsyncEngine, key: str):
