@@ -54,3 +54,9 @@ def test_the_server_leaves_a_core_to_its_http_side(monkeypatch):
     assert command.engine_limits(serve_flags())["cpu_threads"] == 1  # one core: the engine still gets it
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice, read by torch at start, stands
     assert command.engine_limits(serve_flags())["cpu_threads"] is None
+
+
+def test_the_encoder_cache_budget_flag():
+    assert "encoder_cache_bytes" not in command.engine_limits(serve_flags())  # the engine's default
+    assert command.engine_limits(serve_flags("--encoder-cache-memory", "256MiB"))["encoder_cache_bytes"] == 256 << 20
+    assert command.engine_limits(serve_flags("--encoder-cache-memory", "0"))["encoder_cache_bytes"] == 0

@@ -153,6 +153,9 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
                    help="split the decoder over N GPUs (cuda:0..N-1) or N CPU processes; under torchrun, the "
                         "number of processes it starts")
     e.add_argument("--nvtx", action="store_true", help="NVTX ranges around prefill, ViT and decode steps")
+    e.add_argument("--encoder-cache-memory", type=byte_size, default=None, metavar="BYTES",
+                   help="image embeddings kept by content hash, so a repeated image skips the ViT "
+                        "(default 1GiB; 0 turns the cache off)")
     e.add_argument("--cpu-threads", type=positive_int, default=None, metavar="N",
                    help="a CPU engine's intra-op threads (default: every core this process may use but one, "
                         "which the HTTP side keeps; OMP_NUM_THREADS, when set, instead)")
@@ -161,7 +164,8 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
 def engine_limits(a) -> dict:
     chosen = {"max_batch_size": a.max_num_seqs, "max_model_len": a.max_model_len,
               "max_prefill_tokens": a.max_num_batched_tokens, "gpu_memory_fraction": a.gpu_memory_utilization,
-              "memory_bytes": a.kv_cache_memory, "num_blocks": a.num_gpu_blocks_override, "block_size": a.block_size}
+              "memory_bytes": a.kv_cache_memory, "num_blocks": a.num_gpu_blocks_override, "block_size": a.block_size,
+              "encoder_cache_bytes": a.encoder_cache_memory}
     limits = {k: v for k, v in chosen.items() if v is not None}
     if a.enforce_eager:
         limits["use_cuda_graphs"] = False
