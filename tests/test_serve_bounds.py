@@ -126,9 +126,12 @@ def test_parsing_a_large_body_leaves_the_event_loop_free(tiny):
     body = json.dumps(hello(junk=[[0] * 100] * 20_000)).encode()   # ~4 MB of integers
 
     async def scenario(client, _app):
-        response, lag = await worst_loop_lag(post(client, body))
-        assert response.status_code == 200, response.text[:300]
-        return lag
+        lags = []
+        for _ in range(3):  # another process on the cores can only add to a lag: the best of three
+            response, lag = await worst_loop_lag(post(client, body))
+            assert response.status_code == 200, response.text[:300]
+            lags.append(lag)
+        return min(lags)
     assert serve(tiny, scenario) < 1.5 * best_time(lambda: json.loads(body)) + 0.05
 
 

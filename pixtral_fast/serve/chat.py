@@ -220,7 +220,9 @@ class ChatHandler:
         return out
 
     async def _complete(self, request: Request, req: ChatRequest, streams: list[RequestStream], timers,
-                        calls: _CallReader):
+                        *answer_args):
+        """The choices' whole answers, as _completion_json(req, streams, results, *answer_args)
+        builds them (the chat's answer_args: its tool calls; a subclass's answer may take none)."""
         async def one(st: RequestStream, timer: ChoiceTimer):
             text, logprobs = [], []
             async for delta in st:
@@ -248,7 +250,7 @@ class ChatHandler:
         if any(st.finish_reason == "abort" for st in streams):
             raise cut_short()
         # n choices with top logprobs are megabytes of JSON: built off the event loop
-        body = await asyncio.to_thread(self._completion_json, req, streams, results, calls)
+        body = await asyncio.to_thread(self._completion_json, req, streams, results, *answer_args)
         return Response(body, media_type="application/json")
 
     def _completion_json(self, req: ChatRequest, streams: list[RequestStream], results: list,
