@@ -102,6 +102,7 @@ def private_or_inner_uses(path: Path, names: set[str]) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("module", ["runtime/async_engine.py", "serve/metrics.py", "serve/chat.py"])
+@pytest.mark.parametrize("module", ["runtime/async_engine.py", "serve/metrics.py", "serve/chat.py",
+                                    "serve/completions.py", "serve/app.py"])
 def test_modules_above_the_engine_use_its_public_attributes_only(module):
     assert private_or_inner_uses(PACKAGE / module, {"scheduler", "blocks", "cache", "executor", "model"}) == []
