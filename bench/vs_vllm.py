@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     print(json.dumps({k: v for k, v in report.items() if k != "details"}, indent=1))
     if a.out is not None:
         a.out.write_text(json.dumps(report, indent=1))
+    shutil.rmtree(scratch, ignore_errors=True)  # kept only when a round failed: its logs are there
     return report
 
 
