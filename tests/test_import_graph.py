@@ -50,6 +50,7 @@ LAYER_OF = {
     f"{PACKAGE}.weights": "loading",
     f"{PACKAGE}.packed_weights": "loading",  # DESIGN: loading is one pipeline for dense and packed
     f"{PACKAGE}.tokenizer": "tokenizer/images",
+    f"{PACKAGE}.messages": "tokenizer/images",  # the one message parser (the tokenizer's input)
     f"{PACKAGE}.images": "tokenizer/images",
     f"{PACKAGE}.image_sources": "tokenizer/images",
     f"{PACKAGE}.image_formats": "tokenizer/images",

@@ -23,7 +23,7 @@ from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
 from pixtral_fast.runtime.requests import ToolCall
 from pixtral_fast.runtime.structured_output import Grammar, checked_grammar, load_llguidance
-from pixtral_fast.tokenizer import InputError, parse_tools, shown_value
+from pixtral_fast.messages import InputError, parse_tools, shown_value
 
 SUPPORTED_TEKKEN_VERSIONS = ("v3",)
 CALLS_TOKEN = "[TOOL_CALLS]"

@@ -12,7 +12,7 @@ from pydantic import Field, ValidationError
 
 from pixtral_fast.serve.protocol import (INT64_MIN, MAX_N, NEUTRAL_VALUES, UINT64_MAX, APIError, ChatRequest,
                                          FiniteFloat, StreamOptions, WireModel, finite, validation_error)
-from pixtral_fast.tokenizer import shown_value
+from pixtral_fast.messages import shown_value
 
 MAX_LOGPROBS = 5            # alternatives per token: OpenAI's bound for the legacy endpoint
 DEFAULT_MAX_TOKENS = 16     # OpenAI's (and vLLM's) default for the legacy endpoint

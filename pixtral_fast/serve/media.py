@@ -1,6 +1,6 @@
 """A client's chat messages -> the tokenizer's prompt, with its images.
 
-The parser and the decoder are the library's (pixtral_fast.tokenizer.parse_messages,
+The parser and the decoder are the library's (pixtral_fast.messages.parse_messages,
 pixtral_fast.images), run under the server's MediaLimits; what only the server does is here:
 fetching http(s) images, and answering refusals as 400s naming the param. Three phases, so that
 nothing slow runs on the event loop: `parse_messages` checks the structure and notes each image's
@@ -15,9 +15,10 @@ from pathlib import Path
 
 import httpx
 
-from pixtral_fast import images, tokenizer
+from pixtral_fast import images
+from pixtral_fast import messages as message_parser
 from pixtral_fast.images import parse_url, shown, split_url
-from pixtral_fast.tokenizer import ImageSource, InputError, Prompt, decode_images
+from pixtral_fast.messages import ImageSource, InputError, Prompt, decode_images
 from pixtral_fast.serve.protocol import APIError
 
 
@@ -41,9 +42,9 @@ def _bad(param: str, message: str) -> APIError:
 
 
 def parse_messages(messages: list[dict], limits: MediaLimits) -> Prompt:
-    """The client's messages through the one parser (pixtral_fast.tokenizer), refusals as 400s."""
+    """The client's messages through the one parser (pixtral_fast.messages), refusals as 400s."""
     try:
-        return tokenizer.parse_messages(messages, limits)
+        return message_parser.parse_messages(messages, limits)
     except InputError as e:
         raise APIError(400, str(e), e.param) from None
 
