@@ -302,13 +302,17 @@ class ChatHandler:
                         yield event([wire.chunk_choice(i, {}, "tool_calls" if made else delta.finish_reason)])
         except EngineFault as e:
             error = self._fault_error(e)
+        used = wire.usage(streams[0].prompt_tokens, sum(len(st.token_ids) for st in streams))
+        for chunk in self._sse_end(error, event([], used) if include_usage else None):
+            yield chunk
+
+    def _sse_end(self, error: APIError | None, usage_event: bytes | None) -> list[bytes]:
+        """A stream's last events: the error that cut it short (counted), else the usage chunk when
+        one was asked for; then [DONE]."""
         if error is not None:
             self.server.metrics.errors.labels(str(error.status)).inc()
-            yield b"data: " + json.dumps(error.body()).encode() + b"\n\n"
-        elif include_usage:
-            used = wire.usage(streams[0].prompt_tokens, sum(len(st.token_ids) for st in streams))
-            yield event([], used)
-        yield b"data: [DONE]\n\n"
+            return [b"data: " + json.dumps(error.body()).encode() + b"\n\n", b"data: [DONE]\n\n"]
+        return [usage_event] * (usage_event is not None) + [b"data: [DONE]\n\n"]
 
 
 class _CallReader:

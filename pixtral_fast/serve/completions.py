@@ -177,12 +177,9 @@ class CompletionsHandler(ChatHandler):
                         yield event([wire.completion_choice(i, "", delta.finish_reason, None)])
         except EngineFault as e:
             error = self._fault_error(e)
-        if error is not None:
-            self.server.metrics.errors.labels(str(error.status)).inc()
-            yield b"data: " + json.dumps(error.body()).encode() + b"\n\n"
-        elif include_usage:
-            yield event([], usage(streams[0].prompt_tokens, sum(len(st.token_ids) for st in streams)))
-        yield b"data: [DONE]\n\n"
+        used = usage(streams[0].prompt_tokens, sum(len(st.token_ids) for st in streams))
+        for chunk in self._sse_end(error, event([], used) if include_usage else None):
+            yield chunk
 
 
 @dataclass
